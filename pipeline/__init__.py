@@ -1,0 +1,1 @@
+"""tubelet's pipeline layer: Ray Data / Ray Train graphs, the CLI, configs and reports."""

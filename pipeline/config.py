@@ -1,0 +1,238 @@
+"""Typed configs: YAML files parsed into dataclasses, with dotted `--set` overrides.
+
+Every field is declared once, with its type and default, on a dataclass. The loader checks
+every key and value against those declarations, so an unknown key, a wrong type or an
+impossible value is one `ConfigError` naming the file, the key and what is allowed.
+Dataclasses may define `validate(self) -> None` raising `ValueError` for value rules
+(e.g. "must be > 0"); the loader adds the file and key to the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import sys
+import time
+import types
+import typing
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value. The message is one line meant for the user."""
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        args = [a for a in get_args(tp) if a is not Ellipsis]
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin is dict:
+        k, v = get_args(tp)
+        return f"a mapping of {_type_name(k)} to {_type_name(v)}"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, key: str, where: str) -> Any:
+    """Check `value` against type `tp`, converting YAML shapes (list -> tuple, int -> float)."""
+
+    def bad() -> ConfigError:
+        return ConfigError(
+            f"{where}: key '{key}': expected {_type_name(tp)}, got {value!r}"
+        )
+
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise bad()
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _coerce(arg, value, key, where)
+            except ConfigError:
+                continue
+        raise bad()
+    if tp is type(None):
+        if value is not None:
+            raise bad()
+        return None
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad()
+        return from_dict(tp, value, where=where, prefix=key + ".")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(
+                    f"{where}: key '{key}': expected {len(args)} items, got {value!r}"
+                )
+            pairs = enumerate(zip(args, value, strict=True))
+            items = [_coerce(a, v, f"{key}[{i}]", where) for i, (a, v) in pairs]
+        else:
+            item_tp = args[0] if args else Any
+            items = [_coerce(item_tp, v, f"{key}[{i}]", where) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        kt, vt = get_args(tp)
+        return {
+            _coerce(kt, k, key, where): _coerce(vt, v, f"{key}.{k}", where)
+            for k, v in value.items()
+        }
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    if tp is Path:
+        if not isinstance(value, str):
+            raise bad()
+        return Path(value)
+    raise ConfigError(f"{where}: key '{key}': unsupported field type {tp!r}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "<config>", prefix: str = "") -> T:
+    """Build dataclass `cls` from a plain dict, checking every key and value."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at '{prefix or 'top level'}', got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key '{prefix}{unknown[0]}'; allowed keys at this level: "
+            + ", ".join(sorted(fields))
+        )
+    kwargs = {name: _coerce(hints[name], data[name], prefix + name, where) for name in data}
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:  # a required field with no default is missing
+        raise ConfigError(f"{where}: {prefix or 'top level'}: {e}") from None
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ValueError as e:
+            raise ConfigError(f"{where}: {prefix}{e}") from None
+    return obj
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain YAML/JSON-able form of a config (tuples become lists, Paths strings)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, Path):
+        return str(cfg)
+    return cfg
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set '{assignment}': expected dotted.key=value")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"--set '{assignment}': empty key in '{dotted}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set '{assignment}': '{k}' is not a mapping")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> T:
+    """Defaults of `cls` <- YAML file `path` <- each `--set dotted.key=value` in order."""
+    data: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+        data = loaded or {}
+    if overrides:
+        where = f"{where} + --set"
+        for assignment in overrides:
+            apply_override(data, assignment)
+    return from_dict(cls, data, where=where)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("tubelet", "torch", "ray", "pyarrow", "av", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def write_run_record(out_dir: str | Path, command: str, cfg: Any, **extra: Any) -> Path:
+    """Write `config.yaml` (loadable with --config) and `run.json` (command, versions)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = to_dict(cfg)
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    record = {
+        "command": command,
+        "argv": sys.argv,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": package_versions(),
+        "config": resolved,
+        **extra,
+    }
+    path = out / "run.json"
+    path.write_text(json.dumps(record, indent=2, default=str))
+    return path
