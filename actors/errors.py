@@ -1,0 +1,56 @@
+"""The errors table: every input a stage could not use becomes a row, never a crash or silence.
+
+Stages drop a failed row from their output and hand it here; it is written at once as a small
+Parquet file (`ERRORS_DIR/<stage>-<uuid>.parquet`, written to a temp name and renamed, so a
+killed job never leaves half a file). Columns: `path`, `stage`, `kind` ("error" for a broken
+input, "skip" for a usable video that no bucket fits), `error` (one line for the user).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ERROR_SCHEMA = pa.schema([
+    ("path", pa.string()),
+    ("stage", pa.string()),
+    ("kind", pa.string()),
+    ("error", pa.string()),
+])
+
+
+def error_row(path: str, stage: str, error: str | BaseException, kind: str = "error") -> dict:
+    if isinstance(error, BaseException):
+        error = f"{type(error).__name__}: {error}".splitlines()[0]
+    return {"path": path, "stage": stage, "kind": kind, "error": error}
+
+
+def write_atomic(table: pa.Table, path: Path) -> None:
+    """Write Parquet to a temp name in the same folder, then rename (atomic on POSIX)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+class ErrorSink:
+    """Collects error rows of one stage call and writes them in one file (or keeps them in
+    memory when `errors_dir` is None, e.g. a stage called on a table in a test)."""
+
+    def __init__(self, errors_dir: str | Path | None, stage: str):
+        self.dir = Path(errors_dir) if errors_dir is not None else None
+        self.stage = stage
+        self.rows: list[dict] = []
+
+    def add(self, path: str, error: str | BaseException, kind: str = "error") -> None:
+        self.rows.append(error_row(path, self.stage, error, kind))
+
+    def flush(self) -> None:
+        if self.dir is not None and self.rows:
+            table = pa.Table.from_pylist(self.rows, schema=ERROR_SCHEMA)
+            write_atomic(table, self.dir / f"{self.stage}-{uuid.uuid4().hex}.parquet")
+            self.rows = []
