@@ -1,0 +1,363 @@
+"""Video diffusion transformer (DiT) with selectable attention layouts.
+
+Styled after facebookresearch/DiT `models.py`: adaLN-Zero blocks, one `initialize_weights()`,
+presets as small functions in a dict. Video specifics:
+- tubelet tokens from `models.patching`, 3D rotary positions from `models.rope` (no position
+  table, so one set of weights runs on any T x H x W grid);
+- attention layouts, one per config (see `LAYOUTS`), all through
+  `F.scaled_dot_product_attention`;
+- conditioning: timestep + fps through adaLN-Zero, text through cross-attention, with a
+  learned null text for classifier-free guidance (PixArt-style caption embedder).
+
+`model(x, t)` takes latents x (B, C, T, H, W) and flow times t (B,) in [0, 1] and returns a
+velocity of x's shape. Plain PyTorch: sharding and compilation are applied from outside.
+"""
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from models.patching import patchify, unpatchify
+from models.rope import apply_rope, rope_angles
+
+# Which attentions each block runs, per layout:
+#   spatial     - within each frame (image DiT applied per frame)
+#   temporal    - across frames at one spatial position
+#   full3d      - all tokens of the clip (Wan / HunyuanVideo / Open-Sora 2)
+#   factorized  - spatial then temporal inside every block (STDiT / Open-Sora 1.x)
+#   interleaved - spatial and temporal blocks alternating (Latte)
+LAYOUTS = ("spatial", "temporal", "full3d", "factorized", "interleaved")
+
+
+@dataclass
+class DiTConfig:
+    in_channels: int = 16  # latent channels (the VAE's)
+    patch: tuple[int, ...] = (1, 2, 2)  # (pt, ph, pw) latent cells per token
+    hidden: int = 384
+    depth: int = 12
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    layout: str = "full3d"
+    text_dim: int = 512  # width of the text encoder's features
+    text_dropout: float = 0.1  # training-time p of swapping the caption for the null text (CFG)
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+    grad_checkpointing: bool = False  # recompute each block in backward: memory for compute
+
+    def __post_init__(self) -> None:
+        self.patch = tuple(self.patch)  # YAML gives lists
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field (the config loader adds file and key)."""
+        if len(self.patch) != 3 or min(self.patch) < 1:
+            raise ValueError(f"patch must be three positive ints (pt, ph, pw), got {self.patch}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.heads < 1 or self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        head_dim = self.hidden // self.heads
+        if head_dim % 2 or head_dim < 6:  # 3D RoPE rotates pairs, at least one per axis
+            raise ValueError(f"hidden / heads must be even and >= 6, got {head_dim}")
+        if self.depth < (2 if self.layout == "interleaved" else 1):
+            raise ValueError(f"depth must be >= 2 for interleaved, >= 1 otherwise: {self.depth}")
+        if not 0.0 <= self.text_dropout < 1.0:
+            raise ValueError(f"text_dropout must be in [0, 1), got {self.text_dropout}")
+        if min(self.in_channels, self.text_dim) < 1 or self.mlp_ratio <= 0:
+            raise ValueError("in_channels, text_dim and mlp_ratio must be positive")
+
+    def block_modes(self) -> list[tuple[str, ...]]:
+        """The self-attention modes of each block, in order."""
+        if self.layout == "interleaved":
+            return [("spatial",) if i % 2 == 0 else ("temporal",) for i in range(self.depth)]
+        modes = {"factorized": ("spatial", "temporal"), "full3d": ("full",)}
+        return [modes.get(self.layout, (self.layout,))] * self.depth
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def mlp(dim: int, hidden: int, out: int | None = None) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, out or dim)
+    )
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar per sample (timestep, fps) -> (B, D): sinusoids, then an MLP (as in DiT)."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = mlp(freq_dim, hidden, hidden)
+        self.mlp[1] = nn.SiLU()
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]  # (B, half)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, freq_dim)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class TextEmbedder(nn.Module):
+    """Text features (B, L, text_dim) -> (B, L, D), with a learned null text for CFG.
+
+    A dropped sample (training dropout, or the unconditional half of CFG) sees a single null
+    token: its features become the null vector and its mask keeps only the first position.
+    `text=None` gives exactly the same null context.
+    """
+
+    def __init__(self, text_dim: int, hidden: int):
+        super().__init__()
+        self.proj = mlp(text_dim, hidden, hidden)
+        self.null = nn.Parameter(torch.zeros(text_dim))
+
+    def forward(
+        self,
+        text: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        batch: int,
+        drop: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if text is None:
+            text = self.null.expand(batch, 1, -1)  # (B, 1, text_dim)
+            drop = mask = None
+        B, L, _ = text.shape
+        if mask is None:
+            mask = torch.ones(B, L, dtype=torch.bool, device=text.device)
+        if drop is not None:
+            first = torch.arange(L, device=text.device) == 0  # (L,)
+            text = torch.where(drop[:, None, None], self.null.to(text.dtype), text)
+            mask = torch.where(drop[:, None], first[None], mask.bool())
+        return self.proj(text), mask.bool()
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over one grouping of the (t, h, w) token grid."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool, mode: str):
+        super().__init__()
+        self.heads, self.head_dim, self.mode = heads, dim // heads, mode
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def group(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(B, N, heads, hd) -> (B', heads, S, hd): one attention problem per group."""
+        B, N, h, d = x.shape
+        nt, S = grid[0], N // grid[0]
+        if self.mode == "spatial":
+            x = x.reshape(B * nt, S, h, d)  # each frame attends within itself
+        elif self.mode == "temporal":
+            x = x.reshape(B, nt, S, h, d).transpose(1, 2).reshape(B * S, nt, h, d)
+        return x.transpose(1, 2)
+
+    def ungroup(self, x: torch.Tensor, B: int, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(B', heads, S, hd) -> (B, N, D), inverting `group`."""
+        x = x.transpose(1, 2)  # (B', S, heads, hd)
+        if self.mode == "temporal":
+            nt = grid[0]
+            x = x.reshape(B, -1, nt, self.heads * self.head_dim).transpose(1, 2)  # (B, nt, S, D)
+        return x.reshape(B, -1, self.heads * self.head_dim)  # (B, N, D)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, int, int]
+    ) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).unbind(2)
+        # RoPE on the full token order, before regrouping: relative angles are what matter.
+        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        q, k, v = (self.group(z, grid) for z in (q, k, v))  # (B', heads, S, hd)
+        return self.proj(self.ungroup(F.scaled_dot_product_attention(q, k, v), B, grid))
+
+
+class CrossAttention(nn.Module):
+    """Video tokens attend to text tokens; `mask` (B, L) is True where a text token is real."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        q = self.q_norm(self.q(x).reshape(B, N, self.heads, self.head_dim)).transpose(1, 2)
+        k, v = self.kv(text).reshape(B, text.shape[1], 2, self.heads, self.head_dim).unbind(2)
+        k, v = self.k_norm(k).transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: self-attention(s) in `modes`, cross-attention to text, MLP."""
+
+    def __init__(
+        self, dim: int, heads: int, mlp_ratio: float, modes: tuple[str, ...], qk_norm: bool
+    ):
+        super().__init__()
+        self.attn = nn.ModuleList(SelfAttention(dim, heads, qk_norm, m) for m in modes)
+        self.attn_norm = nn.ModuleList(
+            nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6) for _ in modes
+        )
+        self.cross_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.cross_attn = CrossAttention(dim, heads, qk_norm)
+        self.mlp_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = mlp(dim, int(dim * mlp_ratio))
+        # shift, scale, gate for every self-attention and for the MLP
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * (len(modes) + 1) * dim))
+
+    def forward(self, x, c, text, text_mask, rope, grid) -> torch.Tensor:
+        mods = self.adaLN_modulation(c).chunk(3 * (len(self.attn) + 1), dim=1)
+        for i, (norm, attn) in enumerate(zip(self.attn_norm, self.attn, strict=True)):
+            shift, scale, gate = mods[3 * i : 3 * i + 3]
+            x = x + gate.unsqueeze(1) * attn(modulate(norm(x), shift, scale), rope, grid)
+        x = x + self.cross_attn(self.cross_norm(x), text, text_mask)
+        shift, scale, gate = mods[-3:]
+        return x + gate.unsqueeze(1) * self.mlp(modulate(self.mlp_norm(x), shift, scale))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        D, patch_dim = config.hidden, math.prod(config.patch) * config.in_channels
+        self.x_embedder = nn.Linear(patch_dim, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.fps_embedder = TimestepEmbedder(D)
+        self.text_embedder = TextEmbedder(config.text_dim, D)
+        self.blocks = nn.ModuleList(
+            DiTBlock(D, config.heads, config.mlp_ratio, modes, config.qk_norm)
+            for modes in config.block_modes()
+        )
+        self.final_layer = FinalLayer(D, patch_dim)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        for embedder in (self.t_embedder, self.fps_embedder):
+            nn.init.normal_(embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(embedder.mlp[2].weight, std=0.02)
+        # A unit-scale null vector, like a real (normalised) text feature (PixArt).
+        nn.init.normal_(self.text_embedder.null, std=self.config.text_dim**-0.5)
+        # adaLN-Zero: every residual branch starts closed, so each block starts as the identity
+        # and the model as zero. Cross-attention has no gate, so zero its output instead.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            nn.init.zeros_(block.cross_attn.proj.weight)
+            nn.init.zeros_(block.cross_attn.proj.bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        fps: torch.Tensor | None = None,
+        drop_text: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity for latents x (B, C, T, H, W) at flow times t (B,) in [0, 1].
+
+        text (B, L, text_dim) with text_mask (B, L) (True = real token) conditions through
+        cross-attention; None means unconditional. fps (B,) is added to the timestep
+        embedding when given. drop_text (B,) bool swaps those samples' text for the null
+        text; when None, training mode drops with p = config.text_dropout.
+        """
+        cfg = self.config
+        B = x.shape[0]
+        tokens, grid = patchify(x, cfg.patch)  # (B, N, pt*ph*pw*C)
+        h = self.x_embedder(tokens)  # (B, N, D)
+        rope = rope_angles(grid.positions(x.device), cfg.hidden // cfg.heads, cfg.rope_theta)
+        # (B, D); the sinusoids are tuned for t in [0, 1000], as in SD3
+        c = self.t_embedder(torch.as_tensor(t, device=x.device).expand(B) * 1000)
+        if fps is not None:
+            c = c + self.fps_embedder(torch.as_tensor(fps, device=x.device).expand(B))
+        if drop_text is None and self.training and cfg.text_dropout > 0:
+            drop_text = torch.rand(B, device=x.device) < cfg.text_dropout
+        text, text_mask = self.text_embedder(text, text_mask, B, drop_text)  # (B, L, D)
+        for block in self.blocks:
+            if cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block, h, c, text, text_mask, rope, grid.shape, use_reentrant=False)
+            else:
+                h = block(h, c, text, text_mask, rope, grid.shape)
+        out = self.final_layer(h, c)  # (B, N, pt*ph*pw*C)
+        return unpatchify(out, grid)
+
+
+#################################################################################
+#                                  DiT presets                                  #
+#################################################################################
+# Widths and depths of DiT / Latte S, B, L, XL; `debug` runs a CPU step in milliseconds.
+
+
+def dit_debug() -> DiTConfig:
+    return DiTConfig(hidden=64, depth=2, heads=4, text_dim=64)
+
+
+def dit_s() -> DiTConfig:
+    return DiTConfig(hidden=384, depth=12, heads=6)
+
+
+def dit_b() -> DiTConfig:
+    return DiTConfig(hidden=768, depth=12, heads=12)
+
+
+def dit_l() -> DiTConfig:
+    return DiTConfig(hidden=1024, depth=24, heads=16)
+
+
+def dit_xl() -> DiTConfig:
+    return DiTConfig(hidden=1152, depth=28, heads=16)
+
+
+PRESETS = {"debug": dit_debug, "S": dit_s, "B": dit_b, "L": dit_l, "XL": dit_xl}
+
+
+def dit_config(preset: str = "debug", **overrides) -> DiTConfig:
+    """A preset's config with `overrides` (any DiTConfig field) applied and validated."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown DiT preset {preset!r}; choose one of {sorted(PRESETS)}")
+    known = {f.name for f in fields(DiTConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown DiTConfig field(s) {unknown}; known: {sorted(known)}")
+    config = replace(PRESETS[preset](), **overrides)
+    config.validate()
+    return config
+
+
+def build_dit(preset: str = "debug", layout: str | None = None, **overrides) -> DiT:
+    """`build_dit("B", layout="factorized", in_channels=4)` -> DiT."""
+    if layout is not None:
+        overrides["layout"] = layout
+    return DiT(dit_config(preset, **overrides))

@@ -1,0 +1,44 @@
+"""3D rotary position embeddings over integer (t, h, w) token positions.
+
+Each head's channels are split into three groups that rotate with t, h and w respectively
+(Wan / HunyuanVideo style). Rotary embeddings depend only on the *difference* of positions in
+q.k, so there is no table sized to a training resolution: the same weights run on any
+T x H x W grid, any aspect ratio, any frame count. It also means the layouts can share one set
+of angles: inside a frame every token has the same t, so the t group cancels in spatial
+attention, and likewise h, w cancel in temporal attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_dims(head_dim: int) -> tuple[int, int, int]:
+    """Channels per axis (t, h, w): h and w get 2*(head_dim//6) each, t the rest; all even."""
+    if head_dim % 2 or head_dim < 6:
+        raise ValueError(f"3D RoPE needs an even head_dim >= 6, got {head_dim}")
+    d_hw = 2 * (head_dim // 6)
+    return head_dim - 2 * d_hw, d_hw, d_hw
+
+
+def rope_angles(
+    positions: torch.Tensor, head_dim: int, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles for positions (N, 3): each (N, head_dim // 2)."""
+    angles = []
+    for axis, dim in enumerate(rope_dims(head_dim)):
+        inv_freq = theta ** (
+            -torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim
+        )
+        angles.append(positions[:, axis, None].double() * inv_freq)  # (N, dim // 2)
+    angle = torch.cat(angles, dim=-1).float()  # (N, head_dim // 2)
+    return angle.cos(), angle.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs of x (B, N, heads, head_dim) by the angles for its N tokens."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, N, heads, head_dim // 2, 2)
+    x1, x2 = pairs.unbind(-1)
+    cos, sin = cos[:, None], sin[:, None]  # (N, 1, head_dim // 2): broadcast over heads
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)  # (B, N, heads, head_dim)

@@ -1,0 +1,199 @@
+"""DiT: layout semantics, any-grid weights, conditioning, presets, and that it can learn."""
+
+import pytest
+import torch
+
+from models.dit import LAYOUTS, PRESETS, DiTConfig, build_dit, dit_config
+from models.flow import FlowConfig, flow_loss, sample_timesteps
+from models.text_encoder import build_text_encoder
+
+C = 2
+
+
+def opened(layout: str, **overrides) -> torch.nn.Module:
+    """A debug DiT whose zero-initialised layers (adaLN-Zero gates, output) are randomised.
+
+    Fresh, the model outputs exactly zero whatever the input, so a test of what influences
+    what could never fail; opening the gates makes every path carry signal.
+    """
+    torch.manual_seed(0)
+    model = build_dit("debug", layout=layout, in_channels=C, **overrides).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.2)
+    return model
+
+
+def run(model, x, text=None):
+    torch.manual_seed(1)
+    text = torch.randn(x.shape[0], 3, 64) if text is None else text
+    with torch.no_grad():
+        return model(x, torch.full((x.shape[0],), 0.5), text=text, fps=torch.tensor([24.0]))
+
+
+def influence(layout: str, frame: int, hw: tuple[int, int]) -> torch.Tensor:
+    """|output change| per (frame, patch row, patch col) when one tubelet of the input changes.
+
+    Latents (1, C, T=4, H=4, W=4) with patch (1, 2, 2): a 4 x 2 x 2 token grid.
+    """
+    model = opened(layout)
+    x = torch.randn(1, C, 4, 4, 4)
+    x2 = x.clone()
+    h, w = hw
+    x2[:, :, frame, 2 * h : 2 * h + 2, 2 * w : 2 * w + 2] += torch.randn(C, 2, 2)
+    diff = (run(model, x2) - run(model, x)).abs()  # (1, C, T, H, W)
+    return diff.reshape(C, 4, 2, 2, 2, 2).amax(dim=(0, 3, 5))  # (T, nh, nw)
+
+
+def test_spatial_layout_keeps_frames_apart():
+    d = influence("spatial", frame=1, hw=(0, 0))
+    others = torch.cat([d[:1], d[2:]])
+    assert others.max() == 0, "a change in frame 1 leaked into other frames"
+    assert d[1, 1, 1] > 1e-4, "spatial attention should mix positions within the frame"
+
+
+def test_temporal_layout_keeps_positions_apart():
+    d = influence("temporal", frame=1, hw=(0, 0))
+    mask = torch.ones_like(d, dtype=torch.bool)
+    mask[:, 0, 0] = False
+    assert d[mask].max() == 0, "a change at position (0, 0) leaked into other positions"
+    assert d[3, 0, 0] > 1e-4, "temporal attention should mix frames at one position"
+
+
+@pytest.mark.parametrize("layout", ["full3d", "factorized", "interleaved"])
+def test_mixing_layouts_cross_frames_and_positions(layout):
+    d = influence(layout, frame=0, hw=(0, 0))
+    assert d[3, 1, 1] > 1e-4, f"{layout}: frame 0, position (0, 0) never reached frame 3, (1, 1)"
+
+
+def test_block_modes_per_layout():
+    modes = {lay: dit_config("debug", layout=lay, depth=4).block_modes() for lay in LAYOUTS}
+    assert modes["spatial"] == [("spatial",)] * 4
+    assert modes["temporal"] == [("temporal",)] * 4
+    assert modes["full3d"] == [("full",)] * 4
+    assert modes["factorized"] == [("spatial", "temporal")] * 4
+    assert modes["interleaved"] == [("spatial",), ("temporal",)] * 2
+
+
+@pytest.mark.parametrize("layout", ["full3d", "factorized"])
+def test_one_model_runs_on_any_aspect_ratio_and_length(layout):
+    model = opened(layout)
+    # 16:9, 9:16, 1:1, and sizes that are not multiples of the patch; 1 to 5 latent frames.
+    for shape in [(2, 18, 32), (3, 32, 18), (5, 16, 16), (1, 9, 11)]:
+        x = torch.randn(1, C, *shape)
+        y = run(model, x)
+        assert y.shape == x.shape and torch.isfinite(y).all() and y.abs().max() > 0
+
+
+def test_fresh_model_predicts_zero():
+    model = build_dit("debug", in_channels=C).eval()
+    assert run(model, torch.randn(2, C, 2, 4, 4)).abs().max() == 0  # adaLN-Zero
+
+
+def test_null_text_is_what_dropped_text_sees():
+    model = opened("full3d")
+    x, text = torch.randn(2, C, 2, 4, 4), torch.randn(2, 5, 64)
+    t = torch.full((2,), 0.3)
+    with torch.no_grad():
+        uncond = model(x, t)
+        dropped = model(x, t, text=text, drop_text=torch.tensor([True, True]))
+        cond = model(x, t, text=text)
+    torch.testing.assert_close(dropped, uncond)
+    assert (cond - uncond).abs().max() > 1e-4
+
+
+def test_text_mask_hides_padding():
+    model = opened("full3d")
+    x, text = torch.randn(1, C, 2, 4, 4), torch.randn(1, 6, 64)
+    mask = torch.tensor([[True, True, True, False, False, False]])
+    t = torch.full((1,), 0.3)
+    with torch.no_grad():
+        padded = model(x, t, text=text, text_mask=mask)
+        trimmed = model(x, t, text=text[:, :3])
+        garbage = model(x, t, text=torch.cat([text[:, :3], 100 * text[:, 3:]], 1), text_mask=mask)
+    torch.testing.assert_close(padded, trimmed)
+    torch.testing.assert_close(padded, garbage)
+
+
+def test_fps_conditions_the_output():
+    model = opened("full3d")
+    x, t = torch.randn(1, C, 2, 4, 4), torch.full((1,), 0.3)
+    with torch.no_grad():
+        a, b = model(x, t, fps=torch.tensor([8.0])), model(x, t, fps=torch.tensor([30.0]))
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model = opened("factorized", grad_checkpointing=ckpt, text_dropout=0.0).train()
+        x = torch.randn(1, C, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+        text = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(1))
+        y = model(x, torch.full((1,), 0.5), text=text, fps=torch.tensor([24.0]), drop_text=None)
+        y.square().sum().backward()
+        # (the null text gets no gradient: nothing is dropped)
+        grads.append([p.grad for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="layout"):
+        build_dit("debug", layout="diagonal")
+    with pytest.raises(ValueError, match="heads"):
+        build_dit("debug", heads=5)
+    with pytest.raises(ValueError, match="unknown DiTConfig field"):
+        build_dit("debug", widht=64)
+    with pytest.raises(ValueError, match="unknown DiT preset"):
+        build_dit("XXL")
+    assert DiTConfig(patch=[1, 2, 2]).patch == (1, 2, 2)  # YAML lists become tuples
+
+
+def test_preset_sizes_grow():
+    counts = {}
+    for name in PRESETS:
+        with torch.device("meta"):  # count without allocating XL
+            counts[name] = sum(p.numel() for p in build_dit(name).parameters())
+    assert list(counts.values()) == sorted(counts.values())
+    assert 500e6 < counts["XL"] < 1000e6, counts  # DiT-XL is 675M; video adds cross-attention
+
+
+def test_debug_dit_overfits_one_clip():
+    # The whole training path, text encoder included (trained jointly): on a single clip,
+    # with fresh noise and logit-normal t every step, the flow loss must fall >= 10x.
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is faster than two contending
+    try:
+        model = build_dit("debug", in_channels=4, text_dropout=0.0)
+        encoder = build_text_encoder("debug")
+        encoder_before = [p.detach().clone() for p in encoder.parameters()]
+        params = [*model.parameters(), *encoder.parameters()]
+        opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
+        flow, B = FlowConfig(resolution_shift=False), 8
+        x0 = torch.randn(1, 4, 3, 8, 8).expand(B, -1, -1, -1, -1)
+        g = torch.Generator().manual_seed(1)
+        fps = torch.full((B,), 24.0)
+
+        def loss_on(seed: torch.Generator) -> torch.Tensor:
+            noise = torch.randn(x0.shape, generator=seed)
+            t = sample_timesteps(B, flow, 48, generator=seed)
+            text, mask = encoder.encode(["a red ball bounces on grass"] * B)
+            return flow_loss(model, x0, t, noise, text=text, text_mask=mask, fps=fps)
+
+        with torch.no_grad():  # held-out noise and times, the same before and after
+            before = loss_on(torch.Generator().manual_seed(99)).item()
+        for _ in range(500):  # fresh noise and t every step
+            loss = loss_on(g)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            after = loss_on(torch.Generator().manual_seed(99)).item()
+    finally:
+        torch.set_num_threads(threads)
+    assert after * 10 <= before, f"loss {before:.3f} -> {after:.3f}: fell less than 10x"
+    pairs = zip(encoder_before, encoder.parameters(), strict=True)
+    assert all(not torch.equal(a, b) for a, b in pairs), "the text encoder did not train jointly"
