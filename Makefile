@@ -28,6 +28,7 @@ $(STAMP): pyproject.toml
 # The main job on the embedded default dataset (synthetic captioned videos).
 demo: $(STAMP)
 	$(VENV)/bin/tubelet synth --output $(DEMO)/videos --num-videos 24 --seed 0
+	$(VENV)/bin/tubelet preprocess --input $(DEMO)/videos --output $(DEMO)/pre
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -66,14 +66,49 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_synth]
+def add_preprocess(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "preprocess",
+        help="videos -> probe -> buckets -> PyAV decode -> VAE encode -> latent Parquet",
+        description="Stream videos through Ray Data actor pools into a Parquet latent dataset "
+        "(DIR/latents), an errors table (DIR/errors) and DIR/summary.json. Rerunning the same "
+        "command resumes: clips already written are skipped.",
+    )
+    p.add_argument("--input", required=True,
+                   help="a folder of videos (recursive; uses captions.jsonl beside them), a glob, "
+                   "or a .jsonl/.csv/.parquet manifest with a 'path' column")
+    p.add_argument("--output", required=True, type=Path, help="output directory")
+    p.add_argument("--vae", default=None, help="VAE checkpoint (safetensors from train-vae)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(run=run_preprocess)
+
+
+def run_preprocess(args: argparse.Namespace) -> int:
+    from pipeline.preprocess import PreprocessConfig, print_summary
+    from pipeline.preprocess import run_preprocess as run
+    from pipeline.sources import SourceError
+
+    cfg = resolve_config(PreprocessConfig, "preprocess", args, {})
+    try:
+        summary = run(cfg, args.input, args.output, vae_checkpoint=args.vae or "",
+                      address=args.address)
+    except SourceError as e:
+        print(f"tubelet preprocess: {e}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    return 0
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_synth, add_preprocess]
 
 
 def config_classes() -> dict[str, type]:
     """Config dataclass of each `configs/<kind>/` folder (the tests load every shipped file)."""
+    from pipeline.preprocess import PreprocessConfig
     from pipeline.synth import SynthConfig
 
-    return {"synth": SynthConfig}
+    return {"synth": SynthConfig, "preprocess": PreprocessConfig}
 
 
 def build_parser() -> argparse.ArgumentParser:

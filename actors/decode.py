@@ -1,0 +1,232 @@
+"""Decode: one clip of a video -> uint8 frames (T, H, W, 3) at its bucket's size and frame rate.
+
+`decode_clip` does the least work that gives the clip:
+1. seek to the keyframe at or before the clip start (the container's index), not to 0;
+2. decode forward and stop at the first frame at or past the clip's last target time;
+3. resample to the target fps: target k is at `start + k / fps` and takes the latest source
+   frame shown at or before it (nearest-previous; a frame repeats when the source is slower);
+4. convert to RGB only the frames picked, scaling with swscale so the frame covers the
+   bucket (s = max(width / W, height / H); area filter down, bilinear up), then turn it by
+   the display rotation and centre-crop to (height, width).
+A video that ends before the clip is full (a truncated file, a header that overstates the
+duration) raises ClipError: frames are never padded.
+
+`DecodeStage` runs it per row of the bucket stage's clip plan; a failed clip becomes an
+error row (stage "decode") and the other rows of the batch go on.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any
+
+import av
+import numpy as np
+import pyarrow as pa
+from av.video.reformatter import Interpolation, VideoReformatter
+
+from actors.errors import ErrorSink
+from actors.probe import FIX, VideoRejected, video_stream
+from actors.tensors import pack, with_columns
+
+
+class ClipError(ValueError):
+    """A clip that cannot be decoded from its video; the message is one line for the user."""
+
+
+class _Resizer:
+    """Decoded frame -> (height, width, 3) uint8 RGB: scale to cover, rotate, centre-crop."""
+
+    def __init__(self, height: int, width: int, rotation: int):
+        self.height, self.width, self.rotation = height, width, rotation % 360
+        self.reformatter = VideoReformatter()  # keeps its swscale context between frames
+
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        turned = self.rotation % 180 == 90
+        disp_w, disp_h = (frame.height, frame.width) if turned else (frame.width, frame.height)
+        s = max(self.width / disp_w, self.height / disp_h)
+        scaled_w = max(self.width, round(disp_w * s))
+        scaled_h = max(self.height, round(disp_h * s))
+        out_w, out_h = (scaled_h, scaled_w) if turned else (scaled_w, scaled_h)
+        interpolation = Interpolation.AREA if s < 1 else Interpolation.BILINEAR
+        rgb = self.reformatter.reformat(frame, out_w, out_h, "rgb24",
+                                        interpolation=interpolation).to_ndarray()
+        if self.rotation:  # counter-clockwise, as the display matrix says
+            rgb = np.rot90(rgb, self.rotation // 90)  # (scaled_h, scaled_w, 3)
+        y0, x0 = (scaled_h - self.height) // 2, (scaled_w - self.width) // 2
+        return rgb[y0:y0 + self.height, x0:x0 + self.width]
+
+
+def _check_args(start: float, fps: float, num_frames: int, height: int, width: int,
+                rotation: int) -> None:
+    if not (math.isfinite(start) and start >= 0):
+        raise ClipError(f"bad clip start {start!r}: must be a time >= 0 in seconds")
+    if not (math.isfinite(fps) and fps > 0):
+        raise ClipError(f"bad target fps {fps!r}: must be > 0")
+    if num_frames < 1 or height < 1 or width < 1:
+        raise ClipError(f"bad clip shape {num_frames}x{height}x{width}: all must be >= 1")
+    if rotation % 90:
+        raise ClipError(f"bad rotation {rotation!r}: must be a multiple of 90 degrees")
+
+
+def decode_clip(path: str, start: float, fps: float, num_frames: int, height: int,
+                width: int, rotation: int = 0, threads: int = 0,
+                stats: dict[str, Any] | None = None) -> np.ndarray:
+    """uint8 (num_frames, height, width, 3): the clip of `path` starting at `start` seconds
+    (from the first frame), resampled to `fps` (module docstring). rotation: the probe's
+    counter-clockwise display rotation. threads: decoder threads (0 = FFmpeg's choice).
+    stats, if given, gets "decoded" (frames out of the decoder), "converted" (frames
+    scaled to RGB) and "restarts" (1 when a seek landed past the start and it re-read from 0).
+    Raises ClipError with a one-line reason."""
+    _check_args(start, fps, num_frames, height, width, rotation)
+    stats = stats if stats is not None else {}
+    stats.update(decoded=0, converted=0, restarts=0)
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except av.error.FFmpegError as e:
+        raise ClipError(f"cannot open the video (FFmpeg: {e.strerror}); {FIX}") from None
+    with container:
+        try:
+            stream = video_stream(container)
+        except VideoRejected as e:
+            raise ClipError(str(e)) from None
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = threads
+        targets = start + np.arange(num_frames) / fps
+        resize = _Resizer(height, width, rotation)
+        clip = _read(container, stream, targets, resize, stats, seek=start > 0)
+        if clip is None:  # the index sent us past the start: read from the beginning
+            stats["restarts"] = 1
+            clip = _read(container, stream, targets, resize, stats, seek=True, to_zero=True)
+        assert clip is not None  # from the beginning, the first frame stands in for earlier
+        return clip
+
+
+def _read(container: Any, stream: Any, targets: np.ndarray, resize: _Resizer,
+          stats: dict[str, Any], seek: bool, to_zero: bool = False) -> np.ndarray | None:
+    """Fill one frame per target time; None when a seek landed after the first target
+    (unless to_zero: then the first frame also serves targets before it)."""
+    tb = stream.time_base
+    origin = stream.start_time or 0  # pts of the first frame, in time_base units
+    rate = stream.average_rate or stream.guessed_rate
+    period = 1.0 / float(rate) if rate else None
+    # timestamps are rounded to the time base (1 ms in mkv): compare with that slack, but
+    # never so much that a neighbouring frame could pass for this one
+    eps = float(tb) + 1e-6
+    if period:
+        eps = min(eps, period / 4)
+    if seek:
+        offset = 0 if to_zero else math.floor(float(targets[0]) / tb)
+        container.seek(origin + offset, stream=stream, backward=True)
+
+    T = len(targets)
+    out = np.empty((T, resize.height, resize.width, 3), np.uint8)
+    k = 0
+    prev, prev_t, last_converted = None, None, None
+
+    def take(frame: av.VideoFrame) -> None:
+        nonlocal k, last_converted
+        if frame is not last_converted:  # a repeated frame is converted once
+            out[k] = resize(frame)
+            stats["converted"] += 1
+            last_converted = frame
+        else:
+            out[k] = out[k - 1]
+        k += 1
+
+    try:
+        for frame in container.decode(stream):
+            stats["decoded"] += 1
+            if frame.pts is not None:
+                t = float((frame.pts - origin) * tb)
+            else:
+                t = prev_t + (period or 0.0) if prev_t is not None else 0.0
+            if prev is None and t > targets[0] + eps and seek and not to_zero:
+                return None
+            while k < T and t > targets[k] + eps:  # targets before this frame: the last one
+                take(prev if prev is not None else frame)
+            while k < T and t >= targets[k] - eps:  # targets at this frame's time
+                take(frame)
+            prev, prev_t = frame, t
+            if k == T:  # the last target is reached: stop decoding
+                return out
+    except av.error.FFmpegError as e:
+        where = f"{prev_t:.2f}s" if prev_t is not None else "the start"
+        raise ClipError(f"decoding failed after {where} (FFmpeg: {e.strerror}): corrupt or "
+                        f"truncated data; {FIX}") from None
+
+    # the video ended: the last frame covers targets until it would be replaced
+    end = 0.0
+    if prev is not None:
+        end = prev_t + (float(prev.duration * tb) if prev.duration else (period or 0.0))
+        while k < T and targets[k] < end + eps:
+            take(prev)
+    if k < T:
+        ends = f"{end:.2f}s" if prev is not None else "0s (no frames)"
+        raise ClipError(
+            f"the video ends at {ends} but the clip needs frames up to {targets[-1]:.2f}s "
+            f"(truncated file, or a header that overstates the duration); {FIX}")
+    return out
+
+
+def _node_id() -> str:
+    """The Ray node this actor runs on, or "local" outside Ray (never imports Ray itself)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return ray.get_runtime_context().get_node_id()
+    return "local"
+
+
+class DecodeStage:
+    """Clip plan rows -> the clip's frames, packed (`frames` bytes + `frames_shape`).
+
+    Resources: one CPU per actor; set `threads` to the CPUs each actor may use (0 lets
+    FFmpeg take every core of the node). Memory: a clip is T*H*W*3 bytes (33 x 128 x 128:
+    1.6 MB), so keep batch_size * that well under Ray Data's 128 MiB block target, and run
+    it next to the VAE encode stage (decoded frames are ~100x the mp4's bytes).
+    """
+
+    READS = ("id", "path", "start", "fps", "num_frames", "height", "width", "rotation")
+    # every input column passes through; decode_node: where the clip was decoded (the
+    # summary counts clips per node; "local" outside Ray)
+    WRITES = ("frames", "frames_shape", "decode_seconds", "decode_node")
+    RESOURCES = {"num_cpus": 1}
+
+    def __init__(self, errors_dir: str | None = None, threads: int = 0):
+        self.threads = threads
+        self.errors = ErrorSink(errors_dir, "decode")
+        self.node = _node_id()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        missing = [c for c in self.READS if c not in batch.column_names]
+        if missing:
+            raise ValueError(f"decode: input rows lack column(s) {missing}; have "
+                             f"{batch.column_names}")
+        keep: list[bool] = []
+        clips: list[np.ndarray] = []
+        seconds: list[float] = []
+        for row in batch.select(list(self.READS)).to_pylist():
+            t0 = time.perf_counter()
+            try:
+                clip = decode_clip(str(row["path"]), float(row["start"]), float(row["fps"]),
+                                   int(row["num_frames"]), int(row["height"]),
+                                   int(row["width"]), int(row["rotation"] or 0), self.threads)
+            except ClipError as e:
+                self.errors.add(str(row["path"]), str(e))
+                keep.append(False)
+                continue
+            except Exception as e:  # never fail the job over one input
+                self.errors.add(str(row["path"]), f"decode failed ({type(e).__name__}: {e}); "
+                                f"{FIX}".splitlines()[0])
+                keep.append(False)
+                continue
+            keep.append(True)
+            clips.append(clip)
+            seconds.append(time.perf_counter() - t0)
+        out = batch.filter(pa.array(keep, pa.bool_()))
+        columns = {**pack("frames", clips), "decode_seconds": pa.array(seconds, pa.float64()),
+                   "decode_node": pa.array([self.node] * len(clips), pa.string())}
+        self.errors.flush()
+        return with_columns(out, columns)

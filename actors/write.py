@@ -1,0 +1,76 @@
+"""Write stage: latent rows in, one Parquet file per batch in the latent dataset out.
+
+Reads the data-contract columns (DESIGN.md) and writes them to
+`LATENTS_DIR/part-<hash of the batch's ids>.parquet`, written to a temp name and renamed, so a
+file is either whole or absent: after a `kill -9`, a rerun finds exactly the clips of whole
+files and redoes the rest (every clip exactly once). Returns one small stats row per bucket
+for progress and the summary; the latents themselves never travel to the driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pds
+
+from actors.errors import write_atomic
+
+LATENT_COLUMNS = ("id", "path", "caption", "bucket", "fps", "num_frames", "height", "width",
+                  "start", "latent", "latent_shape")
+STATS_SCHEMA = pa.schema([
+    ("bucket", pa.string()),
+    ("decode_node", pa.string()),
+    ("clips", pa.int64()),
+    ("frames", pa.int64()),
+    ("decode_seconds", pa.float64()),
+    ("encode_seconds", pa.float64()),
+    ("write_seconds", pa.float64()),
+])
+
+
+class LatentWriter:
+    READS = LATENT_COLUMNS + ("decode_node", "decode_seconds", "encode_seconds")
+    WRITES = tuple(STATS_SCHEMA.names)
+
+    def __init__(self, latents_dir: str):
+        self.dir = Path(latents_dir)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if batch.num_rows == 0:
+            return STATS_SCHEMA.empty_table()
+        start = time.perf_counter()
+        ids = batch.column("id").to_pylist()
+        name = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:24]
+        write_atomic(batch.select(LATENT_COLUMNS), self.dir / f"part-{name}.parquet")
+        took = (time.perf_counter() - start) / batch.num_rows
+        rows: dict[tuple[str, str], dict] = {}
+        for r in batch.select(("bucket", "decode_node", "num_frames", "decode_seconds",
+                               "encode_seconds")).to_pylist():
+            s = rows.setdefault((r["bucket"], r["decode_node"]),
+                                dict.fromkeys(STATS_SCHEMA.names, 0))
+            s.update(bucket=r["bucket"], decode_node=r["decode_node"], clips=s["clips"] + 1,
+                     frames=s["frames"] + r["num_frames"],
+                     decode_seconds=s["decode_seconds"] + r["decode_seconds"],
+                     encode_seconds=s["encode_seconds"] + r["encode_seconds"],
+                     write_seconds=s["write_seconds"] + took)
+        return pa.Table.from_pylist(list(rows.values()), schema=STATS_SCHEMA)
+
+
+def read_ids(latents_dir: str | Path) -> list[str]:
+    """Ids of every clip in a latent dataset (only the `id` column is read)."""
+    files = sorted(Path(latents_dir).glob("part-*.parquet"))
+    if not files:
+        return []
+    return pds.dataset(files, format="parquet").to_table(columns=["id"]).column("id").to_pylist()
+
+
+def read_error_paths(errors_dir: str | Path) -> set[str]:
+    files = sorted(Path(errors_dir).glob("*.parquet"))
+    if not files:
+        return set()
+    table = pds.dataset(files, format="parquet").to_table(columns=["path"])
+    return set(pc.unique(table.column("path")).to_pylist())

@@ -1,0 +1,150 @@
+"""Preprocess benchmark: same-run ratios for `tubelet preprocess` (not part of the tests).
+
+  python benchmarks/preprocess.py [--videos 24] [--scale 10]
+
+1. decode stage (Ray actor, Arrow batches) vs a plain single-process PyAV loop doing the
+   identical decode + resize + crop of the same clips            target >= 0.8
+2. end-to-end pipeline vs the slowest stage run alone (stages overlap)  target >= 0.85
+3. peak memory (RSS of the driver and every Ray process it started, sampled) with `scale`x
+   more input videos                                              target <= 1.3x
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import ray
+
+from actors.assign import AssignStage
+from actors.decode import DecodeStage, decode_clip
+from actors.probe import ProbeStage
+from actors.vae_encode import VAEEncodeStage
+from pipeline.config import load_config
+from pipeline.preprocess import PreprocessConfig, build_dataset, run_preprocess
+from pipeline.sources import list_sources
+from pipeline.synth import SynthConfig, synthesize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(*overrides: str) -> PreprocessConfig:
+    return load_config(PreprocessConfig, ROOT / "configs/preprocess/default.yaml",
+                       ["ray.num_cpus=2", "ray.object_store_mb=400", *overrides])
+
+
+def plan_clips(cfg: PreprocessConfig, src: Path) -> pa.Table:
+    probed = ProbeStage()(list_sources(src))
+    return AssignStage(cfg.buckets)(probed)
+
+
+def plain_loop(clips: pa.Table) -> tuple[float, int]:
+    start, frames = time.perf_counter(), 0
+    for c in clips.to_pylist():
+        frames += len(decode_clip(c["path"], c["start"], c["fps"], c["num_frames"], c["height"],
+                                  c["width"], c["rotation"], threads=1))
+    return time.perf_counter() - start, frames
+
+
+def timed(ds) -> float:
+    start = time.perf_counter()
+    for _ in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        pass
+    return time.perf_counter() - start
+
+
+def stage_alone(cfg: PreprocessConfig, clips: pa.Table, stage: str) -> float:
+    """Seconds for one stage over pre-computed inputs held in the object store."""
+    import ray.data
+
+    if stage == "decode":
+        ds = ray.data.from_arrow([clips.slice(i, 2) for i in range(0, clips.num_rows, 2)])
+        ds = ds.map_batches(DecodeStage, **cfg.decode.map_batches_kwargs(threads=1))
+        return timed(ds)
+    decoded = DecodeStage(threads=1)(clips)
+    ds = ray.data.from_arrow([decoded.slice(i, 2) for i in range(0, decoded.num_rows, 2)])
+    ds = ds.map_batches(VAEEncodeStage, **cfg.encode.map_batches_kwargs(
+        vae=cfg.vae, buckets=cfg.buckets, num_cpus=cfg.encode.num_cpus))
+    return timed(ds)
+
+
+class PeakRSS:
+    """Samples the summed RSS of this process and all its descendants (the local Ray)."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.1)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--videos", type=int, default=24)
+    ap.add_argument("--scale", type=int, default=10)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="tubelet-bench-"))
+    synth = SynthConfig(num_videos=args.videos * args.scale, seed=0)
+    synthesize(synth, tmp / "all")
+    small = tmp / "small"
+    small.mkdir()
+    for p in sorted((tmp / "all").glob("*.mp4"))[: args.videos]:
+        (small / p.name).symlink_to(p)
+    cfg = config()
+    clips = plan_clips(cfg, small)
+    frames = int(sum(clips.column("num_frames").to_pylist()))
+    print(f"{args.videos} videos -> {clips.num_rows} clips, {frames} frames "
+          f"(buckets: {sorted(set(clips.column('bucket').to_pylist()))})")
+
+    plain_s, _ = plain_loop(clips)
+    ray.init(num_cpus=2, object_store_memory=400 * 2**20, include_dashboard=False)
+    decode_s = stage_alone(cfg, clips, "decode")
+    encode_s = stage_alone(cfg, clips, "encode")
+    e2e_ds = build_dataset(cfg, list_sources(small), tmp / "e2e", set(), "")
+    e2e_s = timed(e2e_ds)
+    ray.shutdown()
+    slowest = max(decode_s, encode_s)
+    print(f"plain PyAV loop        {frames / plain_s:8.1f} frames/s")
+    print(f"decode stage (Ray)     {frames / decode_s:8.1f} frames/s   "
+          f"ratio {plain_s / decode_s:.2f}  (target >= 0.8)")
+    print(f"encode stage alone     {frames / encode_s:8.1f} frames/s")
+    print(f"end to end             {frames / e2e_s:8.1f} frames/s, {clips.num_rows / e2e_s:.2f} "
+          f"clips/s   ratio vs slowest stage {slowest / e2e_s:.2f}  (target >= 0.85)")
+
+    peaks = {}
+    for name, src in (("1x", small), (f"{args.scale}x", tmp / "all")):
+        with PeakRSS() as rss:
+            summary = run_preprocess(config(), str(src), tmp / f"mem-{name}", progress=False)
+        peaks[name] = rss.peak
+        print(f"peak RSS {name:>4}: {rss.peak / 2**20:8.0f} MiB for {summary['clips_written']} "
+              f"clips ({summary['clips_per_second']} clips/s, {summary['frames_per_second']} "
+              "frames/s)")
+    ratio = peaks[f"{args.scale}x"] / peaks["1x"]
+    print(f"peak memory ratio {args.scale}x inputs / 1x: {ratio:.2f}  (target <= 1.3)")
+
+
+if __name__ == "__main__":
+    main()

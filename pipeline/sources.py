@@ -1,0 +1,86 @@
+"""Input listing for jobs that read videos: a directory, a glob, or a manifest file.
+
+- directory: every file below it (recursively) with a video extension; a `captions.jsonl`
+  (rows with `path` relative to its folder, and `caption`) in any folder supplies captions;
+- glob: `glob.glob(pattern, recursive=True)`;
+- manifest: `.jsonl`, `.csv` or `.parquet` with a `path` column and optional `caption`;
+  relative paths are relative to the manifest's folder.
+Paths become absolute, so workers on other nodes see the same paths (a shared filesystem or
+the same layout on every node is assumed).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts",
+                    ".flv", ".wmv", ".3gp", ".gif", ".nut")
+SOURCE_SCHEMA = pa.schema([("path", pa.string()), ("caption", pa.string())])
+
+
+class SourceError(ValueError):
+    """The input itself (not one video in it) is unusable."""
+
+
+def _captions_in(folder: Path) -> dict[str, str]:
+    captions: dict[str, str] = {}
+    for manifest in folder.rglob("captions.jsonl"):
+        for line in manifest.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                captions[str((manifest.parent / row["path"]).resolve())] = row.get("caption", "")
+    return captions
+
+
+def _read_manifest(path: Path) -> pa.Table:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        table = pa.Table.from_pylist(rows) if rows else SOURCE_SCHEMA.empty_table()
+    elif suffix == ".csv":
+        table = pacsv.read_csv(path)
+    else:
+        table = pq.read_table(path)
+    if "path" not in table.column_names:
+        raise SourceError(f"{path}: manifest has no 'path' column (columns: "
+                          f"{', '.join(table.column_names)}); add one with the video paths")
+    return table
+
+
+def list_sources(src: str | Path, extensions: tuple[str, ...] = VIDEO_EXTENSIONS) -> pa.Table:
+    """(path, caption) rows for every input video, sorted by path, duplicates removed."""
+    text = str(src)
+    path = Path(text)
+    rows: dict[str, str] = {}
+    if path.is_dir():
+        captions = _captions_in(path)
+        for f in sorted(path.rglob("*")):
+            if f.is_file() and f.suffix.lower() in extensions:
+                key = str(f.resolve())
+                rows[key] = captions.get(key, "")
+    elif path.is_file() and path.suffix.lower() in (".jsonl", ".csv", ".parquet"):
+        table = _read_manifest(path)
+        caps = (table.column("caption").to_pylist() if "caption" in table.column_names
+                else [""] * table.num_rows)
+        for p, c in zip(table.column("path").to_pylist(), caps, strict=True):
+            p = Path(str(p))
+            rows[str(p if p.is_absolute() else (path.parent / p).absolute())] = c or ""
+    elif any(ch in text for ch in "*?["):
+        for f in sorted(glob.glob(text, recursive=True)):
+            if Path(f).is_file():
+                rows[str(Path(f).resolve())] = ""
+    elif path.is_file():
+        rows[str(path.resolve())] = ""
+    else:
+        raise SourceError(f"{src}: no such directory, glob, manifest or video; give a folder "
+                          "of videos, a glob, or a .jsonl/.csv/.parquet manifest with 'path'")
+    if not rows:
+        raise SourceError(f"{src}: found no videos (extensions: {' '.join(extensions)})")
+    paths = sorted(rows)
+    return pa.table({"path": paths, "caption": [rows[p] for p in paths]}, schema=SOURCE_SCHEMA)
