@@ -100,15 +100,23 @@ def run_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_synth, add_preprocess]
+def add_train(sub: argparse._SubParsersAction) -> None:
+    from pipeline.train import register  # torch + ray.data: ~3 s, paid by every command
+
+    register(sub)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_synth, add_preprocess, add_train]
 
 
 def config_classes() -> dict[str, type]:
     """Config dataclass of each `configs/<kind>/` folder (the tests load every shipped file)."""
     from pipeline.preprocess import PreprocessConfig
     from pipeline.synth import SynthConfig
+    from pipeline.train import TrainConfig
 
-    return {"synth": SynthConfig, "preprocess": PreprocessConfig}
+    return {"synth": SynthConfig, "preprocess": PreprocessConfig, "train": TrainConfig}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,12 +57,17 @@ class PreprocessConfig:
                 "encode": self.encode, "write": self.write}
 
 
-def build_dataset(cfg: PreprocessConfig, sources: pa.Table, out: Path,
-                  done_ids: set[str], vae_checkpoint: str):
-    """The Ray Data graph (lazy). Each stage is an actor pool sized by the config."""
+def latent_stream(cfg: PreprocessConfig, sources: pa.Table | str, errors_dir: str | Path,
+                  done_ids: set[str] | frozenset[str] = frozenset(), vae_checkpoint: str = ""):
+    """Videos -> probe -> bucket -> decode -> VAE encode: a lazy Ray Dataset of latent rows.
+
+    Each stage is an actor pool sized by the config. `preprocess` adds the writer; `train
+    --input` feeds the rows straight to the trainer."""
     import ray.data
 
-    errors, vae = str(out / "errors"), cfg.vae
+    if isinstance(sources, str):
+        sources = list_sources(sources, tuple(cfg.video_extensions))
+    errors, vae = str(errors_dir), cfg.vae
     if vae_checkpoint:
         vae = VAEStageConfig(**{**to_dict(cfg.vae), "checkpoint": vae_checkpoint})
     # Blocks are cut here, not with .repartition(): that runs Ray tasks of 1 CPU each, which
@@ -75,9 +80,15 @@ def build_dataset(cfg: PreprocessConfig, sources: pa.Table, out: Path,
         buckets=cfg.buckets, errors_dir=errors, done_ids=frozenset(done_ids)))
     ds = ds.map_batches(DecodeStage, **cfg.decode.map_batches_kwargs(
         errors_dir=errors, threads=cfg.decode_threads))
-    ds = ds.map_batches(VAEEncodeStage, **cfg.encode.map_batches_kwargs(
+    return ds.map_batches(VAEEncodeStage, **cfg.encode.map_batches_kwargs(
         vae=vae, buckets=cfg.buckets, errors_dir=errors, latent_dtype=cfg.latent_dtype,
         num_cpus=cfg.encode.num_cpus))
+
+
+def build_dataset(cfg: PreprocessConfig, sources: pa.Table, out: Path,
+                  done_ids: set[str], vae_checkpoint: str):
+    """The whole preprocess graph (lazy): `latent_stream` + the Parquet writer pool."""
+    ds = latent_stream(cfg, sources, out / "errors", done_ids, vae_checkpoint)
     return ds.map_batches(LatentWriter, **cfg.write.map_batches_kwargs(
         latents_dir=str(out / "latents")))
 

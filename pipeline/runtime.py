@@ -74,7 +74,7 @@ def init_ray(address: str | None, cfg: RayConfig) -> bool:
     if address or os.environ.get("RAY_ADDRESS"):  # Ray's own variable; `ray job submit` sets it
         ray.init(address=address or None, **kwargs)
     else:
-        ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False,
+        ray.init(address="local", num_cpus=cfg.num_cpus or None, include_dashboard=False,
                  object_store_memory=cfg.object_store_mb * 2**20, **kwargs)
     return True
 

@@ -12,9 +12,8 @@ Pipelined (`--input`): probe -> assign -> decode -> VAE encode actors, split acr
 with `streaming_split`; each worker cuts its rows into single-bucket batches. Nothing is
 materialised; every epoch decodes again. Resume restores weights and step, not the order.
 
-RUN/ holds config.yaml + run.json, metrics.jsonl, loss.png, checkpoints/step_N (sharded, DCP,
-each with its config.yaml), export/ (EMA weights: model.safetensors + config.json) and
-workers/ (pid and host of each rank).
+RUN/: config.yaml, run.json, metrics.jsonl, loss.png, checkpoints/step_N (sharded DCP + the
+resolved config), export/ (EMA model.safetensors + config.json), workers/ (pid, host per rank).
 """
 
 from __future__ import annotations
@@ -23,9 +22,8 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 import time
-from contextlib import ExitStack
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,13 +36,14 @@ from actors.train_data import (
     BatchPlan,
     Collate,
     PlanLoader,
-    StreamBatcher,
+    planned_batches,
     read_index,
-    split_steps,
+    streamed_batches,
 )
-from actors.train_worker import TrainLoopConfig, train_loop
-from pipeline.config import ConfigError, to_dict, write_run_record
-from pipeline.preprocess import PreprocessConfig
+from actors.train_worker import RayBackend, TrainLoopConfig, train_loop
+from models.text_encoder import ByteTokenizer
+from pipeline.config import to_dict, write_run_record
+from pipeline.preprocess import PreprocessConfig, latent_stream
 from pipeline.runtime import RayConfig, StageResources, init_ray
 
 
@@ -73,6 +72,10 @@ class TrainConfig(TrainLoopConfig):
 
 class TrainError(ValueError):
     """A run that cannot start as asked (bad data, occupied output); one line for the user."""
+
+
+class TrainFailed(RuntimeError):
+    """Workers failed more often than `max_failures` allows."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,31 +134,6 @@ class RankData:
             rank=self.rank))
 
 
-def latent_stream(cfg: PreprocessConfig, src: str, errors_dir: Path):
-    """Videos -> probe -> assign -> decode -> VAE encode: a Ray Dataset of latent rows."""
-    import ray.data
-
-    from actors.assign import AssignStage
-    from actors.decode import DecodeStage
-    from actors.probe import ProbeStage
-    from actors.vae_encode import VAEEncodeStage
-    from pipeline.sources import list_sources
-
-    sources = list_sources(src, tuple(cfg.video_extensions))
-    errors = str(errors_dir)
-    blocks = max(1, min(sources.num_rows // cfg.probe.batch_size + 1, 256))
-    ds = ray.data.from_arrow(sources).repartition(blocks)
-    ds = ds.map_batches(ProbeStage, **cfg.probe.map_batches_kwargs(
-        errors_dir=errors, max_pixels=cfg.max_pixels, max_side=cfg.max_side))
-    ds = ds.map_batches(AssignStage, **cfg.assign.map_batches_kwargs(
-        buckets=cfg.buckets, errors_dir=errors, done_ids=frozenset()))
-    ds = ds.map_batches(DecodeStage, **cfg.decode.map_batches_kwargs(
-        errors_dir=errors, threads=cfg.decode_threads))
-    return ds.map_batches(VAEEncodeStage, **cfg.encode.map_batches_kwargs(
-        vae=cfg.vae, buckets=cfg.buckets, errors_dir=errors, latent_dtype=cfg.latent_dtype,
-        num_cpus=cfg.encode.num_cpus))
-
-
 def _stream_split_config():
     """Split the pipelined stream across workers without dropping rows (`equal=False`):
     workers that run out first take zero-weight steps (actors/train_worker.py)."""
@@ -180,38 +158,6 @@ def _stream_split_config():
 # Ray Train: the worker function and its backend
 
 
-class RayBackend:
-    """Checkpoints through `ray.train.report` (each rank writes its shards to a temp folder;
-    Ray merges them into RUN/checkpoints/step_N); resume from `ray.train.get_checkpoint`."""
-
-    def __init__(self):
-        import ray.train
-        import ray.train.torch
-
-        ctx = ray.train.get_context()
-        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-        self.stack = ExitStack()
-
-    def restore_dir(self) -> Path | None:
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        return Path(self.stack.enter_context(ckpt.as_directory())) if ckpt else None
-
-    def checkpoint(self, step: int, save, metrics: dict) -> None:
-        import ray.train
-
-        tmp = Path(tempfile.mkdtemp(prefix=f"tubelet-ckpt-{step}-"))
-        try:
-            save(tmp)
-            ray.train.report({"step": step, "loss": metrics["loss"]},
-                             checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
-                             checkpoint_dir_name=f"step_{step:08d}")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _worker(args: dict[str, Any]) -> None:
     import ray.train
     import torch
@@ -220,46 +166,19 @@ def _worker(args: dict[str, Any]) -> None:
     backend = RayBackend()
     if backend.device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.worker.num_cpus)))
-    collate = Collate(_tokenizer(cfg))
+    collate = Collate(ByteTokenizer(cfg.text_encoder.max_len))
     r, W = backend.rank, backend.world_size
     if args["stream"]:
-        shard = ray.train.get_dataset_shard("train")
-
-        def batches(start: int):
-            batcher = StreamBatcher(cfg.data, W)
-            for block in shard.iter_batches(batch_size=None, batch_format="pyarrow",
-                                            prefetch_batches=cfg.data.prefetch_steps):
-                for t in batcher.push(block):
-                    yield collate(t, slot_base=r * batcher.size(t.column("bucket")[0].as_py()))
-            for t in batcher.drain():
-                yield collate(t, slot_base=r * batcher.size(t.column("bucket")[0].as_py()))
+        batches = streamed_batches(ray.train.get_dataset_shard("train"), collate, cfg.data,
+                                   r, W)
     else:
-        shard = ray.train.get_dataset_shard(f"rank{r}")
-
-        def batches(start: int):
-            blocks = shard.iter_batches(batch_size=None, batch_format="pyarrow",
-                                        prefetch_batches=cfg.data.prefetch_steps)
-            for table in split_steps(blocks):
-                step = table.column("step")[0].as_py()
-                if step < start:  # a checkpoint committed after this stream was planned
-                    continue
-                if step > start:
-                    raise RuntimeError(f"rank {r}: data stream is at step {step}, the "
-                                       f"restored checkpoint at step {start}")
-                start += 1
-                yield collate(table)
-
+        batches = planned_batches(ray.train.get_dataset_shard(f"rank{r}"), collate,
+                                  cfg.data.prefetch_steps)
     try:
         train_loop(cfg, backend, batches, Path(args["run"]), args["resolved"],
                    args["fingerprint"], stream=args["stream"])
     finally:
         backend.stack.close()
-
-
-def _tokenizer(cfg: TrainConfig):
-    from models.text_encoder import ByteTokenizer
-
-    return ByteTokenizer(cfg.text_encoder.max_len)
 
 
 def _commit_log(run: Path):
@@ -286,22 +205,21 @@ def _commit_log(run: Path):
 
 
 def check_data(cfg: TrainConfig, index: pa.Table) -> dict[str, int]:
-    shapes = {tuple(s) for s in index.column("latent_shape").to_pylist()}
-    bad = sorted(s for s in shapes if s[0] != cfg.model.in_channels)
+    """Clips per bucket; refuses latents the model cannot take."""
+    shapes = sorted({tuple(s) for s in index.column("latent_shape").to_pylist()})
+    bad = [s for s in shapes if s[0] != cfg.model.in_channels]
     if bad:
         raise TrainError(f"latents have {bad[0][0]} channels (shape {bad[0]}) but "
                          f"model.in_channels is {cfg.model.in_channels}; set "
                          f"--set model.in_channels={bad[0][0]}")
-    counts: dict[str, int] = {}
-    for b in index.column("bucket").to_pylist():
-        counts[b] = counts.get(b, 0) + 1
-    return dict(sorted(counts.items()))
+    return dict(sorted(Counter(index.column("bucket").to_pylist()).items()))
 
 
 def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = None,
               input_src: str | None = None, resume: bool = False,
               address: str | None = None) -> dict[str, Any]:
     import ray
+    import ray.train
     from ray.data import DataContext
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -320,12 +238,12 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
     start = time.perf_counter()
     fingerprint, counts, datasets = "", {}, {}
     if not stream:
-        index = read_index(data)
-        counts = check_data(cfg, index)
         try:
+            index = read_index(data)
             plan = BatchPlan(index, cfg.data, cfg.num_workers)
-        except ValueError as e:
+        except (ValueError, FileNotFoundError) as e:
             raise TrainError(str(e)) from None
+        counts = check_data(cfg, index)
         fingerprint = plan.fingerprint
         print(f"[train] {index.num_rows} clips in {len(counts)} buckets "
               f"({', '.join(f'{b}: {n}' for b, n in counts.items())}); "
@@ -356,7 +274,12 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
             datasets=datasets,
             dataset_config=_stream_split_config() if stream else DataConfig(datasets_to_split=[]),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            raise TrainFailed(f"training failed after {cfg.max_failures} restart(s) "
+                              f"(max_failures); last checkpoint in {run / 'checkpoints'}, "
+                              f"continue with --resume: {e}") from e
     finally:
         if started:
             ray.shutdown()
@@ -374,28 +297,24 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
 
 def read_metrics(run: Path) -> list[dict]:
     path = Path(run) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
 
 
 def plot_losses(rows: list[dict], png: Path) -> None:
-    """Loss per step and its running mean (the raw loss is noisy: t is random per sample)."""
+    """Loss per step and a running mean (the raw loss is noisy: t is random per sample)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     if not rows:
         return
-    steps = [r["step"] for r in rows]
-    loss = [r["loss"] for r in rows]
+    steps, loss = [r["step"] for r in rows], np.array([r["loss"] for r in rows])
     k = max(1, len(loss) // 20)
-    smooth = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1])
-              for i in range(len(loss))]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, loss, alpha=0.35, label="loss")
-    ax.plot(steps, smooth, label=f"mean of {k}")
+    ax.plot(steps[k - 1:], np.convolve(loss, np.ones(k) / k, "valid"), label=f"mean of {k}")
     ax.set(xlabel="step", ylabel="flow-matching loss", yscale="log", title=png.parent.name)
     ax.legend()
     fig.tight_layout()
@@ -435,11 +354,12 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         summary = run_train(cfg, args.output, data=args.data, input_src=args.input,
                             resume=args.resume, address=args.address)
-    except (TrainError, FileNotFoundError) as e:
+    except TrainError as e:
         print(f"tubelet train: {e}", file=sys.stderr)
         return 2
-    except ConfigError:
-        raise
+    except TrainFailed as e:
+        print(f"tubelet train: {e}", file=sys.stderr)
+        return 1
     print(f"trained {summary['steps']} steps in {summary['wall_seconds']}s; final loss "
           f"{summary['final_loss']:.4f}; EMA model in {summary['export']}")
     return 0

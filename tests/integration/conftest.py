@@ -7,6 +7,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, object_store_memory=300 * 2**20,
+                 include_dashboard=False)
     yield
     ray.shutdown()

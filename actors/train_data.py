@@ -1,0 +1,336 @@
+"""Training data: a seeded global batch plan over the latent dataset, the stage that loads one
+worker's rows of a step, and the collate step that turns them into DiT inputs.
+
+Why a plan: FSDP workers meet in collectives on every step, so they must all run the same
+number of steps, and an exact resume needs `step -> samples` to be a pure function. So the plan
+is computed from the dataset index alone (ids + buckets), the seed and the epoch:
+  epoch e: each bucket's ids shuffled with rng(seed, e), cut into global batches of the bucket's
+  batch size; the batches of all buckets shuffled together with the same rng.
+Global step s is batch s % steps_per_epoch of epoch s // steps_per_epoch; worker r of W takes
+the r-th contiguous slice of that global batch. The same plan serves 1 worker or 8, so a run
+may resume on a different number of workers and still see the same samples in the same order.
+
+Last partial batch of a bucket: kept, never dropped. It becomes a smaller global batch, rounded
+up to a multiple of the number of workers with repeats of its own samples that carry zero loss
+weight. Every sample is trained on exactly once per epoch, every worker gets the same batch
+shape in a step, and a bucket with fewer clips than its batch size still trains (one small
+batch per epoch).
+
+Ray Data does the reading: `PlanLoader` is a stage (step numbers in, latent rows out) that
+runs in an actor pool ahead of the trainer; without Ray, call it directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from actors.patchify import PatchifyStage
+from models.text_encoder import ByteTokenizer
+
+INDEX_COLUMNS = ("id", "bucket", "latent_shape")
+ROW_COLUMNS = ("id", "path", "caption", "bucket", "fps", "num_frames", "height", "width",
+               "latent", "latent_shape")
+
+
+@dataclass
+class TrainDataConfig:
+    batch_size: int = 8  # global batch (all workers together) of every bucket not listed below
+    bucket_batch_sizes: dict[str, int] = field(default_factory=dict)  # bucket name -> global
+    seed: int = 0  # plan seed: the shuffles of epoch e come from rng(seed, e)
+    shuffle: bool = True
+    prefetch_steps: int = 4  # steps loaded ahead of the trainer
+
+    def validate(self) -> None:
+        bad = {k: v for k, v in self.bucket_batch_sizes.items() if v < 1}
+        if self.batch_size < 1 or bad:
+            raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} and {bad}")
+        if self.prefetch_steps < 1:
+            raise ValueError(f"prefetch_steps: must be >= 1, got {self.prefetch_steps}")
+
+    def batch_size_of(self, bucket: str) -> int:
+        return self.bucket_batch_sizes.get(bucket, self.batch_size)
+
+
+def latent_files(latents: str | Path) -> list[Path]:
+    """The Parquet files of a latent dataset: a file, or every *.parquet under a folder."""
+    path = Path(latents)
+    files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(
+            f"no latent dataset at {path}: expected Parquet files (run `tubelet preprocess` "
+            "and pass its DIR/latents)")
+    return files
+
+
+def read_index(latents: str | Path) -> pa.Table:
+    """One row per clip: id, bucket, latent_shape, and where it lives (file, row). Sorted by id
+    so the plan does not depend on file order; a repeated id keeps its first copy."""
+    parts = []
+    for f in latent_files(latents):
+        meta = pq.ParquetFile(f)
+        missing = [c for c in ROW_COLUMNS if c not in meta.schema_arrow.names]
+        if missing:
+            raise ValueError(f"{f}: not a latent dataset file, lacks column(s) {missing}")
+        t = meta.read(columns=list(INDEX_COLUMNS))
+        parts.append(t.append_column("file", pa.array([str(f)] * t.num_rows))
+                      .append_column("row", pa.array(np.arange(t.num_rows), pa.int64())))
+    index = pa.concat_tables(parts).sort_by("id")
+    ids = index.column("id").to_numpy(zero_copy_only=False)
+    keep = np.ones(len(ids), bool)
+    keep[1:] = ids[1:] != ids[:-1]
+    return index.filter(pa.array(keep))
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    bucket: str
+    rows: tuple[int, ...]  # index rows in slot order; length is a multiple of world_size
+    weights: tuple[float, ...]  # 1.0 for a sample, 0.0 for padding
+
+    def part(self, rank: int, world_size: int) -> slice:
+        k = len(self.rows) // world_size
+        return slice(rank * k, (rank + 1) * k)
+
+
+class BatchPlan:
+    """step -> the global batch of that step (module docstring). Pure: same inputs, same plan."""
+
+    def __init__(self, index: pa.Table, cfg: TrainDataConfig, world_size: int):
+        self.cfg, self.world_size = cfg, world_size
+        self.buckets: dict[str, np.ndarray] = {}
+        for i, b in enumerate(index.column("bucket").to_pylist()):
+            self.buckets.setdefault(b, []).append(i)
+        self.buckets = {b: np.array(r) for b, r in sorted(self.buckets.items())}
+        for b in self.buckets:
+            if cfg.batch_size_of(b) % world_size:
+                raise ValueError(
+                    f"bucket {b!r}: global batch size {cfg.batch_size_of(b)} is not divisible "
+                    f"by {world_size} workers; set data.batch_size / data.bucket_batch_sizes to "
+                    "a multiple of the number of workers")
+        self.steps_per_epoch = sum(math.ceil(len(r) / cfg.batch_size_of(b))
+                                   for b, r in self.buckets.items())
+        key = "\n".join(f"{i}\t{b}" for i, b in zip(index.column("id").to_pylist(),
+                                                   index.column("bucket").to_pylist(), strict=True))
+        self.fingerprint = hashlib.sha1(key.encode()).hexdigest()[:16]
+        self._epochs: OrderedDict[int, list[PlannedBatch]] = OrderedDict()
+
+    def epoch(self, e: int) -> list[PlannedBatch]:
+        if e not in self._epochs:
+            self._epochs[e] = self._make_epoch(e)
+            if len(self._epochs) > 2:
+                self._epochs.popitem(last=False)
+        return self._epochs[e]
+
+    def _make_epoch(self, e: int) -> list[PlannedBatch]:
+        rng = np.random.default_rng([self.cfg.seed, e])
+        batches = []
+        for bucket, rows in self.buckets.items():
+            order = rng.permutation(rows) if self.cfg.shuffle else rows
+            size = self.cfg.batch_size_of(bucket)
+            for lo in range(0, len(order), size):
+                real = [int(r) for r in order[lo:lo + size]]
+                padded = -len(real) % self.world_size  # zero-weight repeats: same shape per rank
+                rows_ = real + [real[i % len(real)] for i in range(padded)]
+                batches.append(PlannedBatch(bucket, tuple(rows_),
+                                            (1.0,) * len(real) + (0.0,) * padded))
+        if self.cfg.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def batch(self, step: int) -> PlannedBatch:
+        return self.epoch(step // self.steps_per_epoch)[step % self.steps_per_epoch]
+
+
+class PlanLoader:
+    """Stage: step numbers in, this worker's latent rows of those steps out (in step order).
+
+    Reads `step`; writes the latent contract columns plus `step`, `slot` (position in the
+    global batch: seeds the noise) and `weight`. Reads whole Parquet row groups and keeps the
+    last few, so a latent dataset written with small row groups is read with little waste.
+    """
+
+    reads = ("step",)
+    writes = ROW_COLUMNS + ("step", "slot", "weight")
+    resources = {"num_cpus": 0.25}
+
+    def __init__(self, index: pa.Table, data: TrainDataConfig, world_size: int, rank: int,
+                 cache_row_groups: int = 16):
+        self.index, self.rank, self.world_size = index, rank, world_size
+        self.plan = BatchPlan(index, data, world_size)
+        self.files = index.column("file").to_pylist()
+        self.rows = index.column("row").to_numpy()
+        self.cache: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
+        self.cache_size = cache_row_groups
+        self.groups: dict[str, np.ndarray] = {}  # file -> first row of each row group
+
+    def _row_group(self, file: str, row: int) -> tuple[pa.Table, int]:
+        if file not in self.groups:
+            meta = pq.ParquetFile(file).metadata
+            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            self.groups[file] = np.concatenate([[0], np.cumsum(sizes)])
+        starts = self.groups[file]
+        g = int(np.searchsorted(starts, row, side="right") - 1)
+        if (file, g) not in self.cache:
+            self.cache[(file, g)] = pq.ParquetFile(file).read_row_group(g, columns=ROW_COLUMNS)
+            if len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end((file, g))
+        return self.cache[(file, g)], row - int(starts[g])
+
+    def load_step(self, step: int) -> pa.Table:
+        batch = self.plan.batch(step)
+        part = batch.part(self.rank, self.world_size)
+        slots = range(len(batch.rows))[part]
+        rows = [self._row_group(self.files[i], int(self.rows[i])) for i in batch.rows[part]]
+        tables = [t.slice(r, 1) for t, r in rows]
+        types = {t.schema.field("latent").type for t in tables}
+        if len(types) > 1:  # float16 and float32 files mixed: one type per batch
+            tables = [_cast_latent(t, pa.list_(pa.float32())) for t in tables]
+        out = pa.concat_tables(tables).combine_chunks()
+        n = out.num_rows
+        return (out.append_column("step", pa.array([step] * n, pa.int64()))
+                .append_column("slot", pa.array(list(slots), pa.int64()))
+                .append_column("weight", pa.array(batch.weights[part], pa.float32())))
+
+    def __call__(self, steps: pa.Table) -> pa.Table:
+        return pa.concat_tables([self.load_step(s) for s in steps.column("step").to_pylist()])
+
+
+def _cast_latent(table: pa.Table, type_: pa.DataType) -> pa.Table:
+    i = table.column_names.index("latent")
+    return table.set_column(i, "latent", table.column("latent").cast(type_))
+
+
+def split_steps(blocks: Iterable[pa.Table]) -> Iterator[pa.Table]:
+    """Regroup a stream of row blocks (in step order) into one table per step."""
+    pending: list[pa.Table] = []
+    for block in blocks:
+        steps = block.column("step").to_numpy()
+        cuts = [0, *(np.flatnonzero(np.diff(steps)) + 1).tolist(), len(steps)]
+        for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+            part = block.slice(lo, hi - lo)
+            if pending and pending[0].column("step")[0] != part.column("step")[0]:
+                yield pa.concat_tables(pending)
+                pending = []
+            pending.append(part)
+    if pending:
+        yield pa.concat_tables(pending)
+
+
+class StreamBatcher:
+    """For a stream of latent rows in arrival order (the pipelined `--input` path): buffers per
+    bucket and emits single-bucket batches of `batch_size_of(bucket) // world_size` rows; at the
+    end of the stream `drain` emits each bucket's remainder as a smaller batch (nothing lost)."""
+
+    def __init__(self, data: TrainDataConfig, world_size: int):
+        self.data, self.world_size = data, world_size
+        self.buffers: dict[str, list[pa.Table]] = defaultdict(list)
+
+    def size(self, bucket: str) -> int:
+        return max(1, self.data.batch_size_of(bucket) // self.world_size)
+
+    def push(self, table: pa.Table) -> Iterator[pa.Table]:
+        table = table.select(ROW_COLUMNS)
+        buckets = table.column("bucket").to_pylist()
+        for b in dict.fromkeys(buckets):
+            self.buffers[b].append(table.filter(pa.array([x == b for x in buckets])))
+            rows = pa.concat_tables(self.buffers[b])
+            n = self.size(b)
+            full = rows.num_rows // n * n
+            for lo in range(0, full, n):
+                yield rows.slice(lo, n)
+            self.buffers[b] = [rows.slice(full)] if full < rows.num_rows else []
+
+    def drain(self) -> Iterator[pa.Table]:
+        for _, parts in sorted(self.buffers.items()):
+            if parts:
+                yield pa.concat_tables(parts)
+        self.buffers.clear()
+
+
+@dataclass
+class StepBatch:
+    """One worker's model inputs for one step (one bucket, one shape)."""
+
+    step: int
+    bucket: str
+    ids: list[str]
+    x: torch.Tensor  # (B, C, T, H, W) float32 latents
+    fps: torch.Tensor  # (B,)
+    text_ids: torch.Tensor  # (B, L) byte tokens
+    text_mask: torch.Tensor  # (B, L) bool
+    weight: torch.Tensor  # (B,) 1 = sample, 0 = padding
+    slot: list[int]  # position in the global batch: seeds each sample's noise
+
+    def to(self, device: torch.device) -> StepBatch:
+        moved = {k: v.to(device, non_blocking=True) for k, v in vars(self).items()
+                 if torch.is_tensor(v)}
+        return StepBatch(**{**vars(self), **moved})
+
+
+class Collate:
+    """Latent rows of one bucket (+ step, slot, weight when planned) -> StepBatch."""
+
+    def __init__(self, tokenizer: ByteTokenizer):
+        self.patchify = PatchifyStage(with_tokens=False)
+        self.tokenizer = tokenizer
+
+    def __call__(self, table: pa.Table, step: int = -1, slot_base: int = 0) -> StepBatch:
+        out = self.patchify(table)
+        names = table.column_names
+        text_ids, text_mask = self.tokenizer(out["captions"])
+        n = table.num_rows
+        return StepBatch(
+            step=int(table.column("step")[0].as_py()) if "step" in names else step,
+            bucket=out["bucket"], ids=out["ids"], x=out["x"], fps=out["fps"],
+            text_ids=text_ids, text_mask=text_mask,
+            weight=(torch.from_numpy(table.column("weight").to_numpy().copy())
+                    if "weight" in names else torch.ones(n)),
+            slot=(table.column("slot").to_pylist() if "slot" in names
+                  else list(range(slot_base, slot_base + n))),
+        )
+
+
+def planned_batches(shard, collate: Collate, prefetch: int) -> Callable[[int], Iterator[StepBatch]]:
+    """A rank's planned stream (a Ray DataIterator of PlanLoader rows) -> StepBatch per step,
+    from the restored step on."""
+    def batches(start: int) -> Iterator[StepBatch]:
+        blocks = shard.iter_batches(batch_size=None, batch_format="pyarrow",
+                                    prefetch_batches=prefetch)
+        for table in split_steps(blocks):
+            step = table.column("step")[0].as_py()
+            if step < start:  # a checkpoint committed after this stream was planned
+                continue
+            if step > start:
+                raise RuntimeError(f"data stream is at step {step}, the restored checkpoint "
+                                   f"at step {start}")
+            start += 1
+            yield collate(table)
+
+    return batches
+
+
+def streamed_batches(shard, collate: Collate, data: TrainDataConfig, rank: int,
+                     world_size: int) -> Callable[[int], Iterator[StepBatch]]:
+    """A rank's split of the pipelined stream -> single-bucket StepBatches, one pass per call."""
+    def batches(start: int) -> Iterator[StepBatch]:
+        batcher = StreamBatcher(data, world_size)
+        blocks = shard.iter_batches(batch_size=None, batch_format="pyarrow",
+                                    prefetch_batches=data.prefetch_steps)
+        # drain() is lazy: it runs once every block has been pushed
+        for table in chain(chain.from_iterable(map(batcher.push, blocks)), batcher.drain()):
+            size = batcher.size(table.column("bucket")[0].as_py())
+            yield collate(table, slot_base=rank * size)
+
+    return batches
