@@ -1,0 +1,196 @@
+"""The causal video VAE: shapes, causality, exact time chunking, tiling, weights, training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from models.vae import (
+    VAEConfig,
+    VideoAutoencoder,
+    VideoVAE,
+    build_vae,
+    load_vae,
+    psnr,
+    save_vae,
+    vae_loss,
+)
+
+
+def video(B: int, T: int, H: int, W: int, seed: int = 0) -> torch.Tensor:
+    """Coloured squares moving over a plain background, in [-1, 1]; (B, 3, T, H, W)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, 3, 1, 1, 1, generator=g).expand(B, 3, T, H, W).clone()
+    for b in range(B):
+        color = torch.rand(3, 1, 1, generator=g)
+        y0, x0 = (torch.randint(0, max(H, W) // 2, (2,), generator=g)).tolist()
+        for t in range(T):
+            x[b, :, t, y0 + t : y0 + t + H // 3, x0 + t : x0 + t + W // 3] = color
+    return x * 2 - 1
+
+
+def random_vae(preset: str = "debug", seed: int = 0) -> VideoVAE:
+    """A model with every conv randomly initialised (no zero-init residuals): the worst case
+    for tiling seams and a fair test of causality."""
+    torch.manual_seed(seed)
+    model = build_vae(preset)
+    for m in model.modules():
+        if isinstance(m, nn.Conv3d):
+            m.reset_parameters()
+    return model.eval()
+
+
+@pytest.mark.parametrize("T", [1, 5, 9, 17])
+def test_shapes_image_and_video(T: int) -> None:
+    model = build_vae("debug").eval()
+    x = video(2, T, 16, 24)
+    with torch.no_grad():
+        z = model.encode(x)
+        y = model.decode(z)
+    assert z.shape == (2, model.latent_channels, 1 + (T - 1) // 4, 2, 3)
+    assert z.shape[1:] == model.latent_shape(T, 16, 24)
+    assert y.shape == x.shape
+    assert y.min() >= -1 and y.max() <= 1
+    assert isinstance(model, VideoAutoencoder)
+    assert (model.temporal_factor, model.spatial_factor) == (4, 8)
+
+
+def test_default_preset_is_4x8x8_with_16_channels() -> None:
+    config = VAEConfig()
+    assert (config.temporal_factor, config.spatial_factor, config.latent_channels) == (4, 8, 16)
+    assert build_vae("debug", latent_channels=8).latent_channels == 8
+
+
+def test_encoder_and_decoder_are_causal() -> None:
+    model = random_vae()
+    x = video(1, 17, 16, 16)
+    x2 = x.clone()
+    x2[:, :, 9] = -x2[:, :, 9]  # frame 9 belongs to latent frame 1 + (9 - 1) // 4 = 3
+    with torch.no_grad():
+        z, z2 = model.encode(x), model.encode(x2)
+    torch.testing.assert_close(z2[:, :, :3], z[:, :, :3], atol=1e-6, rtol=0)
+    assert (z2[:, :, 3] - z[:, :, 3]).abs().max() > 1e-3
+    z3 = z.clone()
+    z3[:, :, 2] += 1.0  # latent frame 2 decodes to pixel frames 5..8
+    with torch.no_grad():
+        y, y3 = model.decode_raw(z), model.decode_raw(z3)
+    torch.testing.assert_close(y3[:, :, :5], y[:, :, :5], atol=1e-6, rtol=0)
+    assert (y3[:, :, 5] - y[:, :, 5]).abs().max() > 1e-3
+
+
+def test_time_chunks_with_causal_cache_are_exact() -> None:
+    model = random_vae()
+    x = video(1, 17, 16, 16)
+    with torch.no_grad():
+        z = model.encode(x)
+        zc = model.encode_tiled(x, tile_px=256, chunk_frames=4)  # chunks of 5, 4, 4, 4 frames
+        y = model.decode(z)
+        yc = model.decode_tiled(z, tile_px=256, chunk_frames=4)  # latent chunks 2, 1, 1, 1
+    torch.testing.assert_close(zc, z, atol=1e-5, rtol=0)
+    torch.testing.assert_close(yc, y, atol=1e-5, rtol=0)
+
+
+def test_spatial_tiles_match_untiled_within_stated_tolerance() -> None:
+    # A clip twice the tile size in each direction: 3x3 tiles of 64 px with 32 px overlap.
+    model = random_vae()
+    x = video(1, 5, 128, 128, seed=1)
+    with torch.no_grad():
+        z = model.encode(x)
+        zt = model.encode_tiled(x, tile_px=64, overlap_px=32, chunk_frames=4)
+        y = model.decode(z)
+        yt = model.decode_tiled(z, tile_px=64, overlap_px=32, chunk_frames=4)
+    assert zt.shape == z.shape and yt.shape == y.shape
+    # Bounds from VideoVAE.encode_tiled's docstring (random init is the worst case).
+    rms = (zt - z).pow(2).mean().sqrt() / z.std()
+    assert rms < 0.5, f"latent RMS diff {rms:.3f} x std"
+    assert psnr(y, yt) > 22.0
+
+
+def test_save_load_round_trip_is_identical(tmp_path) -> None:
+    model = random_vae()
+    model.fit_scaling([video(2, 5, 16, 16)])
+    path = tmp_path / "vae.safetensors"
+    save_vae(model, path)
+    loaded = load_vae(path)
+    assert loaded.config == model.config
+    x = video(1, 5, 16, 16, seed=3)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x), model.encode(x))
+        z = model.encode(x)
+        assert torch.equal(loaded.decode(z), model.decode(z))
+
+
+def test_load_rejects_foreign_files(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(ValueError, match="not a tubelet VAE checkpoint"):
+        load_vae(path)
+    with pytest.raises(FileNotFoundError):
+        load_vae(tmp_path / "missing.safetensors")
+
+
+def test_fit_scaling_gives_unit_variance_latents_and_decode_undoes_it() -> None:
+    model = random_vae()
+    x = video(2, 5, 16, 16)
+    with torch.no_grad():
+        y_before = model.decode(model.encode(x))
+        scale, shift = model.fit_scaling([x])
+        z = model.encode(x)
+        y_after = model.decode(z)
+    assert math.isclose(z.mean().item(), 0.0, abs_tol=1e-4)
+    assert math.isclose(z.std().item(), 1.0, rel_tol=1e-2)
+    assert scale == model.scaling_factor and shift == model.shift_factor
+    torch.testing.assert_close(y_after, y_before, atol=1e-4, rtol=0)
+
+
+def test_short_training_lowers_reconstruction_loss() -> None:
+    torch.manual_seed(0)
+    model = build_vae("debug")
+    x = video(2, 5, 32, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(40):
+        recon, posterior = model(x)
+        loss, stats = vae_loss(x, recon, posterior, kl_weight=1e-6, grad_weight=0.1)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(stats["l1"])
+    assert min(losses[-5:]) < 0.6 * losses[0], losses
+    assert set(stats) >= {"loss", "l1", "kl", "psnr"}
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ((1, 3, 8, 16, 16), r"T=8 frames.*1 \+ 4k"),
+        ((1, 3, 5, 20, 16), r"20x16.*multiples of 8"),
+        ((1, 3, 5, 16), r"\(B, 3, T, H, W\)"),
+        ((1, 4, 5, 16, 16), r"\(B, 3, T, H, W\)"),
+    ],
+)
+def test_bad_shapes_raise_clear_errors(shape: tuple[int, ...], match: str) -> None:
+    model = build_vae("debug")
+    with pytest.raises(ValueError, match=match):
+        model.encode(torch.zeros(shape))
+
+
+def test_bad_latents_tiles_presets_and_keys_raise() -> None:
+    model = build_vae("debug")
+    with pytest.raises(ValueError, match=r"latent \(B, 4"):
+        model.decode(torch.zeros(1, 16, 2, 2, 2))
+    with pytest.raises(ValueError, match="tile_px=60"):
+        model.encode_tiled(torch.zeros(1, 3, 5, 16, 16), tile_px=60)
+    with pytest.raises(ValueError, match="chunk_frames=6"):
+        model.encode_tiled(torch.zeros(1, 3, 5, 16, 16), chunk_frames=6)
+    with pytest.raises(ValueError, match="unknown VAE preset 'huge'"):
+        build_vae("huge")
+    with pytest.raises(ValueError, match="unknown VAEConfig key 'latent_chans'"):
+        build_vae("debug", latent_chans=8)
+    with pytest.raises(ValueError, match="temporal_strides"):
+        VAEConfig(temporal_strides=(2, 2))
