@@ -29,6 +29,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/tubelet synth --output $(DEMO)/videos --num-videos 24 --seed 0
 	$(VENV)/bin/tubelet preprocess --input $(DEMO)/videos --output $(DEMO)/pre
+	rm -rf $(DEMO)/run
+	$(VENV)/bin/tubelet train --data $(DEMO)/pre/latents --output $(DEMO)/run \
+	  --config configs/train/debug.yaml --workers 2
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
