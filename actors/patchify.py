@@ -63,16 +63,16 @@ class PatchifyStage:
     patchifies x itself. `with_tokens=False` skips them.
     """
 
-    reads = ("id", "caption", "bucket", "fps", "latent", "latent_shape")
-    writes = ("ids", "captions", "bucket", "latent_shape", "x", "fps", "tokens", "positions")
-    resources = {"num_cpus": 1}  # cheap reshapes; runs in the training worker as collate_fn
+    READS = ("id", "caption", "bucket", "fps", "latent", "latent_shape")
+    WRITES = ("ids", "captions", "bucket", "latent_shape", "x", "fps", "tokens", "positions")
+    RESOURCES = {"num_cpus": 1}  # cheap reshapes; runs in the training worker as collate_fn
 
     def __init__(self, patch: tuple[int, ...] = (1, 2, 2), with_tokens: bool = True):
         self.patch = check_patch(patch)
         self.with_tokens = with_tokens
 
     def __call__(self, batch: pa.Table) -> dict[str, Any]:
-        missing = [c for c in self.reads if c not in batch.column_names]
+        missing = [c for c in self.READS if c not in batch.column_names]
         if missing:
             raise ValueError(
                 f"patchify: latent rows lack column(s) {missing}; have {batch.column_names}"

@@ -160,9 +160,9 @@ class PlanLoader:
     last few, so a latent dataset written with small row groups is read with little waste.
     """
 
-    reads = ("step",)
-    writes = ROW_COLUMNS + ("step", "slot", "weight")
-    resources = {"num_cpus": 0.25}
+    READS = ("step",)
+    WRITES = ROW_COLUMNS + ("step", "slot", "weight")
+    RESOURCES = {"num_cpus": 0.25}
 
     def __init__(self, index: pa.Table, data: TrainDataConfig, world_size: int, rank: int,
                  cache_row_groups: int = 16):
