@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from models.vae import check_latent, check_tiling, check_video
+from models.vae import check_latent, check_video
+from models.vae_blocks import check_tiling
 
 SUPPORTED = ("AutoencoderKLWan", "AutoencoderKLCogVideoX", "AutoencoderKLHunyuanVideo")
 

@@ -258,6 +258,16 @@ def blend_ramp(length: int, overlap: int, left: bool, right: bool) -> Tensor:
     return w
 
 
+def check_tiling(tile_px: int, overlap_px: int, chunk_frames: int, s: int, t: int) -> None:
+    if tile_px <= 0 or tile_px % s or overlap_px % s or not 0 <= overlap_px < tile_px:
+        raise ValueError(
+            f"tile_px={tile_px}, overlap_px={overlap_px}: both must be multiples of {s} "
+            "with 0 <= overlap_px < tile_px"
+        )
+    if chunk_frames <= 0 or chunk_frames % t:
+        raise ValueError(f"chunk_frames={chunk_frames} must be a positive multiple of {t}")
+
+
 def tiled(
     fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: int, scale: float
 ) -> Tensor:

@@ -94,9 +94,10 @@ def test_time_chunks_with_causal_cache_are_exact() -> None:
 
 
 def test_spatial_tiles_match_untiled_within_stated_tolerance() -> None:
-    # A clip twice the tile size in each direction: 3x3 tiles of 64 px with 32 px overlap.
+    # An image twice the tile size each way: 3x3 tiles of 64 px with 32 px overlap (the time
+    # chunks are covered above; T=1 keeps this test fast).
     model = random_vae()
-    x = video(1, 5, 128, 128, seed=1)
+    x = video(1, 1, 128, 128, seed=1)
     with torch.no_grad():
         z = model.encode(x)
         zt = model.encode_tiled(x, tile_px=64, overlap_px=32, chunk_frames=4)
@@ -105,8 +106,8 @@ def test_spatial_tiles_match_untiled_within_stated_tolerance() -> None:
     assert zt.shape == z.shape and yt.shape == y.shape
     # Bounds from VideoVAE.encode_tiled's docstring (random init is the worst case).
     rms = (zt - z).pow(2).mean().sqrt() / z.std()
-    assert rms < 0.5, f"latent RMS diff {rms:.3f} x std"
-    assert psnr(y, yt) > 22.0
+    assert rms < 0.4, f"latent RMS diff {rms:.3f} x std"
+    assert psnr(y, yt) > 24.0
 
 
 def test_save_load_round_trip_is_identical(tmp_path) -> None:
@@ -151,10 +152,10 @@ def test_fit_scaling_gives_unit_variance_latents_and_decode_undoes_it() -> None:
 def test_short_training_lowers_reconstruction_loss() -> None:
     torch.manual_seed(0)
     model = build_vae("debug")
-    x = video(2, 5, 32, 32)
+    x = video(2, 5, 16, 16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
-    for _ in range(40):
+    for _ in range(15):
         recon, posterior = model(x)
         loss, stats = vae_loss(x, recon, posterior, kl_weight=1e-6, grad_weight=0.1)
         loss.backward()
@@ -193,4 +194,4 @@ def test_bad_latents_tiles_presets_and_keys_raise() -> None:
     with pytest.raises(ValueError, match="unknown VAEConfig key 'latent_chans'"):
         build_vae("debug", latent_chans=8)
     with pytest.raises(ValueError, match="temporal_strides"):
-        VAEConfig(temporal_strides=(2, 2))
+        VAEConfig(temporal_strides=(2, 2, 2))
