@@ -106,8 +106,16 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     register(sub)
 
 
+def add_vae_commands(sub: argparse._SubParsersAction) -> None:
+    from pipeline.eval_vae import register_eval_vae
+    from pipeline.train_vae import register_train_vae
+
+    register_train_vae(sub)
+    register_eval_vae(sub)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_synth, add_preprocess, add_train]
+    add_synth, add_preprocess, add_vae_commands, add_train]
 
 
 def config_classes() -> dict[str, type]:
@@ -115,8 +123,10 @@ def config_classes() -> dict[str, type]:
     from pipeline.preprocess import PreprocessConfig
     from pipeline.synth import SynthConfig
     from pipeline.train import TrainConfig
+    from pipeline.train_vae import TrainVAEConfig
 
-    return {"synth": SynthConfig, "preprocess": PreprocessConfig, "train": TrainConfig}
+    return {"synth": SynthConfig, "preprocess": PreprocessConfig, "train": TrainConfig,
+            "vae": TrainVAEConfig}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,384 @@
+"""The VAE training loop every Ray Train worker runs (and one process runs without Ray).
+
+Data: decoded clips (uint8 T, H, W, 3, from the decode stage) stream into a bounded
+per-worker `ClipBuffer`, filled by a background thread so that decoding overlaps training.
+Each step samples `data.batch_size` random crops from the buffer (random clip, time window and
+position, random horizontal flip). Once a pass over the videos ends on every worker, the next
+pass starts (`data.passes`; 0 = keep re-reading); with `passes: 1` the buffer keeps the
+dataset (up to `data.buffer_mb`) and training goes on from memory without decoding again.
+
+Model: DDP over the default process group (gloo on CPU, NCCL on GPU; one process is a 1-rank
+group, so the same code path runs everywhere). A worker whose buffer is still empty takes a
+zero-weight step, so the ranks stay in lockstep and the gradient is the mean over real crops.
+Loss: `models.vae.vae_loss` (L1 + kl_weight * KL + grad_weight * spatial-gradient L1) plus an
+optional mse_weight * MSE.
+
+Validation: rank 0, on a fixed held-out set of crops decoded once by the driver, with the
+weights that get exported (the EMA), every `val_every` steps, before the first step and at
+the end. Checkpoints: sharded DCP (model, optimizer, EMA, step; actors/train_state.py), plus
+`vae.safetensors` (the EMA weights, scaling fitted), usable directly by `eval-vae`/`preprocess`.
+The export `RUN/export/vae.safetensors` is the same file at the last step.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from actors.tensors import unpack
+from actors.train_state import EMA, load_checkpoint, save_checkpoint
+from actors.train_worker import (
+    Backend,
+    MetricsLog,
+    OptimConfig,
+    build_optimizer,
+    memory_mb,
+    sample_seed,
+    say,
+)
+from models.vae import PRESETS, VAEConfig, VideoVAE, save_vae, vae_loss
+
+
+@dataclass
+class VAELossConfig:
+    kl_weight: float = 1e-6
+    grad_weight: float = 0.0  # spatial-gradient L1: a cheap perceptual stand-in (vae_loss)
+    mse_weight: float = 0.0  # extra MSE term (PSNR is an MSE measure)
+
+    def validate(self) -> None:
+        if min(self.kl_weight, self.grad_weight, self.mse_weight) < 0:
+            raise ValueError("kl_weight, grad_weight and mse_weight: must be >= 0")
+
+
+@dataclass
+class VAEDataConfig:
+    batch_size: int = 4  # crops per worker per step (global batch = batch_size x workers)
+    crop_frames: int = 9  # 1 + 4k; clips shorter or smaller than the crop are not used
+    crop_size: int = 64  # square crops, a multiple of the VAE's spatial factor
+    flip: bool = True  # random horizontal flips
+    buffer_mb: int = 512  # decoded clips kept per worker; when full, new clips replace old
+    passes: int = 1  # passes over the training videos (each decodes again); 0 = until done
+    prefetch_batches: int = 2  # Ray Data blocks fetched ahead of the buffer's thread
+    val_videos: int = 4  # held out from --input (unless --val is given)
+    val_clips: int = 8  # at most this many held-out clips (center crops of the crop size)
+    val_every: int = 50  # validation every N steps, before the first and after the last
+
+    def validate(self) -> None:
+        if min(self.batch_size, self.crop_frames, self.crop_size, self.buffer_mb,
+               self.val_clips, self.val_every, self.prefetch_batches) < 1:
+            raise ValueError("batch_size, crop_frames, crop_size, buffer_mb, val_clips, "
+                             "val_every, prefetch_batches: must be >= 1")
+        if self.passes < 0 or self.val_videos < 0:
+            raise ValueError("passes and val_videos: must be >= 0")
+
+
+@dataclass
+class VAETrainLoopConfig:
+    """What one worker needs; `tubelet train-vae`'s TrainVAEConfig adds cluster settings."""
+
+    model: VAEConfig = field(default_factory=PRESETS["debug"])
+    loss: VAELossConfig = field(default_factory=VAELossConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20,
+                                                                   ema_decay=0.0))
+    data: VAEDataConfig = field(default_factory=VAEDataConfig)
+    steps: int = 1000
+    seed: int = 0  # model init, crops and posterior noise (per step and rank)
+    log_every: int = 10
+    checkpoint_every: int = 500  # and at the end
+    export_dtype: Literal["float32", "float16"] = "float32"  # of every vae.safetensors written
+
+    def validate(self) -> None:
+        if min(self.steps, self.log_every, self.checkpoint_every) < 1:
+            raise ValueError("steps, log_every and checkpoint_every: must be >= 1")
+        t, s = self.model.temporal_factor, self.model.spatial_factor
+        if (self.data.crop_frames - 1) % t or self.data.crop_size % s:
+            raise ValueError(f"data.crop_frames must be 1 + {t}k and data.crop_size a multiple "
+                             f"of {s} (the model's factors), got {self.data.crop_frames}, "
+                             f"{self.data.crop_size}")
+
+
+class ClipBuffer:
+    """Decoded clips in memory, filled from a stream of Arrow blocks by a background thread."""
+
+    def __init__(self, max_bytes: int, crop: tuple[int, int, int], seed: int = 0):
+        self.max_bytes, self.crop = max_bytes, crop
+        self.clips: list[torch.Tensor] = []  # uint8 (T, H, W, 3) each
+        self.nbytes = self.seen = self.too_small = 0
+        self.done = True  # no pass in flight
+        self.error: BaseException | None = None
+        self.cond = threading.Condition()
+        self.rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def start(self, blocks: Iterator[pa.Table]) -> None:
+        """Consume one pass of `blocks` in the background."""
+        self.done = False
+        threading.Thread(target=self._consume, args=(blocks,), daemon=True).start()
+
+    def _consume(self, blocks: Iterator[pa.Table]) -> None:
+        try:
+            for table in blocks:
+                for frames in unpack(table, "frames", np.uint8):
+                    self.add(frames)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread
+            self.error = e
+        finally:
+            with self.cond:
+                self.done = True
+                self.cond.notify_all()
+
+    def add(self, frames: np.ndarray) -> None:
+        T, H, W, _ = frames.shape
+        ct, cs, _ = self.crop
+        self.seen += 1
+        if T < ct or H < cs or W < cs:
+            self.too_small += 1
+            return
+        clip = torch.from_numpy(np.array(frames))  # own copy: Arrow buffers are read-only
+        with self.cond:
+            if self.clips and self.nbytes + clip.numel() > self.max_bytes:
+                i = self.rng.randrange(len(self.clips))  # full: replace a random clip
+                self.nbytes -= self.clips[i].numel()
+                self.clips[i] = clip
+            else:
+                self.clips.append(clip)
+            self.nbytes += clip.numel()
+            self.cond.notify_all()
+
+    def wait(self) -> None:
+        """Block until the buffer holds a clip or the pass has ended."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.clips or self.done or self.error is not None)
+        if self.error is not None:
+            raise RuntimeError(f"the clip stream failed: {self.error}") from self.error
+
+    def sample(self, n: int, flip: bool, g: torch.Generator) -> torch.Tensor:
+        """n random crops -> float (n, 3, T, H, W) in [-1, 1]."""
+        ct, ch, cw = self.crop
+        with self.cond:
+            clips = [self.clips[int(i)] for i in torch.randint(len(self.clips), (n,),
+                                                               generator=g)]
+        out = []
+        for clip in clips:
+            T, H, W, _ = clip.shape
+            t0, y0, x0 = (int(torch.randint(m + 1, (1,), generator=g))
+                          for m in (T - ct, H - ch, W - cw))
+            crop = clip[t0:t0 + ct, y0:y0 + ch, x0:x0 + cw]  # (T, H, W, 3)
+            if flip and float(torch.rand(1, generator=g)) < 0.5:
+                crop = crop.flip(2)
+            out.append(crop)
+        x = torch.stack(out).permute(0, 4, 1, 2, 3)  # (n, 3, T, H, W)
+        return x.float().div(127.5).sub(1.0)
+
+
+def center_crops(clips: list[np.ndarray], crop: tuple[int, int, int]) -> torch.Tensor:
+    """uint8 clips (T, H, W, 3) at least `crop` big -> float (N, 3, t, h, w) in [-1, 1]."""
+    ct, ch, cw = crop
+    out = []
+    for c in clips:
+        T, H, W, _ = c.shape
+        t0, y0, x0 = (T - ct) // 2, (H - ch) // 2, (W - cw) // 2
+        out.append(torch.from_numpy(np.array(c[t0:t0 + ct, y0:y0 + ch, x0:x0 + cw])))
+    return torch.stack(out).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+
+
+def loss_and_stats(cfg: VAETrainLoopConfig, x: torch.Tensor, recon: torch.Tensor,
+                   posterior: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    loss, stats = vae_loss(x, recon, posterior, cfg.loss.kl_weight, cfg.loss.grad_weight)
+    mse = F.mse_loss(recon, x)
+    if cfg.loss.mse_weight:
+        loss = loss + cfg.loss.mse_weight * mse
+    return loss, {"loss": loss.item(), "l1": stats["l1"], "kl": stats["kl"],
+                  "mse": F.mse_loss(recon.detach().clamp(-1, 1), x).item()}
+
+
+def psnr_of(mse: float) -> float:
+    """PSNR in dB of an MSE measured on [-1, 1] pixels (peak-to-peak 2)."""
+    return 10 * float(np.log10(4.0 / max(mse, 1e-12)))
+
+
+@torch.no_grad()
+def validate(cfg: VAETrainLoopConfig, model: VideoVAE, val: torch.Tensor,
+             device: torch.device) -> dict[str, float]:
+    """Loss terms and PSNR on the held-out crops; the posterior mean, no sampling noise."""
+    model.eval()
+    sums: dict[str, float] = {}
+    for lo in range(0, len(val), cfg.data.batch_size):
+        x = val[lo:lo + cfg.data.batch_size].to(device)
+        posterior = model.encode_posterior(x)
+        _, stats = loss_and_stats(cfg, x, model.decode_raw(posterior.mode()), posterior)
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v * len(x)
+    model.train()
+    out = {k: v / len(val) for k, v in sums.items()}
+    return {**out, "psnr": psnr_of(out["mse"])}
+
+
+def ema_model(cfg: VAETrainLoopConfig, ema: EMA, device: torch.device) -> VideoVAE:
+    model = VideoVAE(replace(cfg.model)).to(device)
+    model.load_state_dict({k: v.to(device) for k, v in ema.full_state().items()})
+    return model
+
+
+def export_vae(path: Path, model: VideoVAE, buffer: ClipBuffer, cfg: VAETrainLoopConfig,
+               device: torch.device) -> None:
+    """Fit the latent scaling on training crops (fixed generator), then write `path` whole in
+    `export_dtype` (load_vae casts back to float32)."""
+    if len(buffer):
+        g = torch.Generator().manual_seed(cfg.seed)
+        crops = buffer.sample(4 * cfg.data.batch_size, False, g)
+        model.fit_scaling(x.to(device) for x in crops.split(cfg.data.batch_size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_vae(model.to(getattr(torch, cfg.export_dtype)), tmp)
+    tmp.replace(path)
+
+
+def train_vae_loop(cfg: VAETrainLoopConfig, backend: Backend,
+                   source: Callable[[], Iterator[pa.Table]], run_dir: Path,
+                   resolved: dict[str, Any], val: torch.Tensor | None = None) -> dict[str, Any]:
+    """Train until `cfg.steps`. `source()` starts one pass over this worker's decoded clips
+    (Arrow blocks with `frames` + `frames_shape`); `val` holds the held-out crops."""
+    own_group = not dist.is_initialized()
+    if own_group:  # one process: a 1-rank group, so the DDP path is the same as on a cluster
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        return _train(cfg, backend, source, Path(run_dir), resolved, val)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: VAETrainLoopConfig, backend: Backend, source: Callable[[], Iterator[pa.Table]],
+           run_dir: Path, resolved: dict[str, Any], val: torch.Tensor | None) -> dict[str, Any]:
+    rank, W, device = backend.rank, backend.world_size, backend.device
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)  # the same init on every rank (DDP also broadcasts it)
+    module = VideoVAE(replace(cfg.model)).to(device)
+    optim = build_optimizer(module, cfg.optim)
+    ema = EMA(module, cfg.optim.ema_decay)
+    model = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda"
+                                    else None)
+    start, restored = 0, backend.restore_dir()
+    if restored is not None:
+        start = int(load_checkpoint(restored, model, optim, ema)["step"])
+        if rank == 0:
+            say(f"[train-vae] resumed from {restored} at step {start}")
+    log = MetricsLog(run_dir, start, rank == 0)
+    d = cfg.data
+    buffer = ClipBuffer(d.buffer_mb * 2**20, (d.crop_frames, d.crop_size, d.crop_size),
+                        seed=cfg.seed + rank)
+    buffer.start(source())
+    passes, streaming = 0, True
+
+    def run_validation(step: int) -> None:
+        if rank == 0 and val is not None and len(val):
+            t0 = time.perf_counter()
+            stats = validate(cfg, ema_model(cfg, ema, device), val, device)
+            log.write({"split": "val", "step": step, **stats, "clips": len(val),
+                       "val_s": time.perf_counter() - t0})
+            say(f"[train-vae] step {step} val loss {stats['loss']:.4f} "
+                f"psnr {stats['psnr']:.2f} dB ({len(val)} held-out crops)")
+
+    def save(step: int, metrics: dict) -> None:
+        def write(path: Path) -> None:
+            save_checkpoint(path, model, optim, ema,
+                            {"step": step, "data_fingerprint": "", "world_size": W}, resolved)
+            if rank == 0:
+                export_vae(path / "vae.safetensors", ema_model(cfg, ema, device), buffer, cfg,
+                           device)
+        backend.checkpoint(step, write, metrics)
+
+    if start == 0:
+        run_validation(0)
+    step, row, t_start = start, {}, time.perf_counter()
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        buffer.wait()
+        flags = torch.tensor([float(len(buffer) > 0), float(buffer.done)], device=device)
+        dist.all_reduce(flags)  # [ranks with clips, ranks whose pass has ended]
+        if streaming and flags[1].item() == W:
+            passes += 1
+            streaming = d.passes == 0 or passes < d.passes
+            if streaming:  # every rank at once: the split's next epoch
+                buffer.start(source())
+        if flags[0].item() == 0:  # wait() returned on every rank: all passes ended empty
+            raise RuntimeError(
+                f"no usable clips after a full pass ({buffer.seen} decoded on rank {rank}, "
+                f"{buffer.too_small} smaller than the crop {d.crop_frames}x{d.crop_size}"
+                f"x{d.crop_size}); see RUN/errors, or lower data.crop_*")
+        torch.manual_seed(sample_seed(cfg.seed, step, rank))  # crops and posterior noise
+        weight = 1.0 if len(buffer) else 0.0  # an empty worker takes a zero-weight step
+        if weight:
+            x = buffer.sample(d.batch_size, d.flip, torch.default_generator)
+        else:
+            x = torch.zeros(d.batch_size, 3, d.crop_frames, d.crop_size, d.crop_size)
+        x = x.to(device)
+        t_data = time.perf_counter() - t0
+
+        lr = cfg.optim.lr_at(step, cfg.steps)
+        for group in optim.param_groups:
+            group["lr"] = lr
+        total = torch.tensor([weight], device=device)
+        dist.all_reduce(total)
+        recon, posterior = model(x)
+        loss, stats = loss_and_stats(cfg, x, recon, posterior)
+        (loss * weight * W / total[0].clamp(min=1.0)).backward()  # DDP averages over W
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        ema.update()
+        step += 1
+
+        sums = torch.tensor([stats[k] * weight for k in ("loss", "l1", "kl", "mse")]
+                            + [weight * d.batch_size, float(buffer.seen)], device=device)
+        dist.all_reduce(sums)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        real = max(total.item(), 1.0)
+        row = {"split": "train", "step": step, "loss": sums[0].item() / real,
+               "l1": sums[1].item() / real, "kl": sums[2].item() / real,
+               "psnr": psnr_of(sums[3].item() / real), "lr": lr, "grad_norm": grad_norm,
+               "samples": int(sums[4].item()),
+               "frames_per_s": sums[4].item() * d.crop_frames / dt, "step_s": dt,
+               "data_s": t_data, "buffer_clips": len(buffer), "clips_seen": int(sums[5]),
+               "memory_mb": memory_mb(device), "time": time.time()}
+        log.write(row)
+        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+            eta = (time.perf_counter() - t_start) / (step - start) * (cfg.steps - step)
+            say(f"[train-vae] step {step}/{cfg.steps} loss {row['loss']:.4f} "
+                f"psnr {row['psnr']:.2f} lr {lr:.2e} gnorm {grad_norm:.3f} "
+                f"{row['frames_per_s']:.0f} frames/s buffer {len(buffer)} clips "
+                f"(seen {row['clips_seen']}) eta {eta:.0f}s")
+        if step % d.val_every == 0 or step == cfg.steps:
+            run_validation(step)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save(step, row)
+    if rank == 0:
+        export_vae(run_dir / "export" / "vae.safetensors", ema_model(cfg, ema, device),
+                   buffer, cfg, device)
+        (run_dir / "export" / "train.json").write_text(json.dumps(
+            {"step": step, "config": resolved}, indent=2, default=str))
+    return {"step": step, "start": start, "last": row, "too_small": buffer.too_small}
+
+
+def local_source(tables: list[pa.Table]) -> Callable[[], Iterator[pa.Table]]:
+    """Clip blocks already in this process (tests, benchmarks): one pass per call."""
+    return lambda: iter(list(tables))
