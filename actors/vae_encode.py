@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -38,9 +39,25 @@ class VAEStageConfig:
             raise ValueError(f"tile_px: must be >= 0 (0 = untiled), got {self.tile_px}")
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A relative checkpoint path is looked up in the working directory, then in the project
+    (so `weights/vae-default.safetensors` works from anywhere). Raises naming the path."""
+    if not path:
+        return ""
+    for candidate in (Path(path), ROOT / path):
+        if candidate.is_file():
+            return str(candidate.resolve())
+    raise FileNotFoundError(f"VAE checkpoint {path} not found (looked in the working directory "
+                            f"and in {ROOT}); train one with `tubelet train-vae` or set "
+                            "vae.checkpoint: '' for a random init")
+
+
 def load_stage_vae(cfg: VAEStageConfig, device: str) -> torch.nn.Module:
     if cfg.checkpoint:
-        return load_vae(cfg.checkpoint, device=device)
+        return load_vae(resolve_checkpoint(cfg.checkpoint), device=device)
     torch.manual_seed(cfg.seed)
     return build_vae(cfg.preset).to(device).eval()
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,9 +25,9 @@ from actors.assign import AssignStage
 from actors.buckets import BucketConfig
 from actors.decode import DecodeStage
 from actors.probe import ProbeStage
-from actors.vae_encode import VAEEncodeStage, VAEStageConfig
+from actors.vae_encode import VAEEncodeStage, VAEStageConfig, resolve_checkpoint
 from actors.write import LatentWriter, read_error_paths, read_ids
-from pipeline.config import to_dict, write_run_record
+from pipeline.config import ConfigError, to_dict, write_run_record
 from pipeline.runtime import RayConfig, StageResources, check_budget, init_ray
 from pipeline.sources import VIDEO_EXTENSIONS, list_sources
 
@@ -163,6 +163,12 @@ def run_preprocess(cfg: PreprocessConfig, src: str, output: str | Path,
     import ray
 
     out = Path(output)
+    try:  # refuse a missing VAE before starting anything
+        checkpoint = resolve_checkpoint(vae_checkpoint or cfg.vae.checkpoint)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    cfg = replace(cfg, vae=replace(cfg.vae, checkpoint=checkpoint))
+    vae_checkpoint = ""
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     sources = list_sources(src, tuple(cfg.video_extensions))
@@ -193,6 +199,6 @@ def run_preprocess(cfg: PreprocessConfig, src: str, output: str | Path,
     written = sum(s["clips"] for s in stats)
     summary = summarize(out, stats, wall, cfg, sources.num_rows, len(done_ids))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_run_record(out, "preprocess", cfg, input=str(src), vae=vae_checkpoint or None,
+    write_run_record(out, "preprocess", cfg, input=str(src), vae=checkpoint or None,
                      clips_written=written)
     return summary
