@@ -46,29 +46,31 @@ class DiffusersVideoVAE:
             raise ValueError(f"unsupported diffusers VAE {name}; supported: {', '.join(SUPPORTED)}")
         self.vae = vae.eval()
         self.kind = name
-        cfg = vae.config
+        # A diffusers FrozenDict: optional keys differ between diffusers versions.
+        hf_config = vae.config
         if name == "AutoencoderKLWan":
-            self.latent_channels = int(cfg.z_dim)
+            self.latent_channels = int(hf_config.z_dim)
             # Wan 2.1 configs may lack the scale_factor_* keys; derive them as its pipeline does.
-            down = cfg.temperal_downsample
-            self.temporal_factor = int(cfg.get("scale_factor_temporal") or 2 ** sum(down))
-            self.spatial_factor = int(cfg.get("scale_factor_spatial") or 2 ** len(down))
-            std = torch.tensor(cfg.latents_std, dtype=torch.float32)
+            down = hf_config.temperal_downsample
+            self.temporal_factor = int(hf_config.get("scale_factor_temporal") or 2 ** sum(down))
+            self.spatial_factor = int(hf_config.get("scale_factor_spatial") or 2 ** len(down))
+            std = torch.tensor(hf_config.latents_std, dtype=torch.float32)
             self.scaling_factor: float | Tensor = 1.0 / std
-            self.shift_factor: float | Tensor = torch.tensor(cfg.latents_mean, dtype=torch.float32)
+            mean = torch.tensor(hf_config.latents_mean, dtype=torch.float32)
+            self.shift_factor: float | Tensor = mean
         elif name == "AutoencoderKLCogVideoX":
-            self.latent_channels = int(cfg.latent_channels)
-            self.temporal_factor = int(cfg.temporal_compression_ratio)
-            self.spatial_factor = 2 ** (len(cfg.block_out_channels) - 1)
-            scale = float(cfg.scaling_factor)
+            self.latent_channels = int(hf_config.latent_channels)
+            self.temporal_factor = int(hf_config.temporal_compression_ratio)
+            self.spatial_factor = 2 ** (len(hf_config.block_out_channels) - 1)
+            scale = float(hf_config.scaling_factor)
             # CogVideoX 1.5 I2V checkpoints set invert_scale_latents: the pipeline divides.
-            self.scaling_factor = 1.0 / scale if cfg.get("invert_scale_latents") else scale
-            self.shift_factor = float(cfg.get("shift_factor") or 0.0)
+            self.scaling_factor = 1.0 / scale if hf_config.get("invert_scale_latents") else scale
+            self.shift_factor = float(hf_config.get("shift_factor") or 0.0)
         else:
-            self.latent_channels = int(cfg.latent_channels)
-            self.temporal_factor = int(cfg.temporal_compression_ratio)
-            self.spatial_factor = int(cfg.spatial_compression_ratio)
-            self.scaling_factor = float(cfg.scaling_factor)
+            self.latent_channels = int(hf_config.latent_channels)
+            self.temporal_factor = int(hf_config.temporal_compression_ratio)
+            self.spatial_factor = int(hf_config.spatial_compression_ratio)
+            self.scaling_factor = float(hf_config.scaling_factor)
             self.shift_factor = 0.0
 
     @property
