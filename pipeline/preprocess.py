@@ -57,19 +57,15 @@ class PreprocessConfig:
                 "encode": self.encode, "write": self.write}
 
 
-def latent_stream(cfg: PreprocessConfig, sources: pa.Table | str, errors_dir: str | Path,
-                  done_ids: set[str] | frozenset[str] = frozenset(), vae_checkpoint: str = ""):
-    """Videos -> probe -> bucket -> decode -> VAE encode: a lazy Ray Dataset of latent rows.
-
-    Each stage is an actor pool sized by the config. `preprocess` adds the writer; `train
-    --input` feeds the rows straight to the trainer."""
+def clip_stream(cfg: PreprocessConfig, sources: pa.Table | str, errors_dir: str | Path,
+                done_ids: set[str] | frozenset[str] = frozenset()):
+    """Videos -> probe -> bucket -> decode: a lazy Ray Dataset of decoded clip rows (`frames`
+    + `frames_shape`). `train-vae` trains on these; `latent_stream` adds the VAE encode."""
     import ray.data
 
     if isinstance(sources, str):
         sources = list_sources(sources, tuple(cfg.video_extensions))
-    errors, vae = str(errors_dir), cfg.vae
-    if vae_checkpoint:
-        vae = VAEStageConfig(**{**to_dict(cfg.vae), "checkpoint": vae_checkpoint})
+    errors = str(errors_dir)
     # Blocks are cut here, not with .repartition(): that runs Ray tasks of 1 CPU each, which
     # never get scheduled while the actor pools hold the fractional CPUs of a 2-core machine.
     step = cfg.probe.batch_size
@@ -78,11 +74,22 @@ def latent_stream(cfg: PreprocessConfig, sources: pa.Table | str, errors_dir: st
         errors_dir=errors, max_pixels=cfg.max_pixels, max_side=cfg.max_side))
     ds = ds.map_batches(AssignStage, **cfg.assign.map_batches_kwargs(
         buckets=cfg.buckets, errors_dir=errors, done_ids=frozenset(done_ids)))
-    ds = ds.map_batches(DecodeStage, **cfg.decode.map_batches_kwargs(
+    return ds.map_batches(DecodeStage, **cfg.decode.map_batches_kwargs(
         errors_dir=errors, threads=cfg.decode_threads))
+
+
+def latent_stream(cfg: PreprocessConfig, sources: pa.Table | str, errors_dir: str | Path,
+                  done_ids: set[str] | frozenset[str] = frozenset(), vae_checkpoint: str = ""):
+    """`clip_stream` + VAE encode: a lazy Ray Dataset of latent rows. Each stage is an actor
+    pool sized by the config. `preprocess` adds the writer; `train --input` feeds the rows
+    straight to the trainer."""
+    vae = cfg.vae
+    if vae_checkpoint:
+        vae = VAEStageConfig(**{**to_dict(cfg.vae), "checkpoint": vae_checkpoint})
+    ds = clip_stream(cfg, sources, errors_dir, done_ids)
     return ds.map_batches(VAEEncodeStage, **cfg.encode.map_batches_kwargs(
-        vae=vae, buckets=cfg.buckets, errors_dir=errors, latent_dtype=cfg.latent_dtype,
-        num_cpus=cfg.encode.num_cpus))
+        vae=vae, buckets=cfg.buckets, errors_dir=str(errors_dir),
+        latent_dtype=cfg.latent_dtype, num_cpus=cfg.encode.num_cpus))
 
 
 def build_dataset(cfg: PreprocessConfig, sources: pa.Table, out: Path,

@@ -134,7 +134,7 @@ class RankData:
             rank=self.rank))
 
 
-def _stream_split_config():
+def stream_split_config():
     """Split the pipelined stream across workers without dropping rows (`equal=False`):
     workers that run out first take zero-weight steps (actors/train_worker.py)."""
     from ray.train import DataConfig
@@ -181,7 +181,7 @@ def _worker(args: dict[str, Any]) -> None:
         backend.stack.close()
 
 
-def _commit_log(run: Path):
+def commit_log(run: Path):
     from ray.train import UserCallback
 
     class CommitLog(UserCallback):
@@ -270,9 +270,9 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
                 name="checkpoints", storage_path=str(run),
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
-                callbacks=[_commit_log(run)]),
+                callbacks=[commit_log(run)]),
             datasets=datasets,
-            dataset_config=_stream_split_config() if stream else DataConfig(datasets_to_split=[]),
+            dataset_config=stream_split_config() if stream else DataConfig(datasets_to_split=[]),
         )
         try:
             result = trainer.fit()

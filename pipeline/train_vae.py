@@ -36,16 +36,16 @@ from actors.probe import ProbeStage
 from actors.tensors import unpack
 from actors.vae_train_worker import VAETrainLoopConfig, center_crops, train_vae_loop
 from pipeline.config import ConfigError, to_dict, write_run_record
-from pipeline.preprocess import PreprocessConfig
+from pipeline.preprocess import PreprocessConfig, clip_stream
 from pipeline.runtime import RayConfig, StageResources, check_budget, init_ray
 from pipeline.sources import list_sources
 from pipeline.train import (
     TrainError,
     TrainFailed,
-    _commit_log,
-    _stream_split_config,
+    commit_log,
     quiet,
     read_metrics,
+    stream_split_config,
 )
 
 
@@ -93,22 +93,6 @@ class TrainVAEConfig(VAETrainLoopConfig):
         """The decode-side actor pools (what `check_budget` weighs)."""
         p = self.preprocess
         return {"probe": p.probe, "assign": p.assign, "decode": p.decode}
-
-
-def clip_stream(cfg: PreprocessConfig, sources: pa.Table, errors_dir: str | Path):
-    """Videos -> probe -> bucket -> decode: a lazy Ray Dataset of decoded clip rows (`frames`
-    + `frames_shape`, one bucket shape each). `latent_stream` minus the VAE encode stage."""
-    import ray.data
-
-    errors = str(errors_dir)
-    step = cfg.probe.batch_size  # blocks cut here: .repartition() would starve on 2 cores
-    ds = ray.data.from_arrow([sources.slice(i, step) for i in range(0, sources.num_rows, step)])
-    ds = ds.map_batches(ProbeStage, **cfg.probe.map_batches_kwargs(
-        errors_dir=errors, max_pixels=cfg.max_pixels, max_side=cfg.max_side))
-    ds = ds.map_batches(AssignStage, **cfg.assign.map_batches_kwargs(
-        buckets=cfg.buckets, errors_dir=errors))
-    return ds.map_batches(DecodeStage, **cfg.decode.map_batches_kwargs(
-        errors_dir=errors, threads=cfg.decode_threads))
 
 
 def decode_here(cfg: PreprocessConfig, sources: pa.Table, errors_dir: str | Path | None
@@ -222,9 +206,9 @@ def run_train_vae(cfg: TrainVAEConfig, input_src: str, output: str | Path,
                 name="checkpoints", storage_path=str(run),
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
-                callbacks=[_commit_log(run)]),
+                callbacks=[commit_log(run)]),
             datasets={"train": clip_stream(cfg.preprocess, train_src, run / "errors")},
-            dataset_config=_stream_split_config(),
+            dataset_config=stream_split_config(),
         )
         try:
             trainer.fit()
