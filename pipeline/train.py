@@ -221,8 +221,7 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
     import ray
     import ray.train
     from ray.data import DataContext
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import DataConfig
 
     if (data is None) == (input_src is None):
         raise TrainError("give exactly one of --data (a latent dataset) or --input (videos)")
@@ -257,23 +256,12 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
         quiet(DataContext.get_current())
         if stream:
             datasets = {"train": latent_stream(cfg.preprocess, input_src, run / "errors")}
-        gpu = cfg.worker.num_gpus > 0
-        trainer = TorchTrainer(
-            _worker,
-            train_loop_config={"cfg": cfg, "run": str(run), "resolved": resolved,
-                               "fingerprint": fingerprint, "stream": stream},
-            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-            scaling_config=ScalingConfig(
-                num_workers=cfg.num_workers, use_gpu=gpu,
-                resources_per_worker={"CPU": cfg.worker.num_cpus, "GPU": cfg.worker.num_gpus}),
-            run_config=RunConfig(
-                name="checkpoints", storage_path=str(run),
-                failure_config=FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
-                callbacks=[commit_log(run)]),
-            datasets=datasets,
-            dataset_config=stream_split_config() if stream else DataConfig(datasets_to_split=[]),
-        )
+        trainer = torch_trainer(
+            cfg, _worker, run,
+            {"cfg": cfg, "run": str(run), "resolved": resolved, "fingerprint": fingerprint,
+             "stream": stream},
+            datasets,
+            stream_split_config() if stream else DataConfig(datasets_to_split=[]))
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as e:
@@ -324,6 +312,31 @@ def plot_losses(rows: list[dict], png: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # CLI
+
+
+def torch_trainer(cfg: Any, worker: Any, run: Path, loop_config: dict, datasets: dict,
+                  dataset_config: Any) -> Any:
+    """The TorchTrainer both trainers (DiT, VAE) use: `cfg` has num_workers, worker
+    {num_cpus, num_gpus}, max_failures and keep_checkpoints; checkpoints go to RUN/checkpoints."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    gpu = cfg.worker.num_gpus > 0
+    return TorchTrainer(
+        worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=gpu,
+            resources_per_worker={"CPU": cfg.worker.num_cpus, "GPU": cfg.worker.num_gpus}),
+        run_config=RunConfig(
+            name="checkpoints", storage_path=str(run),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
+            callbacks=[commit_log(run)]),
+        datasets=datasets,
+        dataset_config=dataset_config,
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -42,10 +42,10 @@ from pipeline.sources import list_sources
 from pipeline.train import (
     TrainError,
     TrainFailed,
-    commit_log,
     quiet,
     read_metrics,
     stream_split_config,
+    torch_trainer,
 )
 
 
@@ -161,8 +161,6 @@ def run_train_vae(cfg: TrainVAEConfig, input_src: str, output: str | Path,
     import ray
     import ray.train
     from ray.data import DataContext
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     run = Path(output).resolve()
     if not resume:
@@ -194,22 +192,10 @@ def run_train_vae(cfg: TrainVAEConfig, input_src: str, output: str | Path,
             check_budget({**cfg.stages(), "train workers": StageResources(
                 cfg.worker.num_cpus, max_actors=cfg.num_workers)})
         quiet(DataContext.get_current())
-        gpu = cfg.worker.num_gpus > 0
-        trainer = TorchTrainer(
-            _worker,
-            train_loop_config={"cfg": cfg, "run": str(run), "resolved": resolved, "val": val},
-            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-            scaling_config=ScalingConfig(
-                num_workers=cfg.num_workers, use_gpu=gpu,
-                resources_per_worker={"CPU": cfg.worker.num_cpus, "GPU": cfg.worker.num_gpus}),
-            run_config=RunConfig(
-                name="checkpoints", storage_path=str(run),
-                failure_config=FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
-                callbacks=[commit_log(run)]),
-            datasets={"train": clip_stream(cfg.preprocess, train_src, run / "errors")},
-            dataset_config=stream_split_config(),
-        )
+        trainer = torch_trainer(
+            cfg, _worker, run, {"cfg": cfg, "run": str(run), "resolved": resolved, "val": val},
+            {"train": clip_stream(cfg.preprocess, train_src, run / "errors")},
+            stream_split_config())
         try:
             trainer.fit()
         except ray.train.TrainingFailedError as e:
