@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import shutil
 import sys
 import time
@@ -107,9 +108,11 @@ def decode_here(cfg: PreprocessConfig, sources: pa.Table, errors_dir: str | Path
 
 
 def split_sources(sources: pa.Table, n_val: int, seed: int) -> tuple[pa.Table, pa.Table]:
-    """(train, held-out): the n_val videos whose sha1(seed, path) sorts first."""
+    """(train, held-out): the n_val videos whose sha1(seed, file name) sorts first (the name,
+    not the path, so a copied or moved dataset holds out the same videos; ties by path)."""
     paths = sources.column("path").to_pylist()
-    keys = [hashlib.sha1(f"{seed}|{p}".encode()).hexdigest() for p in paths]
+    keys = [(hashlib.sha1(f"{seed}|{os.path.basename(p)}".encode()).hexdigest(), p)
+            for p in paths]
     order = sorted(range(len(paths)), key=keys.__getitem__)
     if len(paths) <= n_val:
         raise TrainError(f"--input has {len(paths)} videos; holding out data.val_videos="

@@ -1,7 +1,7 @@
 """`tubelet train-vae` and `eval-vae` on a real local Ray (2 CPUs).
 
 One scenario, asserted by several tests (Ray Train runs cost ~20 s each on 2 cores):
-  train   train-vae --config configs/vae/debug.yaml on 8 synthetic videos (2 held out),
+  train   train-vae --config configs/vae/debug.yaml on 12 synthetic videos (4 held out),
           2 DDP workers, 20 steps; then --resume --workers 1 to 30 steps
   eval    eval-vae of the trained VAE on 2 videos of another seed, with --videos
 (SSIM and PSNR themselves are checked on known inputs in tests/unit/test_vae_jobs.py.)
@@ -19,14 +19,17 @@ from pipeline.synth import SynthConfig, synthesize
 from tests.unit.test_vae_jobs import CONFIGS, cli
 
 pytestmark = pytest.mark.integration
+# 4 held-out videos and an EMA (decay 0.8) for validation: with 2 held-out crops and the raw
+# weights the debug VAE's val loss swings +-30% from step to step at lr 2e-3..3e-3 and the 15%
+# drop by step 20 failed in CI; with these, three runs gave 0.531 -> 0.386 (0.73x) each.
 SETS = ["ray.object_store_mb=300", "data.val_every=10", "checkpoint_every=10",
-        "optim.lr=0.003", "log_every=100"]
+        "data.val_videos=4", "optim.ema_decay=0.8", "log_every=100"]
 
 
 @pytest.fixture(scope="module")
 def scenario(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("vae")
-    synthesize(SynthConfig(num_videos=8, seed=3, workers=1, max_seconds=2.0), root / "videos")
+    synthesize(SynthConfig(num_videos=12, seed=3, workers=1, max_seconds=2.0), root / "videos")
     synthesize(SynthConfig(num_videos=2, seed=7, workers=1, max_seconds=2.0), root / "heldout")
     run = root / "run"
     base = ["--input", str(root / "videos"), "--output", str(run),

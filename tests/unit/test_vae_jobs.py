@@ -144,6 +144,9 @@ def test_held_out_split_is_seeded_and_disjoint():
     assert train.num_rows == 7 and not set(train.column("path").to_pylist()) & set(
         val.column("path").to_pylist())
     assert split_sources(sources, 3, seed=1)[1] != val
+    moved = pa.table({"path": [f"/elsewhere/{i}.mp4" for i in range(10)], "caption": [""] * 10})
+    assert [p.rsplit("/", 1)[1] for p in split_sources(moved, 3, seed=0)[1].column("path")
+            .to_pylist()] == [p.rsplit("/", 1)[1] for p in val.column("path").to_pylist()]
     with pytest.raises(TrainError, match="leaves none to train on"):
         split_sources(sources.slice(0, 3), 3, seed=0)
 
