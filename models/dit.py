@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from models.patching import patchify, unpatchify
-from models.rope import apply_rope, rope_angles
+from models.rope import apply_rope, rope_freqs
 
 # Which attentions each block runs, per layout:
 #   spatial     - within each frame (image DiT applied per frame)
@@ -167,12 +167,12 @@ class SelfAttention(nn.Module):
         return x.reshape(B, -1, self.heads * self.head_dim)  # (B, N, D)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, int, int]
+        self, x: torch.Tensor, rope: torch.Tensor, grid: tuple[int, int, int]
     ) -> torch.Tensor:
         B, N, D = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).unbind(2)
         # RoPE on the full token order, before regrouping: relative angles are what matter.
-        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        q, k = apply_rope(self.q_norm(q), rope), apply_rope(self.k_norm(k), rope)
         q, k, v = (self.group(z, grid) for z in (q, k, v))  # (B', heads, S, hd)
         return self.proj(self.ungroup(F.scaled_dot_product_attention(q, k, v), B, grid))
 
@@ -297,7 +297,7 @@ class DiT(nn.Module):
         B = x.shape[0]
         tokens, grid = patchify(x, cfg.patch)  # (B, N, pt*ph*pw*C)
         h = self.x_embedder(tokens)  # (B, N, D)
-        rope = rope_angles(grid.positions(x.device), cfg.hidden // cfg.heads, cfg.rope_theta)
+        rope = rope_freqs(grid.positions(x.device), cfg.hidden // cfg.heads, cfg.rope_theta)
         # (B, D); the sinusoids are tuned for t in [0, 1000], as in SD3
         c = self.t_embedder(torch.as_tensor(t, device=x.device).expand(B) * 1000)
         if fps is not None:

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.patching import PatchGrid, patchify, unpatchify
-from models.rope import apply_rope, rope_angles, rope_dims
+from models.rope import apply_rope, rope_dims, rope_freqs
 
 dims = st.integers(1, 7)
 patches = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3))
@@ -71,9 +71,24 @@ def test_rope_scores_depend_only_on_relative_position():
     q, k = torch.randn(1, 1, 1, 48), torch.randn(1, 1, 1, 48)
     pos = torch.tensor([[0, 1, 2], [3, 0, 5]])
     for shift in ([0, 0, 0], [4, 7, 1], [10, 0, 33]):
-        cos, sin = rope_angles(pos + torch.tensor(shift), 48)
-        qr = apply_rope(q.expand(1, 2, 1, 48), cos, sin)[0, 0, 0]
-        kr = apply_rope(k.expand(1, 2, 1, 48), cos, sin)[0, 1, 0]
+        freqs = rope_freqs(pos + torch.tensor(shift), 48)
+        qr = apply_rope(q.expand(1, 2, 1, 48), freqs)[0, 0, 0]
+        kr = apply_rope(k.expand(1, 2, 1, 48), freqs)[0, 1, 0]
         if shift == [0, 0, 0]:
             ref = qr @ kr
         torch.testing.assert_close(qr @ kr, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_rotates_each_channel_pair_by_its_angle():
+    # The complex-multiply form against the rotation written out: pair j of head channels at
+    # position p turns by p_axis * theta^(-2i/dim_axis) for that pair's axis group.
+    head_dim, pos = 12, torch.tensor([[0, 0, 0], [1, 2, 3], [7, 5, 11]])
+    x = torch.randn(2, 3, 4, head_dim)
+    dt, dh, dw = rope_dims(head_dim)
+    angles = torch.cat([pos[:, axis, None].double() * 10000.0 ** (-torch.arange(0, d, 2) / d)
+                        for axis, d in enumerate((dt, dh, dw))], dim=-1)  # (3, head_dim // 2)
+    cos, sin = angles.cos().float()[:, None], angles.sin().float()[:, None]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    want = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    torch.testing.assert_close(apply_rope(x, rope_freqs(pos, head_dim)), want)
+    assert torch.equal(apply_rope(x, rope_freqs(torch.zeros_like(pos), head_dim)), x)
