@@ -76,6 +76,12 @@ class DiTConfig:
         modes = {"factorized": ("spatial", "temporal"), "full3d": ("full",)}
         return [modes.get(self.layout, (self.layout,))] * self.depth
 
+    def block_cross_attends(self) -> list[bool]:
+        """Whether each block attends to the text. Latte's temporal blocks do not (the text
+        enters through its spatial blocks), so neither do interleaved's; every other block does."""
+        interleaved = self.layout == "interleaved"
+        return [not (interleaved and modes == ("temporal",)) for modes in self.block_modes()]
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -198,18 +204,19 @@ class CrossAttention(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero block: self-attention(s) in `modes`, cross-attention to text, MLP."""
+    """adaLN-Zero block: self-attention(s) in `modes`, cross-attention to text (if `cross`), MLP."""
 
     def __init__(
-        self, dim: int, heads: int, mlp_ratio: float, modes: tuple[str, ...], qk_norm: bool
+        self, dim: int, heads: int, mlp_ratio: float, modes: tuple[str, ...], qk_norm: bool,
+        cross: bool = True,
     ):
         super().__init__()
         self.attn = nn.ModuleList(SelfAttention(dim, heads, qk_norm, m) for m in modes)
         self.attn_norm = nn.ModuleList(
             nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6) for _ in modes
         )
-        self.cross_norm = nn.LayerNorm(dim, eps=1e-6)
-        self.cross_attn = CrossAttention(dim, heads, qk_norm)
+        self.cross_norm = nn.LayerNorm(dim, eps=1e-6) if cross else None
+        self.cross_attn = CrossAttention(dim, heads, qk_norm) if cross else None
         self.mlp_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = mlp(dim, int(dim * mlp_ratio))
         # shift, scale, gate for every self-attention and for the MLP
@@ -220,7 +227,8 @@ class DiTBlock(nn.Module):
         for i, (norm, attn) in enumerate(zip(self.attn_norm, self.attn, strict=True)):
             shift, scale, gate = mods[3 * i : 3 * i + 3]
             x = x + gate.unsqueeze(1) * attn(modulate(norm(x), shift, scale), rope, grid)
-        x = x + self.cross_attn(self.cross_norm(x), text, text_mask)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.cross_norm(x), text, text_mask)
         shift, scale, gate = mods[-3:]
         return x + gate.unsqueeze(1) * self.mlp(modulate(self.mlp_norm(x), shift, scale))
 
@@ -248,8 +256,8 @@ class DiT(nn.Module):
         self.fps_embedder = TimestepEmbedder(D)
         self.text_embedder = TextEmbedder(config.text_dim, D)
         self.blocks = nn.ModuleList(
-            DiTBlock(D, config.heads, config.mlp_ratio, modes, config.qk_norm)
-            for modes in config.block_modes()
+            DiTBlock(D, config.heads, config.mlp_ratio, modes, config.qk_norm, cross)
+            for modes, cross in zip(config.block_modes(), config.block_cross_attends(), strict=True)
         )
         self.final_layer = FinalLayer(D, patch_dim)
         self.initialize_weights()
@@ -271,8 +279,9 @@ class DiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-            nn.init.zeros_(block.cross_attn.proj.weight)
-            nn.init.zeros_(block.cross_attn.proj.bias)
+            if block.cross_attn is not None:
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)

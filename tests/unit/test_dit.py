@@ -74,6 +74,12 @@ def test_block_modes_per_layout():
     assert modes["full3d"] == [("full",)] * 4
     assert modes["factorized"] == [("spatial", "temporal")] * 4
     assert modes["interleaved"] == [("spatial",), ("temporal",)] * 2
+    # Latte: the text enters through the spatial blocks; its temporal blocks do not attend to it
+    assert dit_config("debug", layout="interleaved", depth=4).block_cross_attends() == [
+        True, False, True, False]
+    assert dit_config("debug", layout="temporal", depth=2).block_cross_attends() == [True, True]
+    blocks = build_dit("debug", layout="interleaved", depth=4).blocks
+    assert [b.cross_attn is not None for b in blocks] == [True, False, True, False]
 
 
 @pytest.mark.parametrize("layout", ["full3d", "factorized"])
