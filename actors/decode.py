@@ -6,8 +6,9 @@
 3. resample to the target fps: target k is at `start + k / fps` and takes the latest source
    frame shown at or before it (nearest-previous; a frame repeats when the source is slower);
 4. convert to RGB only the frames picked, scaling with swscale so the frame covers the
-   bucket (s = max(width / W, height / H); area filter down, bilinear up), then turn it by
-   the display rotation and centre-crop to (height, width).
+   bucket (s = max(width / W, height / H) on the shown size: non-square pixels are stretched
+   by the sample aspect ratio; area filter down, bilinear up), then turn it by the display
+   rotation and centre-crop to (height, width).
 A video that ends before the clip is full (a truncated file, a header that overstates the
 duration) raises ClipError: frames are never padded.
 
@@ -28,7 +29,7 @@ import pyarrow as pa
 from av.video.reformatter import Interpolation, VideoReformatter
 
 from actors.errors import ErrorSink
-from actors.probe import FIX, VideoRejected, video_stream
+from actors.probe import FIX, VideoRejected, sample_aspect, video_stream
 from actors.tensors import pack, with_columns
 
 
@@ -39,13 +40,15 @@ class ClipError(ValueError):
 class _Resizer:
     """Decoded frame -> (height, width, 3) uint8 RGB: scale to cover, rotate, centre-crop."""
 
-    def __init__(self, height: int, width: int, rotation: int):
+    def __init__(self, height: int, width: int, rotation: int, sar: float = 1.0):
         self.height, self.width, self.rotation = height, width, rotation % 360
+        self.sar = sar  # on-screen width of a stored pixel / its height
         self.reformatter = VideoReformatter()  # keeps its swscale context between frames
 
     def __call__(self, frame: av.VideoFrame) -> np.ndarray:
         turned = self.rotation % 180 == 90
-        disp_w, disp_h = (frame.height, frame.width) if turned else (frame.width, frame.height)
+        shown_w = frame.width * self.sar  # stretch non-square pixels to the shown shape
+        disp_w, disp_h = (frame.height, shown_w) if turned else (shown_w, frame.height)
         s = max(self.width / disp_w, self.height / disp_h)
         scaled_w = max(self.width, round(disp_w * s))
         scaled_h = max(self.height, round(disp_h * s))
@@ -95,7 +98,7 @@ def decode_clip(path: str, start: float, fps: float, num_frames: int, height: in
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = threads
         targets = start + np.arange(num_frames) / fps
-        resize = _Resizer(height, width, rotation)
+        resize = _Resizer(height, width, rotation, sample_aspect(stream))
         clip = _read(container, stream, targets, resize, stats, seek=start > 0)
         if clip is None:  # the index sent us past the start: read from the beginning
             stats["restarts"] = 1

@@ -1,6 +1,7 @@
 """Probe: what each input video is, read from its headers alone (no frame is decoded).
 
-For each `path` it writes the display size (after rotation), frame rate, duration, rotation,
+For each `path` it writes the display size (non-square pixels stretched by the header's
+sample aspect ratio, then rotation applied), frame rate, duration, rotation,
 codec and frame count that the bucket stage needs, and refuses, as one error row each, what
 cannot be a usable video: a missing path, a folder, an empty or unreadable file, a file with
 no video stream (audio only, text, noise), a header with no usable size, rate or duration,
@@ -139,6 +140,15 @@ def video_stream(container: Any) -> Any:
     raise VideoRejected(f"not a video: no video stream ({found}); {FIX}")
 
 
+def sample_aspect(stream: Any) -> float:
+    """Width of one stored pixel on screen relative to its height (the header's SAR; 1.0 when
+    unset or unusable). Anamorphic video (DV, some broadcast and phone footage) stores, e.g.,
+    720x480 for a 4:3 or 16:9 picture: buckets and resizing go by the shown size."""
+    sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    value = float(sar) if sar else 1.0
+    return value if math.isfinite(value) and 0.1 <= value <= 10.0 else 1.0
+
+
 def probe_video(path: str, max_pixels: int = 8192 * 8192, max_side: int = 16384
                 ) -> dict[str, Any]:
     """Header facts of one video (OUTPUT_TYPES' columns), or VideoRejected with the reason."""
@@ -166,7 +176,8 @@ def probe_video(path: str, max_pixels: int = 8192 * 8192, max_side: int = 16384
                 f"picture too large: the header claims {coded_w}x{coded_h} (limits: side "
                 f"{max_side}, {max_pixels} pixels), refused before decoding; {FIX}")
         rotation = _stream_rotation(container, stream, dump)
-        width, height = (coded_h, coded_w) if rotation % 180 else (coded_w, coded_h)
+        shown_w = max(1, round(coded_w * sample_aspect(stream)))  # non-square pixels
+        width, height = (coded_h, shown_w) if rotation % 180 else (shown_w, coded_h)
 
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0

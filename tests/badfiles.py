@@ -10,6 +10,7 @@ integration tests alike (`from tests.badfiles import bad_inputs`).
 from __future__ import annotations
 
 import struct
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -55,10 +56,11 @@ def frame_image(i: int, width: int, height: int) -> np.ndarray:
 
 def write_video(path: str | Path, width: int = 64, height: int = 48, fps: int = 30,
                 num_frames: int = 60, gop: int | None = None, faststart: bool = False,
-                rotation: int = 0) -> Path:
+                rotation: int = 0, sar: Fraction | None = None) -> Path:
     """Write an h264 mp4 of `frame_image` frames. gop: keyframe interval (None = x264's
     default); faststart: index (moov) before the data; rotation: display matrix,
-    counter-clockwise degrees as PyAV's `VideoFrame.rotation` reads it back."""
+    counter-clockwise degrees as PyAV's `VideoFrame.rotation` reads it back; sar: sample
+    aspect ratio (the shown width of a stored pixel over its height; None = square)."""
     path = Path(path)
     options = {"movflags": "faststart"} if faststart else {}
     with av.open(str(path), "w", options=options) as container:
@@ -71,6 +73,8 @@ def write_video(path: str | Path, width: int = 64, height: int = 48, fps: int = 
         stream.codec_context.thread_count = 1
         if rotation:
             stream.set_display_rotation(rotation)
+        if sar is not None:  # x264 writes it into the SPS, the mp4 muxer into `pasp`
+            stream.codec_context.sample_aspect_ratio = sar
         for i in range(num_frames):
             frame = av.VideoFrame.from_ndarray(frame_image(i, width, height), format="rgb24")
             for packet in stream.encode(frame):

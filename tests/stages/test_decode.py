@@ -154,6 +154,18 @@ def test_rotation_turns_the_picture_counter_clockwise(tmp_path):
     assert ys.min() > 48 and xs.max() < 12, (ys.min(), xs.max())
 
 
+def test_non_square_pixels_are_stretched_to_the_shown_shape(tmp_path):
+    # coded 64x128 with SAR 2:1 is shown 128x128; its 8x8 red marker is shown 16 wide, 8 high.
+    # Read as square pixels it would be 64x128, scaled to 128x256 and cropped to rows 64-192,
+    # and the marker would be cut away.
+    path = write_video(tmp_path / "sar.mp4", width=64, height=128, num_frames=2,
+                       sar=Fraction(2, 1))
+    clip = decode_clip(str(path), 0.0, 30.0, 1, 128, 128, threads=1)
+    red = (clip[0, ..., 0] > 200) & (clip[0, ..., 1] < 60) & (clip[0, ..., 2] < 60)
+    ys, xs = np.nonzero(red)
+    assert len(ys) and 5 <= ys.max() <= 8 and 12 <= xs.max() <= 16, (ys.max(), xs.max())
+
+
 def test_a_clip_past_the_end_raises_instead_of_padding(gop_video):
     with pytest.raises(ClipError, match=r"the video ends at 3.00s but the clip needs frames up"):
         decode_clip(str(gop_video), 2.0, 10.0, 17, 32, 48, threads=1)

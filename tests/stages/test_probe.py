@@ -3,6 +3,8 @@ exactly one error row with a clear reason, and the good rows around it still com
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -79,6 +81,15 @@ def test_rotation_from_display_matrix_swaps_size(rotation, tmp_path):
     assert out["rotation"] == rotation
     turned = rotation in (90, 270)
     assert (out["width"], out["height"]) == ((32, 64) if turned else (64, 32))
+
+
+@pytest.mark.parametrize("rotation", [0, 90])
+def test_non_square_pixels_give_the_shown_size(rotation, tmp_path):
+    # coded 48x64, each pixel shown twice as wide as high: players show 96x64
+    path = write_video(tmp_path / "anamorphic.mp4", width=48, height=64, num_frames=3,
+                       rotation=rotation, sar=Fraction(2, 1))
+    out = ProbeStage()(pa.table({"path": [str(path)]})).to_pylist()[0]
+    assert (out["width"], out["height"]) == ((64, 96) if rotation else (96, 64))
 
 
 def test_size_limits_are_configurable(dataset):
