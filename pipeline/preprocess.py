@@ -24,6 +24,7 @@ import pyarrow.dataset as pds
 from actors.assign import AssignStage
 from actors.buckets import BucketConfig
 from actors.decode import DecodeStage
+from actors.decode_encode import DecodeEncodeStage
 from actors.probe import ProbeStage
 from actors.vae_encode import VAEEncodeStage, VAEStageConfig, resolve_checkpoint
 from actors.write import LatentWriter, read_error_paths, read_ids
@@ -40,6 +41,10 @@ class PreprocessConfig:
     max_pixels: int = 8192 * 8192  # headers claiming more are refused before decoding
     max_side: int = 16384
     decode_threads: int = 0  # FFmpeg decoder threads per decode actor; 0 = FFmpeg decides
+    # Decode inside the VAE encode actors (actors/decode_encode.py; `encode` resources, the
+    # `decode` pool unused): frames never enter the object store or cross nodes, but decode
+    # and encode take turns instead of overlapping. See README "Decode next to the VAE".
+    fuse_decode: bool = False
     video_extensions: list[str] = field(default_factory=lambda: list(VIDEO_EXTENSIONS))
     probe: StageResources = field(default_factory=lambda: StageResources(0.2, batch_size=16))
     assign: StageResources = field(default_factory=lambda: StageResources(0.1, batch_size=16))
@@ -53,14 +58,18 @@ class PreprocessConfig:
             raise ValueError("max_pixels and max_side: must be >= 1")
 
     def stages(self) -> dict[str, StageResources]:
-        return {"probe": self.probe, "assign": self.assign, "decode": self.decode,
-                "encode": self.encode, "write": self.write}
+        """The actor pools the graph runs (what `check_budget` weighs)."""
+        pools = {"probe": self.probe, "assign": self.assign, "decode": self.decode,
+                 "encode": self.encode, "write": self.write}
+        if self.fuse_decode:
+            del pools["decode"]
+        return pools
 
 
-def clip_stream(cfg: PreprocessConfig, sources: pa.Table | str, errors_dir: str | Path,
+def plan_stream(cfg: PreprocessConfig, sources: pa.Table | str, errors_dir: str | Path,
                 done_ids: set[str] | frozenset[str] = frozenset()):
-    """Videos -> probe -> bucket -> decode: a lazy Ray Dataset of decoded clip rows (`frames`
-    + `frames_shape`). `train-vae` trains on these; `latent_stream` adds the VAE encode."""
+    """Videos -> probe -> bucket: a lazy Ray Dataset of clip plan rows (one per clip to make,
+    those in `done_ids` left out)."""
     import ray.data
 
     if isinstance(sources, str):
@@ -72,24 +81,36 @@ def clip_stream(cfg: PreprocessConfig, sources: pa.Table | str, errors_dir: str 
     ds = ray.data.from_arrow([sources.slice(i, step) for i in range(0, sources.num_rows, step)])
     ds = ds.map_batches(ProbeStage, **cfg.probe.map_batches_kwargs(
         errors_dir=errors, max_pixels=cfg.max_pixels, max_side=cfg.max_side))
-    ds = ds.map_batches(AssignStage, **cfg.assign.map_batches_kwargs(
+    return ds.map_batches(AssignStage, **cfg.assign.map_batches_kwargs(
         buckets=cfg.buckets, errors_dir=errors, done_ids=frozenset(done_ids)))
+
+
+def clip_stream(cfg: PreprocessConfig, sources: pa.Table | str, errors_dir: str | Path,
+                done_ids: set[str] | frozenset[str] = frozenset()):
+    """`plan_stream` + decode: a lazy Ray Dataset of decoded clip rows (`frames` +
+    `frames_shape`). `train-vae` trains on these; `latent_stream` adds the VAE encode."""
+    ds = plan_stream(cfg, sources, errors_dir, done_ids)
     return ds.map_batches(DecodeStage, **cfg.decode.map_batches_kwargs(
-        errors_dir=errors, threads=cfg.decode_threads))
+        errors_dir=str(errors_dir), threads=cfg.decode_threads))
 
 
 def latent_stream(cfg: PreprocessConfig, sources: pa.Table | str, errors_dir: str | Path,
                   done_ids: set[str] | frozenset[str] = frozenset(), vae_checkpoint: str = ""):
-    """`clip_stream` + VAE encode: a lazy Ray Dataset of latent rows. Each stage is an actor
-    pool sized by the config. `preprocess` adds the writer; `train --input` feeds the rows
-    straight to the trainer."""
+    """`clip_stream` + VAE encode (or, with `fuse_decode`, `plan_stream` + decode and encode
+    in one actor): a lazy Ray Dataset of latent rows. Each stage is an actor pool sized by the
+    config. `preprocess` adds the writer; `train --input` feeds the rows straight to the
+    trainer."""
     vae = cfg.vae
     if vae_checkpoint:
         vae = VAEStageConfig(**{**to_dict(cfg.vae), "checkpoint": vae_checkpoint})
+    encode = dict(vae=vae, buckets=cfg.buckets, errors_dir=str(errors_dir),
+                  latent_dtype=cfg.latent_dtype, num_cpus=cfg.encode.num_cpus)
+    if cfg.fuse_decode:
+        ds = plan_stream(cfg, sources, errors_dir, done_ids)
+        return ds.map_batches(DecodeEncodeStage, **cfg.encode.map_batches_kwargs(
+            **encode, threads=cfg.decode_threads))
     ds = clip_stream(cfg, sources, errors_dir, done_ids)
-    return ds.map_batches(VAEEncodeStage, **cfg.encode.map_batches_kwargs(
-        vae=vae, buckets=cfg.buckets, errors_dir=str(errors_dir),
-        latent_dtype=cfg.latent_dtype, num_cpus=cfg.encode.num_cpus))
+    return ds.map_batches(VAEEncodeStage, **cfg.encode.map_batches_kwargs(**encode))
 
 
 def build_dataset(cfg: PreprocessConfig, sources: pa.Table, out: Path,

@@ -116,6 +116,29 @@ def test_rerun_resumes_without_duplicates(videos, first_run, tmp_path):
     assert read_latents(copy).num_rows == summary["clips_written"]
 
 
+def test_fused_decode_encode_gives_the_same_dataset(videos, first_run, tmp_path):
+    # fuse_decode: one actor decodes and encodes, so no frames enter the object store; the
+    # dataset, the error rows and their stages are those of the two-pool graph.
+    root, _ = videos
+    out, summary = first_run
+    fused = tmp_path / "fused"
+    got = run_preprocess(small_config("fuse_decode=true"), str(root / "manifest.jsonl"), fused,
+                         progress=False)
+    assert got["clips_written"] == summary["clips_written"]
+    assert (got["errors"], got["by_reason"]) == (summary["errors"], summary["by_reason"])
+    a, b = (read_latents(d).sort_by("id") for d in (out, fused))
+    assert a.column("id").to_pylist() == b.column("id").to_pylist()
+    for x, y in zip(a.column("latent").to_pylist(), b.column("latent").to_pylist(), strict=True):
+        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
+                                   atol=2e-2)  # float16 storage; batches may group differently
+    assert sum(got["decode_nodes"].values()) == got["clips_written"]
+    errors = pds.dataset(fused / "errors", format="parquet").to_table()
+    stages = sorted(zip(errors.column("path").to_pylist(), errors.column("stage").to_pylist()))
+    first = pds.dataset(out / "errors", format="parquet").to_table()
+    assert stages == sorted(zip(first.column("path").to_pylist(),
+                                first.column("stage").to_pylist()))
+
+
 def test_kill_9_then_rerun_gives_every_clip_once(videos, first_run, tmp_path):
     root, _ = videos
     out, summary = first_run

@@ -29,9 +29,10 @@ def plan_rows(root, rows, target_fps: float = 8.0) -> list[dict]:
         clips, reason = table.assign(path, r["width"], r["height"], r["num_frames"] / r["fps"])
         assert reason is None, reason
         c = clips[0]
-        plans.append({"id": c.id, "path": path, "start": c.start, "fps": target_fps,
-                      "num_frames": c.bucket.num_frames, "height": c.bucket.height,
-                      "width": c.bucket.width, "rotation": 0, "caption": r["caption"]})
+        plans.append({"id": c.id, "path": path, "bucket": c.bucket.name, "start": c.start,
+                      "fps": target_fps, "num_frames": c.bucket.num_frames,
+                      "height": c.bucket.height, "width": c.bucket.width, "rotation": 0,
+                      "caption": r["caption"]})
     return plans
 
 
