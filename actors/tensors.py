@@ -3,8 +3,9 @@
 Why not Ray's tensor extension in flight: with Ray 2.60, `ArrowTensorArray.from_numpy` fails
 on a batch of clips whose shapes differ but share a leading dim (it tries np.stack, then
 np.array(dtype=object), which broadcasts and raises), and blocks of fixed and variable shape
-do not concatenate. Raw bytes + shape has neither problem, costs one memcpy in (none out), needs no Ray to
-read, and is the same layout as the on-disk contract (flat values + `<name>_shape`).
+do not concatenate. Raw bytes + shape has neither problem, costs one memcpy in and none out,
+needs no Ray to read, and is the same layout as the on-disk contract (flat values +
+`<name>_shape`).
 """
 
 from __future__ import annotations
