@@ -92,3 +92,18 @@ def test_rope_rotates_each_channel_pair_by_its_angle():
     want = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     torch.testing.assert_close(apply_rope(x, rope_freqs(pos, head_dim)), want)
     assert torch.equal(apply_rope(x, rope_freqs(torch.zeros_like(pos), head_dim)), x)
+
+
+def test_rope_compile_form_equals_the_eager_form(monkeypatch):
+    # Under torch.compile apply_rope takes the real cos/sin form (Inductor has no complex
+    # codegen); both forms must rotate identically, gradients included.
+    pos = torch.tensor([[0, 0, 0], [1, 2, 3], [7, 5, 11], [2, 9, 4]])
+    freqs = rope_freqs(pos, 12)
+    x = torch.randn(2, 4, 3, 12, requires_grad=True)
+    eager = apply_rope(x, freqs)
+    (g_eager,) = torch.autograd.grad(eager.square().sum(), x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    compiled = apply_rope(x, freqs)
+    (g_compiled,) = torch.autograd.grad(compiled.square().sum(), x)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(g_compiled, g_eager)
