@@ -126,9 +126,13 @@ def main() -> None:
         f"\ngrowth of step time from T={s.frames[0]} to T={s.frames[-1]} ({t_ratio:.0f}x frames; "
         "full3d tends to T^2 as attention outweighs the MLPs, the others stay ~T):"
     )
+    last = s.frames[-1] / s.frames[-2]
     for layout, ts in times.items():
         ratio = ts[-1] / ts[0]
-        print(f"  {layout:<12} {ratio:6.2f}x   ~T^{math.log(ratio) / math.log(t_ratio):.2f}")
+        # the exponent over the last step of T: where attention has grown to outweigh the MLPs
+        print(f"  {layout:<12} {ratio:6.2f}x   ~T^{math.log(ratio) / math.log(t_ratio):.2f}   "
+              f"(T={s.frames[-2]}->{s.frames[-1]}: "
+              f"~T^{math.log(ts[-1] / ts[-2]) / math.log(last):.2f})")
 
     print("\nagainst diffusers (same width, depth, heads, MLP width, tokens; ours / theirs):")
     try:
