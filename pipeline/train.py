@@ -219,7 +219,6 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
               input_src: str | None = None, resume: bool = False,
               address: str | None = None) -> dict[str, Any]:
     import ray
-    import ray.train
     from ray.data import DataContext
     from ray.train import DataConfig
 
@@ -262,12 +261,7 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
              "stream": stream},
             datasets,
             stream_split_config() if stream else DataConfig(datasets_to_split=[]))
-        try:
-            result = trainer.fit()
-        except ray.train.TrainingFailedError as e:
-            raise TrainFailed(f"training failed after {cfg.max_failures} restart(s) "
-                              f"(max_failures); last checkpoint in {run / 'checkpoints'}, "
-                              f"continue with --resume: {e}") from e
+        result = fit(trainer, cfg.max_failures, run)
     finally:
         if started:
             ray.shutdown()
@@ -312,6 +306,19 @@ def plot_losses(rows: list[dict], png: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # CLI
+
+
+def fit(trainer: Any, max_failures: int, run: Path) -> Any:
+    """`trainer.fit()`; a run that used up its restarts raises TrainFailed (one line, with
+    where the last checkpoint is and how to continue)."""
+    import ray.train
+
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrainFailed(f"training failed after {max_failures} restart(s) (max_failures); "
+                          f"last checkpoint in {run / 'checkpoints'}, continue with --resume: "
+                          f"{e}") from e
 
 
 def torch_trainer(cfg: Any, worker: Any, run: Path, loop_config: dict, datasets: dict,

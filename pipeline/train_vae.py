@@ -43,6 +43,7 @@ from pipeline.sources import list_sources
 from pipeline.train import (
     TrainError,
     TrainFailed,
+    fit,
     quiet,
     read_metrics,
     stream_split_config,
@@ -162,7 +163,6 @@ def run_train_vae(cfg: TrainVAEConfig, input_src: str, output: str | Path,
                   val_src: str | None = None, resume: bool = False,
                   address: str | None = None) -> dict[str, Any]:
     import ray
-    import ray.train
     from ray.data import DataContext
 
     run = Path(output).resolve()
@@ -199,12 +199,7 @@ def run_train_vae(cfg: TrainVAEConfig, input_src: str, output: str | Path,
             cfg, _worker, run, {"cfg": cfg, "run": str(run), "resolved": resolved, "val": val},
             {"train": clip_stream(cfg.preprocess, train_src, run / "errors")},
             stream_split_config())
-        try:
-            trainer.fit()
-        except ray.train.TrainingFailedError as e:
-            raise TrainFailed(f"training failed after {cfg.max_failures} restart(s) "
-                              f"(max_failures); last checkpoint in {run / 'checkpoints'}, "
-                              f"continue with --resume: {e}") from e
+        fit(trainer, cfg.max_failures, run)
     finally:
         if started:
             ray.shutdown()
