@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -68,6 +69,19 @@ def frames_to_video(frames: list[np.ndarray]) -> torch.Tensor:
     return x.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)  # (B, 3, T, H, W)
 
 
+def shape_chunks(frames: list[np.ndarray], buckets: list[str], batch_sizes: dict[str, int]
+                 ) -> Iterator[list[int]]:
+    """Row indices in forward-sized chunks: one shape per chunk, at most the bucket's batch
+    size (all rows of that shape when the bucket is unknown)."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, f in enumerate(frames):
+        groups[f.shape].append(i)
+    for rows in groups.values():
+        size = batch_sizes.get(buckets[rows[0]], len(rows))
+        for lo in range(0, len(rows), size):
+            yield rows[lo:lo + size]
+
+
 class VAEEncodeStage:
     READS = ("id", "bucket", "frames", "frames_shape")
     WRITES = ("latent", "latent_shape", "encode_seconds")
@@ -102,27 +116,21 @@ class VAEEncodeStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         frames = unpack(batch, "frames", np.uint8)
         ids = batch.column("id").to_pylist()
-        groups: dict[tuple, list[int]] = defaultdict(list)  # one shape per forward
-        for i, f in enumerate(frames):
-            groups[f.shape].append(i)
         latents: list[np.ndarray | None] = [None] * len(frames)
         seconds = [0.0] * len(frames)
         buckets = batch.column("bucket").to_pylist()
-        for rows in groups.values():
-            size = self.batch_sizes.get(buckets[rows[0]], len(rows))
-            for lo in range(0, len(rows), size):
-                chunk = rows[lo:lo + size]
-                start = time.perf_counter()
-                try:
-                    z = self.encode([frames[i] for i in chunk])
-                except Exception as e:  # noqa: BLE001 - one bad clip must not end the job
-                    for i in chunk:
-                        self.errors.add(batch.column("path")[i].as_py(),
-                                        f"VAE encode failed for clip {ids[i]}: {e}")
-                    continue
-                took = (time.perf_counter() - start) / len(chunk)
-                for j, i in enumerate(chunk):
-                    latents[i], seconds[i] = z[j], took
+        for chunk in shape_chunks(frames, buckets, self.batch_sizes):
+            start = time.perf_counter()
+            try:
+                z = self.encode([frames[i] for i in chunk])
+            except Exception as e:  # noqa: BLE001 - one bad clip must not end the job
+                for i in chunk:
+                    self.errors.add(batch.column("path")[i].as_py(),
+                                    f"VAE encode failed for clip {ids[i]}: {e}")
+                continue
+            took = (time.perf_counter() - start) / len(chunk)
+            for j, i in enumerate(chunk):
+                latents[i], seconds[i] = z[j], took
         self.errors.flush()
         keep = [i for i, z in enumerate(latents) if z is not None]
         out = batch.drop_columns(["frames", "frames_shape"]).take(keep)

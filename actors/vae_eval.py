@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import av
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from actors.buckets import BucketConfig, BucketTable
 from actors.errors import ErrorSink
 from actors.tensors import unpack
-from actors.vae_encode import frames_to_video
+from actors.vae_encode import frames_to_video, shape_chunks
 
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
 
@@ -154,25 +153,20 @@ class VAEEvalStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         frames = unpack(batch, "frames", np.uint8)
         rows = batch.select(["id", "path", "bucket", "start", "fps"]).to_pylist()
-        groups: dict[tuple, list[int]] = defaultdict(list)  # one shape per forward
-        for i, f in enumerate(frames):
-            groups[f.shape].append(i)
         out: list[dict] = []
-        for idx in groups.values():
-            size = self.batch_sizes.get(rows[idx[0]]["bucket"], len(idx))
-            for lo in range(0, len(idx), size):
-                chunk = idx[lo:lo + size]
-                start = time.perf_counter()
-                try:
-                    recon = self.reconstruct([frames[i] for i in chunk])
-                except Exception as e:  # noqa: BLE001 - one bad clip must not end the job
-                    for i in chunk:
-                        self.errors.add(rows[i]["path"], f"VAE reconstruction failed for clip "
-                                        f"{rows[i]['id']}: {e}".splitlines()[0])
-                    continue
-                took = (time.perf_counter() - start) / len(chunk)
-                for j, i in enumerate(chunk):
-                    out.append(self.measure(rows[i], frames[i], recon[j], took))
+        buckets = [r["bucket"] for r in rows]
+        for chunk in shape_chunks(frames, buckets, self.batch_sizes):  # one shape per forward
+            start = time.perf_counter()
+            try:
+                recon = self.reconstruct([frames[i] for i in chunk])
+            except Exception as e:  # noqa: BLE001 - one bad clip must not end the job
+                for i in chunk:
+                    self.errors.add(rows[i]["path"], f"VAE reconstruction failed for clip "
+                                    f"{rows[i]['id']}: {e}".splitlines()[0])
+                continue
+            took = (time.perf_counter() - start) / len(chunk)
+            for j, i in enumerate(chunk):
+                out.append(self.measure(rows[i], frames[i], recon[j], took))
         self.errors.flush()
         return pa.Table.from_pylist(out, schema=EVAL_SCHEMA)
 

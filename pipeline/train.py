@@ -225,12 +225,7 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
     if (data is None) == (input_src is None):
         raise TrainError("give exactly one of --data (a latent dataset) or --input (videos)")
     run = Path(output).resolve()
-    if not resume:
-        if any((run / "checkpoints").glob("step_*")):
-            raise TrainError(f"{run} already holds checkpoints: pass --resume to continue "
-                             "that run, or choose a new --output")
-        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # Ray's state of a failed start
-        (run / "metrics.jsonl").unlink(missing_ok=True)
+    prepare_run(run, resume)
     stream = input_src is not None
     resolved = to_dict(cfg)
     start = time.perf_counter()
@@ -306,6 +301,18 @@ def plot_losses(rows: list[dict], png: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # CLI
+
+
+def prepare_run(run: Path, resume: bool) -> None:
+    """A fresh run refuses a RUN that holds checkpoints (unless resuming) and clears what a
+    failed start left behind (Ray's checkpoint folder, metrics)."""
+    if resume:
+        return
+    if any((run / "checkpoints").glob("step_*")):
+        raise TrainError(f"{run} already holds checkpoints: pass --resume to continue "
+                         "that run, or choose a new --output")
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)  # Ray's state of a failed start
+    (run / "metrics.jsonl").unlink(missing_ok=True)
 
 
 def fit(trainer: Any, max_failures: int, run: Path) -> Any:

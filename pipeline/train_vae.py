@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from pipeline.train import (
     TrainError,
     TrainFailed,
     fit,
+    prepare_run,
     quiet,
     read_metrics,
     stream_split_config,
@@ -166,12 +166,7 @@ def run_train_vae(cfg: TrainVAEConfig, input_src: str, output: str | Path,
     from ray.data import DataContext
 
     run = Path(output).resolve()
-    if not resume:
-        if any((run / "checkpoints").glob("step_*")):
-            raise TrainError(f"{run} already holds checkpoints: pass --resume to continue "
-                             "that run, or choose a new --output")
-        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # Ray's state of a failed start
-        (run / "metrics.jsonl").unlink(missing_ok=True)
+    prepare_run(run, resume)
     start = time.perf_counter()
     exts = tuple(cfg.preprocess.video_extensions)
     sources = list_sources(input_src, exts)
