@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from actors.buckets import BucketConfig, BucketTable
-from actors.errors import ErrorSink
+from actors.common.buckets import BucketConfig, BucketTable
+from actors.common.errors import ErrorSink
 
 CLIP_SCHEMA = pa.schema([
     ("id", pa.string()),

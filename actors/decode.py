@@ -28,9 +28,9 @@ import numpy as np
 import pyarrow as pa
 from av.video.reformatter import Interpolation, VideoReformatter
 
-from actors.errors import ErrorSink
+from actors.common.errors import ErrorSink
+from actors.common.tensors import pack, with_columns
 from actors.probe import FIX, VideoRejected, sample_aspect, video_stream
-from actors.tensors import pack, with_columns
 
 
 class ClipError(ValueError):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from actors.buckets import BucketConfig
+from actors.common.buckets import BucketConfig
 from actors.decode import DecodeStage
 from actors.vae_encode import VAEEncodeStage, VAEStageConfig
 

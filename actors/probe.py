@@ -33,8 +33,8 @@ import av
 import av.logging
 import pyarrow as pa
 
-from actors.errors import ErrorSink
-from actors.tensors import with_columns
+from actors.common.errors import ErrorSink
+from actors.common.tensors import with_columns
 
 FIX = "remove it from the input or fix the file"
 

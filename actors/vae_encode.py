@@ -20,9 +20,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.buckets import BucketConfig, BucketTable
-from actors.errors import ErrorSink
-from actors.tensors import unpack
+from actors.common.buckets import BucketConfig, BucketTable
+from actors.common.errors import ErrorSink
+from actors.common.tensors import unpack
 from models.vae import build_vae, load_vae
 
 

@@ -28,9 +28,9 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from actors.buckets import BucketConfig, BucketTable
-from actors.errors import ErrorSink
-from actors.tensors import unpack
+from actors.common.buckets import BucketConfig, BucketTable
+from actors.common.errors import ErrorSink
+from actors.common.tensors import unpack
 from actors.vae_encode import frames_to_video, shape_chunks
 
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03

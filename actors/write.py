@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
 
-from actors.errors import write_atomic
+from actors.common.errors import write_atomic
 
 LATENT_COLUMNS = ("id", "path", "caption", "bucket", "fps", "num_frames", "height", "width",
                   "start", "latent", "latent_shape")

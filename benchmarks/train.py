@@ -32,9 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from actors.train_data import Collate, PlanLoader, planned_batches, read_index  # noqa: E402
-from actors.train_state import Denoiser  # noqa: E402
-from actors.train_worker import LocalBackend, draw, train_loop  # noqa: E402
+from actors.workers.train_data import Collate, PlanLoader, planned_batches, read_index  # noqa: E402
+from actors.workers.train_dit import LocalBackend, draw, train_loop  # noqa: E402
+from models.denoiser import Denoiser  # noqa: E402
 from models.flow import interpolate  # noqa: E402
 from models.text_encoder import ByteTokenizer  # noqa: E402
 from pipeline.config import load_config, to_dict  # noqa: E402

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.dataset as pds
 
 from actors.assign import AssignStage
-from actors.buckets import BucketConfig
+from actors.common.buckets import BucketConfig
 from actors.decode import DecodeStage
 from actors.decode_encode import DecodeEncodeStage
 from actors.probe import ProbeStage

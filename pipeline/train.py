@@ -6,7 +6,7 @@
 Data (`--data`): the driver reads the dataset's index (id, bucket, shape; no latents) and every
 worker gets its own Ray Data stream: step numbers -> `PlanLoader` actors (read this worker's
 rows of each step from Parquet) -> `get_dataset_shard("rank<r>")`. The stream starts at the
-last committed checkpoint's step, so a restart reads nothing twice (actors/train_data.py has
+last committed checkpoint's step, so a restart reads nothing twice (actors/workers/train_data.py has
 the plan and the last-partial-batch policy).
 Pipelined (`--input`): probe -> assign -> decode -> VAE encode actors, split across workers
 with `streaming_split`; each worker cuts its rows into single-bucket batches. Nothing is
@@ -32,7 +32,7 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from actors.train_data import (
+from actors.workers.train_data import (
     BatchPlan,
     Collate,
     PlanLoader,
@@ -40,7 +40,7 @@ from actors.train_data import (
     read_index,
     streamed_batches,
 )
-from actors.train_worker import RayBackend, TrainLoopConfig, train_loop
+from actors.workers.train_dit import RayBackend, TrainLoopConfig, train_loop
 from models.text_encoder import ByteTokenizer
 from pipeline.config import to_dict, write_run_record
 from pipeline.preprocess import PreprocessConfig, latent_stream
@@ -136,7 +136,7 @@ class RankData:
 
 def stream_split_config():
     """Split the pipelined stream across workers without dropping rows (`equal=False`):
-    workers that run out first take zero-weight steps (actors/train_worker.py)."""
+    workers that run out first take zero-weight steps (actors/workers/train_dit.py)."""
     from ray.train import DataConfig
 
     class StreamSplit(DataConfig):

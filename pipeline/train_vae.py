@@ -6,7 +6,7 @@
 Data: `clip_stream` = probe -> assign -> decode actor pools (the stages `preprocess` runs,
 without the VAE encode), split across the Ray Train workers with `streaming_split`; each
 worker keeps a buffer of decoded clips and trains on random crops of them
-(actors/vae_train_worker.py). Held-out clips: `data.val_videos` videos of --input (chosen by
+(actors/workers/train_vae.py). Held-out clips: `data.val_videos` videos of --input (chosen by
 a seeded hash of their paths), or every video of --val; the driver decodes them once with the
 same stages in-process and hands the workers fixed center crops.
 
@@ -31,10 +31,10 @@ import numpy as np
 import pyarrow as pa
 
 from actors.assign import AssignStage
+from actors.common.tensors import unpack
 from actors.decode import DecodeStage
 from actors.probe import ProbeStage
-from actors.tensors import unpack
-from actors.vae_train_worker import VAETrainLoopConfig, center_crops, train_vae_loop
+from actors.workers.train_vae import VAETrainLoopConfig, center_crops, train_vae_loop
 from pipeline.config import ConfigError, to_dict, write_run_record
 from pipeline.preprocess import PreprocessConfig, clip_stream
 from pipeline.runtime import RayConfig, StageResources, check_budget, init_ray
@@ -141,7 +141,7 @@ def _worker(args: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from actors.train_worker import RayBackend
+    from actors.workers.train_dit import RayBackend
 
     cfg: TrainVAEConfig = args["cfg"]
     backend = RayBackend()

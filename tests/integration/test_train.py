@@ -134,7 +134,7 @@ def test_resume_continues_exactly(scenario):
 
 def test_input_streams_videos_into_training(ray_cluster, tmp_path):
     """--input: decode + VAE actors feed the trainer; no latent dataset is written."""
-    from actors.train_state import load_exported
+    from models.denoiser import load_exported
     from pipeline.synth import SynthConfig, synthesize
 
     videos = synthesize(SynthConfig(num_videos=4, seed=3, workers=1), tmp_path / "videos")

@@ -12,10 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from actors.buckets import BucketConfig, BucketTable
+from actors.common.buckets import BucketConfig, BucketTable
+from actors.common.tensors import unpack
 from actors.decode import ClipError, DecodeStage, _Resizer, decode_clip
 from actors.probe import ProbeStage
-from actors.tensors import unpack
 from pipeline.synth import COLORS, shape_mask
 from tests.badfiles import BAD_INPUT_STAGE, write_video
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.dataset as pds
 
-from actors.buckets import BucketConfig
+from actors.common.buckets import BucketConfig
 from actors.decode import DecodeStage
 from actors.decode_encode import DecodeEncodeStage
 from actors.vae_encode import VAEEncodeStage, VAEStageConfig

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actors.assign import AssignStage
-from actors.buckets import BucketConfig, BucketTable, Resolution
+from actors.common.buckets import BucketConfig, BucketTable, Resolution
 from pipeline.config import ConfigError, from_dict
 
 CFG = BucketConfig(

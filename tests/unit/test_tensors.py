@@ -1,9 +1,9 @@
-"""Tensors in Arrow columns (actors/tensors.py): bytes + shape, one copy in, none out."""
+"""Tensors in Arrow columns (actors/common/tensors.py): bytes + shape, one copy in, none out."""
 
 import numpy as np
 import pyarrow as pa
 
-from actors.tensors import pack, unpack
+from actors.common.tensors import pack, unpack
 
 
 def test_pack_unpack_round_trip_across_dtypes_shapes_slices_and_chunks():

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.train_data import (
+from actors.workers.train_data import (
     BatchPlan,
     Collate,
     PlanLoader,

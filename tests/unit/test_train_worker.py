@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from actors.train_data import Collate, PlanLoader, read_index
-from actors.train_state import Denoiser, load_exported
-from actors.train_worker import LocalBackend, OptimConfig, local_batches, train_loop
+from actors.workers.train_data import Collate, PlanLoader, read_index
+from actors.workers.train_dit import LocalBackend, OptimConfig, local_batches, train_loop
+from models.denoiser import Denoiser, load_exported
 from models.flow import interpolate, sample
 from models.text_encoder import ByteTokenizer
 from pipeline.config import ConfigError, from_dict, load_config, to_dict

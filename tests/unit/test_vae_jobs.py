@@ -13,10 +13,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from actors.tensors import pack
-from actors.train_worker import LocalBackend
+from actors.common.tensors import pack
 from actors.vae_eval import clip_metrics, gaussian_window, ssim, to_uint8
-from actors.vae_train_worker import ClipBuffer, center_crops, local_source, train_vae_loop
+from actors.workers.train_dit import LocalBackend
+from actors.workers.train_vae import ClipBuffer, center_crops, local_source, train_vae_loop
 from models.vae import build_vae, load_vae, save_vae
 from pipeline.config import ConfigError, load_config, to_dict
 from pipeline.eval_vae import register_eval_vae, summarize, table

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from actors.train_state import Denoiser
+from models.denoiser import Denoiser
 
 
 @dataclass

@@ -15,7 +15,7 @@ optional mse_weight * MSE.
 
 Validation: rank 0, on a fixed held-out set of crops decoded once by the driver, with the
 weights that get exported (the EMA), every `val_every` steps, before the first step and at
-the end. Checkpoints: sharded DCP (model, optimizer, EMA, step; actors/train_state.py), plus
+the end. Checkpoints: sharded DCP (model, optimizer, EMA, step; actors/workers/checkpoints.py), plus
 `vae.safetensors` (the EMA weights, scaling fitted), usable directly by `eval-vae`/`preprocess`.
 The export `RUN/export/vae.safetensors` is the same file at the last step.
 """
@@ -38,9 +38,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from actors.tensors import unpack
-from actors.train_state import EMA, load_checkpoint, save_checkpoint
-from actors.train_worker import (
+from actors.common.tensors import unpack
+from actors.workers.checkpoints import EMA, load_checkpoint, save_checkpoint
+from actors.workers.train_dit import (
     Backend,
     MetricsLog,
     OptimConfig,

@@ -3,7 +3,7 @@ checkpoints go and how they are reported (Ray Train is one backend, in pipeline/
 `LocalBackend` here runs one process, as tests and debugging do).
 
 One step, on every worker (all run the same number of steps: FSDP meets in collectives):
-  batch  <- this worker's slice of the step's global batch (actors/train_data.py)
+  batch  <- this worker's slice of the step's global batch (actors/workers/train_data.py)
   noise, t, drop_text <- one generator per sample, seeded by (seed, step, slot): the same
             draws whatever the number of workers
   loss   = sum_i w_i * |v_theta(x_t, t, text) - (noise - x0)|^2 / sum_i w_i over the *global*
@@ -33,9 +33,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from actors.parallelize import ParallelConfig, parallelize
-from actors.train_data import StepBatch, TrainDataConfig
-from actors.train_state import EMA, Denoiser, export_ema, load_checkpoint, save_checkpoint
+from actors.workers.checkpoints import EMA, export_ema, load_checkpoint, save_checkpoint
+from actors.workers.parallelize import ParallelConfig, parallelize
+from actors.workers.train_data import StepBatch, TrainDataConfig
+from models.denoiser import Denoiser
 from models.dit import DiTConfig, dit_debug
 from models.flow import FlowConfig, interpolate, shift_timesteps
 from models.patching import PatchGrid

@@ -1,8 +1,6 @@
-"""What training keeps: the trained module (DiT + text encoder), its EMA, sharded checkpoints
-for resume, and the exported EMA model that `generate` loads.
+"""What training keeps: the EMA of the trained module, sharded checkpoints for resume, and the
+exported EMA model that `generate` loads (`models.denoiser.load_exported`).
 
-- `Denoiser` is the one module training optimises: the DiT and the built-in text encoder
-  (trained jointly), so one optimizer, one FSDP root and one state dict cover both.
 - Checkpoints are torch distributed checkpoints (DCP): every worker writes its own shards, so
   a checkpoint costs no gather and loads back on any number of workers.
 - The export is plain: `model.safetensors` (full EMA weights, `dit.*` and `text.*`) plus
@@ -13,7 +11,7 @@ for resume, and the exported EMA model that `generate` loads.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,29 +22,7 @@ import torch.nn as nn
 import yaml
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from models.dit import DiT, DiTConfig
-from models.text_encoder import TextEncoder, TextEncoderConfig
-
-EXPORT_FORMAT = "tubelet-dit-v1"
-
-
-class Denoiser(nn.Module):
-    """Captions' byte tokens -> text features -> DiT velocity, as one trainable module."""
-
-    def __init__(self, dit: DiTConfig, text: TextEncoderConfig):
-        super().__init__()
-        if dit.text_dim != text.dim:
-            raise ValueError(f"DiT text_dim ({dit.text_dim}) must equal the text encoder's dim "
-                             f"({text.dim})")
-        # Copies: parallelize switches checkpointing on the module's config, not the caller's.
-        self.dit = DiT(replace(dit))
-        self.text = TextEncoder(replace(text))
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text_ids: torch.Tensor,
-                text_mask: torch.Tensor, fps: torch.Tensor | None = None,
-                drop_text: torch.Tensor | None = None) -> torch.Tensor:
-        text = self.text(text_ids, text_mask)  # (B, L, text_dim)
-        return self.dit(x, t, text=text, text_mask=text_mask, fps=fps, drop_text=drop_text)
+from models.denoiser import EXPORT_FORMAT, Denoiser
 
 
 class EMA:
@@ -121,26 +97,3 @@ def export_ema(out: Path, ema: EMA, model: Denoiser, train_config: dict[str, Any
     # and loads back with --config.
     (out / "train.yaml").write_text(yaml.safe_dump(train_config, sort_keys=False))
     return out
-
-
-def load_exported(path: str | Path, device: str | torch.device = "cpu"
-                  ) -> tuple[DiT, TextEncoder, dict[str, Any]]:
-    """An exported model folder (or its model.safetensors) -> (dit, text_encoder, config)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    folder = path.parent if path.suffix == ".safetensors" else path
-    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
-    if not config_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{folder}: not an exported model (needs config.json and "
-                                "model.safetensors, written by `tubelet train` in RUN/export)")
-    config = json.loads(config_path.read_text())
-    if config.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{config_path}: format {config.get('format')!r}, expected "
-                         f"{EXPORT_FORMAT!r}")
-    dit_cfg = DiTConfig(**config["dit"])
-    text_cfg = TextEncoderConfig(**config["text_encoder"])
-    model = Denoiser(dit_cfg, text_cfg)
-    model.load_state_dict(load_file(str(weights_path)), strict=True)
-    model.to(device).eval()
-    return model.dit, model.text, config
