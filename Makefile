@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(VENV)/bin/tubelet preprocess --input $(DEMO)/videos --output $(DEMO)/pre
 	rm -rf $(DEMO)/run
 	$(VENV)/bin/tubelet train --data $(DEMO)/pre/latents --output $(DEMO)/run \
-	  --config configs/train/debug.yaml --workers 2 --set model.in_channels=16
+	  --config configs/train/debug.yaml --workers 2
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -3,7 +3,7 @@
 Reads the probe columns, writes the clip plan that the decode stage follows. Videos that no
 bucket fits become "skip" rows in the errors table with the reason. Clips whose id is in
 `done_ids` (already in the latent dataset) are dropped here, which is how a rerun resumes.
-Resources: pure Python, a fraction of a CPU.
+Resources: pure Python; the `assign` entry of the job config (a fraction of a CPU).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from actors.common.buckets import BucketConfig, BucketTable
 from actors.common.errors import ErrorSink
+from actors.common.schema import require_columns
 
 CLIP_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -31,7 +32,7 @@ CLIP_SCHEMA = pa.schema([
 
 
 class AssignStage:
-    READS = ("path", "caption", "width", "height", "fps", "duration", "rotation")
+    READS = ("path", "width", "height", "fps", "duration", "rotation")  # + optional caption
     WRITES = tuple(CLIP_SCHEMA.names)
 
     def __init__(self, buckets: BucketConfig, errors_dir: str | None = None,
@@ -42,10 +43,11 @@ class AssignStage:
         self.already_done = 0  # clips dropped because they were written by an earlier run
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        require_columns(batch, self.READS, "bucket")
         if "caption" not in batch.column_names:
             batch = batch.append_column("caption", pa.nulls(batch.num_rows, pa.string()))
         rows = []
-        for video in batch.select(("caption",) + self.READS).to_pylist():
+        for video in batch.select(("caption", *self.READS)).to_pylist():
             rows.extend(self.clips(video))
         self.errors.flush()
         return pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)

@@ -29,6 +29,7 @@ import pyarrow as pa
 from av.video.reformatter import Interpolation, VideoReformatter
 
 from actors.common.errors import ErrorSink
+from actors.common.schema import require_columns
 from actors.common.tensors import pack, with_columns
 from actors.probe import FIX, VideoRejected, sample_aspect, video_stream
 
@@ -185,17 +186,17 @@ def _node_id() -> str:
 class DecodeStage:
     """Clip plan rows -> the clip's frames, packed (`frames` bytes + `frames_shape`).
 
-    Resources: one CPU per actor; set `threads` to the CPUs each actor may use (0 lets
-    FFmpeg take every core of the node). Memory: a clip is T*H*W*3 bytes (33 x 128 x 128:
-    1.6 MB), so keep batch_size * that well under Ray Data's 128 MiB block target, and run
-    it next to the VAE encode stage (decoded frames are ~100x the mp4's bytes).
+    Resources: the `decode` entry of the job config (a CPU share per actor); set `threads`
+    to the CPUs each actor may use (0 lets FFmpeg take every core of the node). Memory: a clip
+    is T*H*W*3 bytes (33 x 128 x 128: 1.6 MB), so keep batch_size * that well under Ray
+    Data's 128 MiB block target, and run it next to the VAE encode stage (decoded frames are
+    ~100x the mp4's bytes).
     """
 
     READS = ("id", "path", "start", "fps", "num_frames", "height", "width", "rotation")
     # every input column passes through; decode_node: where the clip was decoded (the
     # summary counts clips per node; "local" outside Ray)
     WRITES = ("frames", "frames_shape", "decode_seconds", "decode_node")
-    RESOURCES = {"num_cpus": 1}
 
     def __init__(self, errors_dir: str | None = None, threads: int = 0):
         self.threads = threads
@@ -203,10 +204,7 @@ class DecodeStage:
         self.node = _node_id()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        missing = [c for c in self.READS if c not in batch.column_names]
-        if missing:
-            raise ValueError(f"decode: input rows lack column(s) {missing}; have "
-                             f"{batch.column_names}")
+        require_columns(batch, self.READS, "decode")
         keep: list[bool] = []
         clips: list[np.ndarray] = []
         seconds: list[float] = []

@@ -22,8 +22,9 @@ from __future__ import annotations
 import pyarrow as pa
 
 from actors.common.buckets import BucketConfig
+from actors.common.vae import VAEStageConfig
 from actors.decode import DecodeStage
-from actors.vae_encode import VAEEncodeStage, VAEStageConfig
+from actors.vae_encode import VAEEncodeStage
 
 
 class DecodeEncodeStage:
@@ -43,4 +44,4 @@ class DecodeEncodeStage:
         self.encode = VAEEncodeStage(vae, buckets, errors_dir, latent_dtype, num_cpus)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.encode(self.decode(batch))
+        return self.encode(self.decode(batch))  # each checks its own input columns

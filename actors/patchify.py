@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from actors.common.schema import require_columns
 from models.patching import check_patch, patchify
 
 
@@ -65,18 +66,13 @@ class PatchifyStage:
 
     READS = ("id", "caption", "bucket", "fps", "latent", "latent_shape")
     WRITES = ("ids", "captions", "bucket", "latent_shape", "x", "fps", "tokens", "positions")
-    RESOURCES = {"num_cpus": 1}  # cheap reshapes; runs in the training worker as collate_fn
 
     def __init__(self, patch: tuple[int, ...] = (1, 2, 2), with_tokens: bool = True):
         self.patch = check_patch(patch)
         self.with_tokens = with_tokens
 
     def __call__(self, batch: pa.Table) -> dict[str, Any]:
-        missing = [c for c in self.READS if c not in batch.column_names]
-        if missing:
-            raise ValueError(
-                f"patchify: latent rows lack column(s) {missing}; have {batch.column_names}"
-            )
+        require_columns(batch, self.READS, "patchify")
         if batch.num_rows == 0:
             raise ValueError("patchify: empty batch")
         shape = self._one_shape(batch)

@@ -34,6 +34,7 @@ import av.logging
 import pyarrow as pa
 
 from actors.common.errors import ErrorSink
+from actors.common.schema import require_columns
 from actors.common.tensors import with_columns
 
 FIX = "remove it from the input or fix the file"
@@ -202,13 +203,13 @@ def probe_video(path: str, max_pixels: int = 8192 * 8192, max_side: int = 16384
 class ProbeStage:
     """`path` -> header facts of each video; unusable inputs become error rows ("probe").
 
-    Resources: one CPU, little memory; it reads headers only (a few KB to a few MB per
+    Resources: the `probe` entry of the job config (a CPU share), little memory; it reads
+    headers only (a few KB to a few MB per
     file, the whole index of an mp4), so it is I/O bound and cheap next to decoding.
     """
 
     READS = ("path",)  # every other input column (caption, ...) passes through
     WRITES = tuple(OUTPUT_TYPES)
-    RESOURCES = {"num_cpus": 1}
 
     def __init__(self, errors_dir: str | None = None, max_pixels: int = 8192 * 8192,
                  max_side: int = 16384):
@@ -217,8 +218,7 @@ class ProbeStage:
         self.errors = ErrorSink(errors_dir, "probe")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if "path" not in batch.column_names:
-            raise ValueError(f"probe: input rows lack column 'path'; have {batch.column_names}")
+        require_columns(batch, self.READS, "probe")
         keep: list[bool] = []
         facts: list[dict[str, Any]] = []
         for path in batch.column("path").to_pylist():

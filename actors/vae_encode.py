@@ -1,6 +1,6 @@
 """VAE encode stage: decoded clips in, latents (the on-disk contract) out.
 
-Reads `id`, `bucket`, `frames` (+ `frames_shape`, uint8 (T, H, W, 3)); writes `latent` (flat
+Reads `id`, `path`, `bucket`, `frames` (+ `frames_shape`, uint8 (T, H, W, 3)); writes `latent` (flat
 list of float16/float32) and `latent_shape` ((C, T', H', W')), `encode_seconds`, and drops the
 frames. Rows are grouped by bucket and each group is cut into the bucket's batch size, so
 every VAE forward gets one shape. Resources: one GPU when the config gives the stage one,
@@ -10,93 +10,29 @@ otherwise a CPU share (torch threads follow the share, at least 1).
 from __future__ import annotations
 
 import time
-from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.common.buckets import BucketConfig, BucketTable
+from actors.common.buckets import BucketConfig, BucketTable, shape_chunks
 from actors.common.errors import ErrorSink
+from actors.common.schema import require_columns
 from actors.common.tensors import unpack
-from models.vae import build_vae, load_vae
-
-
-@dataclass
-class VAEStageConfig:
-    checkpoint: str = ""  # a save_vae() safetensors file; "" = seeded random init (plumbing)
-    preset: str = "debug"  # used only without a checkpoint
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    tile_px: int = 0  # > 0: tiled encode (bounded memory for large frames)
-
-    def validate(self) -> None:
-        if self.tile_px < 0:
-            raise ValueError(f"tile_px: must be >= 0 (0 = untiled), got {self.tile_px}")
-
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A relative checkpoint path is looked up in the working directory, then in the project
-    (so `weights/vae-default.safetensors` works from anywhere). Raises naming the path."""
-    if not path:
-        return ""
-    for candidate in (Path(path), ROOT / path):
-        if candidate.is_file():
-            return str(candidate.resolve())
-    raise FileNotFoundError(f"VAE checkpoint {path} not found (looked in the working directory "
-                            f"and in {ROOT}); train one with `tubelet train-vae` or set "
-                            "vae.checkpoint: '' for a random init")
-
-
-def load_stage_vae(cfg: VAEStageConfig, device: str) -> torch.nn.Module:
-    if cfg.checkpoint:
-        return load_vae(resolve_checkpoint(cfg.checkpoint), device=device)
-    torch.manual_seed(cfg.seed)
-    return build_vae(cfg.preset).to(device).eval()
-
-
-def frames_to_video(frames: list[np.ndarray]) -> torch.Tensor:
-    """uint8 clips (T, H, W, 3), one shape -> float video (B, 3, T, H, W) in [-1, 1]."""
-    x = torch.from_numpy(np.stack(frames))  # (B, T, H, W, 3)
-    return x.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)  # (B, 3, T, H, W)
-
-
-def shape_chunks(frames: list[np.ndarray], buckets: list[str], batch_sizes: dict[str, int]
-                 ) -> Iterator[list[int]]:
-    """Row indices in forward-sized chunks: one shape per chunk, at most the bucket's batch
-    size (all rows of that shape when the bucket is unknown)."""
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, f in enumerate(frames):
-        groups[f.shape].append(i)
-    for rows in groups.values():
-        size = batch_sizes.get(buckets[rows[0]], len(rows))
-        for lo in range(0, len(rows), size):
-            yield rows[lo:lo + size]
+from actors.common.vae import VAEStageConfig, load_stage_vae, pick_device
+from actors.common.video import frames_to_video
 
 
 class VAEEncodeStage:
-    READS = ("id", "bucket", "frames", "frames_shape")
+    READS = ("id", "path", "bucket", "frames", "frames_shape")
     WRITES = ("latent", "latent_shape", "encode_seconds")
 
     def __init__(self, vae: VAEStageConfig, buckets: BucketConfig,
                  errors_dir: str | None = None, latent_dtype: str = "float16",
                  num_cpus: float = 1.0):
-        device = vae.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu":
-            torch.set_num_threads(max(1, int(num_cpus)))
-        self.device = torch.device(device)
+        self.device = pick_device(vae.device, num_cpus)
         self.dtype = getattr(torch, vae.dtype)
-        self.model = load_stage_vae(vae, device)
+        self.model = load_stage_vae(vae, self.device)
         self.tile_px = vae.tile_px
         self.batch_sizes = {b.name: b.batch_size for b in BucketTable(buckets).buckets.values()}
         self.latent_dtype = np.dtype(latent_dtype)
@@ -114,6 +50,7 @@ class VAEEncodeStage:
         return z.float().cpu().numpy()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        require_columns(batch, self.READS, "VAE encode")
         frames = unpack(batch, "frames", np.uint8)
         ids = batch.column("id").to_pylist()
         latents: list[np.ndarray | None] = [None] * len(frames)

@@ -18,9 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 
 from actors.common.errors import write_atomic
+from actors.common.schema import LATENT_COLUMNS, require_columns
 
-LATENT_COLUMNS = ("id", "path", "caption", "bucket", "fps", "num_frames", "height", "width",
-                  "start", "latent", "latent_shape")
 STATS_SCHEMA = pa.schema([
     ("bucket", pa.string()),
     ("decode_node", pa.string()),
@@ -40,6 +39,7 @@ class LatentWriter:
         self.dir = Path(latents_dir)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        require_columns(batch, self.READS, "write")
         if batch.num_rows == 0:
             return STATS_SCHEMA.empty_table()
         start = time.perf_counter()

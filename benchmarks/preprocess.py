@@ -29,8 +29,9 @@ from actors.decode import DecodeStage, decode_clip
 from actors.probe import ProbeStage
 from actors.vae_encode import VAEEncodeStage
 from pipeline.config import load_config
-from pipeline.preprocess import PreprocessConfig, build_dataset, run_preprocess
+from pipeline.preprocess import build_dataset, run_preprocess
 from pipeline.sources import list_sources
+from pipeline.streams import PreprocessConfig
 from pipeline.synth import SynthConfig, synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,10 +144,10 @@ def main() -> None:
     ray.init(num_cpus=2, object_store_memory=400 * 2**20, include_dashboard=False)
     decode_s = stage_alone(cfg, clips, "decode")
     encode_s = stage_alone(cfg, clips, "encode")
-    e2e_ds = build_dataset(cfg, list_sources(small), tmp / "e2e", set(), "")
+    e2e_ds = build_dataset(cfg, list_sources(small), tmp / "e2e", set())
     e2e_s = timed(e2e_ds, frames_of=lambda b: int(sum(b.column("frames").to_pylist())))
     fused_cfg = replace(cfg, fuse_decode=True)
-    fused_ds = build_dataset(fused_cfg, list_sources(small), tmp / "fused", set(), "")
+    fused_ds = build_dataset(fused_cfg, list_sources(small), tmp / "fused", set())
     fused_s = timed(fused_ds, frames_of=lambda b: int(sum(b.column("frames").to_pylist())))
     ray.shutdown()
     plain = frames / plain_s

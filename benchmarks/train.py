@@ -32,13 +32,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
+from actors.workers.toolkit import LocalBackend  # noqa: E402
 from actors.workers.train_data import Collate, PlanLoader, planned_batches, read_index  # noqa: E402
-from actors.workers.train_dit import LocalBackend, draw, train_loop  # noqa: E402
+from actors.workers.train_dit import draw, train_loop  # noqa: E402
 from models.denoiser import Denoiser  # noqa: E402
-from models.flow import interpolate  # noqa: E402
+from models.flow import flow_loss  # noqa: E402
 from models.text_encoder import ByteTokenizer  # noqa: E402
 from pipeline.config import load_config, to_dict  # noqa: E402
-from pipeline.train import RankData, TrainConfig, quiet  # noqa: E402
+from pipeline.ray_train import keep_order, no_progress_bars  # noqa: E402
+from pipeline.train import RankData, TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +50,7 @@ def write_dataset(out: Path, shapes: dict[str, tuple[int, ...]], clips: int) -> 
     rng = np.random.default_rng(0)
     rows = [{"id": f"{b}-{i:04d}", "path": f"{b}-{i}.mp4", "caption": f"clip {i} of {b}",
              "bucket": b, "fps": 8.0, "num_frames": 4 * s[1] - 3, "height": 8 * s[2],
-             "width": 8 * s[3], "latent_shape": list(s),
+             "width": 8 * s[3], "start": 0.0, "latent_shape": list(s),
              "latent": rng.standard_normal(int(np.prod(s))).astype(np.float16)}
             for b, s in shapes.items() for i in range(clips)]
     types = {"fps": pa.float32(), "num_frames": pa.int32(), "height": pa.int32(),
@@ -79,10 +81,9 @@ def step_flops(cfg: TrainConfig, batch) -> float:
     torch.manual_seed(0)
     model = Denoiser(cfg.model, cfg.text_encoder).train()
     noise, t, drop = draw(batch, cfg)
-    with FlopCounterMode(display=False) as counter:
-        pred = model(interpolate(batch.x, noise, t), t, batch.text_ids, batch.text_mask,
-                     fps=batch.fps, drop_text=drop)
-        (pred - noise).square().mean().backward()
+    with FlopCounterMode(display=False) as counter:  # the loss the trainer computes
+        flow_loss(model, batch.x, t, noise, weight=batch.weight, text_ids=batch.text_ids,
+                  text_mask=batch.text_mask, fps=batch.fps, drop_text=drop).backward()
     return float(counter.get_total_flops())
 
 
@@ -126,7 +127,8 @@ def main() -> None:
         ray.init(address="local", num_cpus=2, object_store_memory=300 * 2**20,
                  include_dashboard=False, log_to_driver=False)
         try:
-            quiet(ray.data.DataContext.get_current())
+            keep_order(ray.data.DataContext.get_current())
+            no_progress_bars(ray.data.DataContext.get_current())
             ds = RankData(tmp / "real", index, cfg, 0)()
             stream = planned_batches(ds.iterator(), collate, cfg.data.prefetch_steps)
             rows_real = run(cfg, stream, tmp / "real")

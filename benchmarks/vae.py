@@ -1,7 +1,7 @@
 """VAE throughput: encode and decode frames/s of our causal VAE, against diffusers' Wan VAE.
 
     python benchmarks/vae.py [--quick] [--threads T] [--frames 17] [--sizes 128 256]
-                             [--config configs/vae/default.yaml]
+                             [--config configs/train-vae/default.yaml]
 
 Ours: the model section of the config (the architecture `train-vae` trains), random init.
 Baseline, in the same run when diffusers is installed: `AutoencoderKLWan` (Wan 2.1's
@@ -77,7 +77,7 @@ def measure(model, frames: int, size: int, repeats: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "vae" / "default.yaml")
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "train-vae" / "default.yaml")
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--threads", type=int, default=2)

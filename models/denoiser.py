@@ -30,8 +30,7 @@ class Denoiser(nn.Module):
         if dit.text_dim != text.dim:
             raise ValueError(f"DiT text_dim ({dit.text_dim}) must equal the text encoder's dim "
                              f"({text.dim})")
-        # Copies: parallelize switches checkpointing on the module's config, not the caller's.
-        self.dit = DiT(replace(dit))
+        self.dit = DiT(replace(dit))  # copies: the modules own their configs
         self.text = TextEncoder(replace(text))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text_ids: torch.Tensor,
@@ -56,7 +55,9 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"
     if config.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{config_path}: format {config.get('format')!r}, expected "
                          f"{EXPORT_FORMAT!r}")
-    dit_cfg = DiTConfig(**config["dit"])
+    # Exports written before activation checkpointing moved out of the model carry its old
+    # switch (always false in an export); it is not a model field any more.
+    dit_cfg = DiTConfig(**{k: v for k, v in config["dit"].items() if k != "grad_checkpointing"})
     text_cfg = TextEncoderConfig(**config["text_encoder"])
     model = Denoiser(dit_cfg, text_cfg)
     model.load_state_dict(load_file(str(weights_path)), strict=True)

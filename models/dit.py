@@ -4,13 +4,15 @@ Styled after facebookresearch/DiT `models.py`: adaLN-Zero blocks, one `initializ
 presets as small functions in a dict. Video specifics:
 - tubelet tokens from `models.patching`, 3D rotary positions from `models.rope` (no position
   table, so one set of weights runs on any T x H x W grid);
-- attention layouts, one per config (see `LAYOUTS`), all through
-  `F.scaled_dot_product_attention`;
+- attention layouts, one per config (see `LAYOUTS`); every self- and cross-attention goes
+  through one `Attention` module, the only place that calls `F.scaled_dot_product_attention`,
+  so sequence parallelism (Ulysses all-to-all) can wrap or replace it from outside;
 - conditioning: timestep + fps through adaLN-Zero, text through cross-attention, with a
   learned null text for classifier-free guidance (PixArt-style caption embedder).
 
 `model(x, t)` takes latents x (B, C, T, H, W) and flow times t (B,) in [0, 1] and returns a
-velocity of x's shape. Plain PyTorch: sharding and compilation are applied from outside.
+velocity of x's shape. Plain PyTorch: sharding, activation checkpointing and compilation are
+applied from outside (actors/workers/parallelize.py, torchtitan style).
 """
 
 import math
@@ -19,7 +21,6 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from models.patching import patchify, unpatchify
 from models.rope import apply_rope, rope_freqs
@@ -30,6 +31,8 @@ from models.rope import apply_rope, rope_freqs
 #   full3d      - all tokens of the clip (Wan / HunyuanVideo / Open-Sora 2)
 #   factorized  - spatial then temporal inside every block (STDiT / Open-Sora 1.x)
 #   interleaved - spatial and temporal blocks alternating (Latte)
+# A layout only decides how tokens are grouped into attention problems (`SelfAttention.group`);
+# each problem is then solved by the one `Attention` module, whatever the layout.
 LAYOUTS = ("spatial", "temporal", "full3d", "factorized", "interleaved")
 
 
@@ -46,7 +49,6 @@ class DiTConfig:
     text_dropout: float = 0.1  # training-time p of swapping the caption for the null text (CFG)
     qk_norm: bool = True
     rope_theta: float = 10000.0
-    grad_checkpointing: bool = False  # recompute each block in backward: memory for compute
 
     def __post_init__(self) -> None:
         self.patch = tuple(self.patch)  # YAML gives lists
@@ -143,6 +145,16 @@ class TextEmbedder(nn.Module):
         return self.proj(text), mask.bool()
 
 
+class Attention(nn.Module):
+    """softmax(q k^T / sqrt(hd)) v on (B', heads, S, hd) inputs; `mask` broadcasts to
+    (B', heads, S, L), True = attend. The model's only call of SDPA: sequence parallelism
+    wraps or swaps this module (no weights, so state dicts do not change)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention over one grouping of the (t, h, w) token grid."""
 
@@ -153,6 +165,7 @@ class SelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        self.attention = Attention()
 
     def group(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """(B, N, heads, hd) -> (B', heads, S, hd): one attention problem per group."""
@@ -180,7 +193,7 @@ class SelfAttention(nn.Module):
         # RoPE on the full token order, before regrouping: relative angles are what matter.
         q, k = apply_rope(self.q_norm(q), rope), apply_rope(self.k_norm(k), rope)
         q, k, v = (self.group(z, grid) for z in (q, k, v))  # (B', heads, S, hd)
-        return self.proj(self.ungroup(F.scaled_dot_product_attention(q, k, v), B, grid))
+        return self.proj(self.ungroup(self.attention(q, k, v), B, grid))
 
 
 class CrossAttention(nn.Module):
@@ -193,13 +206,14 @@ class CrossAttention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        self.attention = Attention()
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         q = self.q_norm(self.q(x).reshape(B, N, self.heads, self.head_dim)).transpose(1, 2)
         k, v = self.kv(text).reshape(B, text.shape[1], 2, self.heads, self.head_dim).unbind(2)
         k, v = self.k_norm(k).transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, hd)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        out = self.attention(q, k, v, mask[:, None, None, :])  # (B, heads, N, hd)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
@@ -315,10 +329,7 @@ class DiT(nn.Module):
             drop_text = torch.rand(B, device=x.device) < cfg.text_dropout
         text, text_mask = self.text_embedder(text, text_mask, B, drop_text)  # (B, L, D)
         for block in self.blocks:
-            if cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, c, text, text_mask, rope, grid.shape, use_reentrant=False)
-            else:
-                h = block(h, c, text, text_mask, rope, grid.shape)
+            h = block(h, c, text, text_mask, rope, grid.shape)
         out = self.final_layer(h, c)  # (B, N, pt*ph*pw*C)
         return unpatchify(out, grid)
 

@@ -14,7 +14,7 @@ length-aware transform; `shift` itself is the same knob as diffusers' scheduler 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,10 +59,20 @@ def sample_timesteps(
     config: FlowConfig,
     num_tokens: int,
     device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Training times (B,): logit-normal, then shifted for the clip's token count."""
-    z = torch.randn(batch, device=device, generator=generator)
+    """Training times (B,): logit-normal, then shifted for the clip's token count.
+
+    `generator` is one generator for the batch, or one per sample (training seeds each
+    sample by (seed, step, slot), so t does not depend on batching or worker count); a
+    per-sample generator gives one normal draw for its sample.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        z = torch.randn(batch, device=device, generator=generator)
+    else:
+        if len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for a batch of {batch}")
+        z = torch.cat([torch.randn(1, device=device, generator=g) for g in generator])
     t = torch.sigmoid(config.logit_mean + config.logit_std * z)
     return shift_timesteps(t, config.shift(num_tokens))
 
@@ -78,12 +88,21 @@ def flow_loss(
     x0: torch.Tensor,
     t: torch.Tensor,
     noise: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
     **cond,
 ) -> torch.Tensor:
-    """Mean squared error between model(x_t, t, **cond) and the velocity noise - x0."""
+    """Mean squared error between model(x_t, t, **cond) and the velocity noise - x0.
+
+    With per-sample `weight` (B,): the weighted *sum* of per-sample MSEs, sum_i w_i mse_i
+    (w = 0 for padding). The caller divides by the weight summed over all its workers: a
+    sharded batch's mean needs the global sum, which this function cannot see.
+    """
     noise = torch.randn_like(x0) if noise is None else noise
     pred = model(interpolate(x0, noise, t), t, **cond)
-    return (pred.float() - (noise - x0).float()).square().mean()
+    err = (pred.float() - (noise - x0).float()).square()
+    if weight is None:
+        return err.mean()
+    return (err.flatten(1).mean(1) * weight).sum()
 
 
 def flow_sigmas(steps: int, shift: float, device: torch.device | str | None = None) -> torch.Tensor:

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.metrics import psnr
 from models.vae_blocks import (
     Cache,
     Decoder,
@@ -55,9 +55,8 @@ class VAEConfig:
     scaling_factor: float = 1.0  # set by VideoVAE.fit_scaling after training
     shift_factor: float = 0.0
 
-    def __post_init__(self) -> None:
-        self.channels = tuple(int(c) for c in self.channels)  # YAML gives lists
-        self.temporal_strides = tuple(int(s) for s in self.temporal_strides)
+    def validate(self) -> None:
+        """Value rules; the config loader and `VideoVAE` call it (as every config's)."""
         if len(self.temporal_strides) != len(self.channels) - 1:
             raise ValueError(
                 f"VAEConfig.temporal_strides has {len(self.temporal_strides)} entries; it needs "
@@ -84,7 +83,13 @@ class VAEConfig:
         for key in d:
             if key not in known:
                 raise ValueError(f"unknown VAEConfig key {key!r}; known keys: {sorted(known)}")
-        return cls(**d)
+        d = dict(d)
+        for key in ("channels", "temporal_strides"):  # JSON gives lists
+            if key in d:
+                d[key] = tuple(int(v) for v in d[key])
+        config = cls(**d)
+        config.validate()
+        return config
 
 
 def _debug() -> VAEConfig:
@@ -164,6 +169,7 @@ def check_latent(z: Tensor, latent_channels: int) -> None:
 class VideoVAE(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
+        config.validate()
         self.config = config
         p2 = config.patch_size**2
         args = (config.latent_channels, config.channels, config.num_res_blocks)
@@ -347,12 +353,6 @@ class VideoVAE(nn.Module):
 
 
 # ---- training loss -----------------------------------------------------------------------
-def psnr(x: Tensor, y: Tensor) -> float:
-    """PSNR in dB between videos in [-1, 1] (peak-to-peak 2)."""
-    mse = F.mse_loss(y.clamp(-1, 1).float(), x.float()).item()
-    return 10 * math.log10(4.0 / max(mse, 1e-12))
-
-
 def vae_loss(
     x: Tensor,
     recon: Tensor,

@@ -1,9 +1,15 @@
-"""The `tubelet` command line. Each subcommand is a small function registered in COMMANDS.
+"""The `tubelet` command line: all of its argparse, exit codes and error printing.
 
-Every subcommand takes `--config FILE` (a YAML file of its config dataclass; default
-`configs/<command>/default.yaml`) and repeated `--set dotted.key=value` overrides; its own
-flags (e.g. `--num-videos`) are applied last. A bad key or value exits with status 2 and one
-line naming it.
+Each subcommand is a pair in COMMANDS: `add_<command>(sub)` declares its flags and
+`run_<command>(args)` loads its config and calls its module (pipeline/<command>.py), which
+knows nothing of argparse. Every subcommand takes `--config FILE` (a YAML file of its config
+dataclass; default `configs/<command>/default.yaml`) and repeated `--set dotted.key=value`
+overrides; its own flags (e.g. `--num-videos`, `--vae`) are config keys too and apply last.
+
+Exit status: 0 done; 2 bad input the user can fix (any `pipeline.config.UsageError`: a config
+key or value, an input path, a dataset, an occupied output), one line on stderr; 1 training
+that failed more often than `max_failures` allows (`TrainFailed`), or eval-vae with no video.
+torch and Ray are imported by the command that runs, so `tubelet --help` stays fast.
 """
 
 from __future__ import annotations
@@ -15,29 +21,38 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, load_config, write_run_record
+from pipeline.config import ConfigError, UsageError, resolve_config, write_run_record
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-def default_config_path(command: str) -> Path | None:
-    path = CONFIG_DIR / command / "default.yaml"
-    return path if path.is_file() else None
+Sub = argparse._SubParsersAction
 
 
-def resolve_config(cls: type, command: str, args: argparse.Namespace, flags: dict[str, Any]):
-    """--config (or the command's default file) <- --set overrides <- explicit flags."""
-    overrides = list(args.set or [])
-    overrides += [f"{k}={v}" for k, v in flags.items() if v is not None]
-    path = args.config if args.config is not None else default_config_path(command)
-    return load_config(cls, path, overrides)
+def config(cls: type, args: argparse.Namespace, **flags: Any):
+    """The command's config: --config (or its default file) <- --set <- its own flags."""
+    return resolve_config(cls, args.command, args.config, args.set or [], flags)
+
+
+def add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of a training run: its folder, worker count, resume, cluster."""
+    p.add_argument("--output", required=True, type=Path, help="run directory")
+    p.add_argument("--workers", type=int, help="Ray Train workers (config: num_workers)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output from its last checkpoint")
+    add_address(p)
+
+
+INPUT_HELP = "videos: a folder (recursive), a glob, or a .jsonl/.csv/.parquet manifest"
 
 
 # ---------------------------------------------------------------------------------------------
-# Subcommands
+# synth
 
 
-def add_synth(sub: argparse._SubParsersAction) -> None:
+def add_synth(sub: Sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "synth",
         help="write the embedded default dataset: captioned synthetic mp4 videos",
@@ -48,14 +63,13 @@ def add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, type=Path, help="directory to write videos to")
     p.add_argument("--num-videos", type=int, help="number of videos (config: num_videos)")
     p.add_argument("--seed", type=int, help="random seed; same seed, same dataset (config: seed)")
-    p.set_defaults(run=run_synth)
+    return p
 
 
 def run_synth(args: argparse.Namespace) -> int:
     from pipeline.synth import SynthConfig, synthesize
 
-    cfg = resolve_config(SynthConfig, "synth", args,
-                         {"num_videos": args.num_videos, "seed": args.seed})
+    cfg = config(SynthConfig, args, num_videos=args.num_videos, seed=args.seed)
     start = time.perf_counter()
     rows = synthesize(cfg, args.output)
     seconds = time.perf_counter() - start
@@ -66,7 +80,11 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_preprocess(sub: argparse._SubParsersAction) -> None:
+# ---------------------------------------------------------------------------------------------
+# preprocess
+
+
+def add_preprocess(sub: Sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "preprocess",
         help="videos -> probe -> buckets -> PyAV decode -> VAE encode -> latent Parquet",
@@ -78,55 +96,147 @@ def add_preprocess(sub: argparse._SubParsersAction) -> None:
                    help="a folder of videos (recursive; uses captions.jsonl beside them), a glob, "
                    "or a .jsonl/.csv/.parquet manifest with a 'path' column")
     p.add_argument("--output", required=True, type=Path, help="output directory")
-    p.add_argument("--vae", default=None, help="VAE checkpoint (safetensors from train-vae)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.set_defaults(run=run_preprocess)
+    p.add_argument("--vae", default=None, help="VAE checkpoint (safetensors from train-vae); "
+                   "the same as --set vae.checkpoint=CKPT")
+    add_address(p)
+    return p
 
 
 def run_preprocess(args: argparse.Namespace) -> int:
-    from pipeline.preprocess import PreprocessConfig, print_summary
-    from pipeline.preprocess import run_preprocess as run
-    from pipeline.sources import SourceError
+    from pipeline.preprocess import run_preprocess
+    from pipeline.report import print_preprocess_summary
+    from pipeline.streams import PreprocessConfig
 
-    cfg = resolve_config(PreprocessConfig, "preprocess", args, {})
-    try:
-        summary = run(cfg, args.input, args.output, vae_checkpoint=args.vae or "",
-                      address=args.address)
-    except SourceError as e:
-        print(f"tubelet preprocess: {e}", file=sys.stderr)
-        return 2
-    print_summary(summary)
+    cfg = config(PreprocessConfig, args, **{"vae.checkpoint": args.vae})
+    summary = run_preprocess(cfg, args.input, args.output, address=args.address)
+    print_preprocess_summary(summary)
     return 0
 
 
-def add_train(sub: argparse._SubParsersAction) -> None:
-    from pipeline.train import register  # torch + ray.data: ~3 s, paid by every command
-
-    register(sub)
+# ---------------------------------------------------------------------------------------------
+# train-vae, eval-vae
 
 
-def add_vae_commands(sub: argparse._SubParsersAction) -> None:
-    from pipeline.eval_vae import register_eval_vae
-    from pipeline.train_vae import register_train_vae
+def add_train_vae(sub: Sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train-vae",
+        help="train the causal 3D VAE on Ray Train, fed by the decode stages",
+        description="Stream videos through probe, bucket and decode actor pools into Ray Train "
+        "workers (DDP) that train the video VAE on random crops. Validation loss on held-out "
+        "clips, checkpoints, RUN/metrics.jsonl, RUN/loss.png, RUN/recon.png and the trained "
+        "VAE in RUN/export/vae.safetensors.",
+    )
+    p.add_argument("--input", required=True, help=INPUT_HELP)
+    p.add_argument("--val", default=None,
+                   help="held-out videos (default: data.val_videos videos of --input)")
+    add_run_flags(p)
+    return p
 
-    register_train_vae(sub)
-    register_eval_vae(sub)
+
+def run_train_vae(args: argparse.Namespace) -> int:
+    from pipeline.train_vae import TrainVAEConfig, run_train_vae
+
+    cfg = config(TrainVAEConfig, args, num_workers=args.workers)
+    summary = run_train_vae(cfg, args.input, args.output, val_src=args.val,
+                            resume=args.resume, address=args.address)
+    print(f"trained {summary['steps']} steps in {summary['wall_seconds']}s; held-out "
+          f"PSNR {summary['held_out_psnr']:.2f} dB, SSIM {summary['held_out_ssim']:.4f}; "
+          f"VAE in {summary['export']}")
+    return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_synth, add_preprocess, add_vae_commands, add_train]
+def add_eval_vae(sub: Sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "eval-vae",
+        help="PSNR and SSIM of a VAE checkpoint on videos, per video and overall",
+        description="Cut videos of any size into clips by the bucket rules (config: "
+        "preprocess.buckets), reconstruct them with the VAE in an actor pool and report "
+        "PSNR and SSIM per clip, per video and overall (DIR/eval.json, DIR/eval.md and a "
+        "table on stdout). Config: configs/eval-vae/*.yaml.",
+    )
+    p.add_argument("--vae", default=None,
+                   help="VAE checkpoint (.safetensors written by train-vae); the same as "
+                   "--set checkpoint=CKPT (default: the shipped VAE)")
+    p.add_argument("--input", required=True, help=INPUT_HELP)
+    p.add_argument("--output", default=None, type=Path,
+                   help="write eval.json, eval.md, errors/ (and videos/) here")
+    p.add_argument("--videos", action="store_true",
+                   help="also write each reconstruction as an h264 mp4 in DIR/videos")
+    add_address(p)
+    return p
+
+
+def run_eval_vae(args: argparse.Namespace) -> int:
+    from pipeline.eval_vae import EvalVAEConfig, run_eval_vae
+    from pipeline.report import eval_table
+
+    cfg = config(EvalVAEConfig, args, checkpoint=args.vae)
+    report = run_eval_vae(cfg, args.input, args.output, args.videos, args.address)
+    print(eval_table(report))
+    o = report["overall"]
+    where = f"; {args.output}/eval.json" if args.output else ""
+    print(f"{o['videos']} videos, {o['clips']} clips, {len(report['errors'])} errors or skips, "
+          f"{report['compression']} VAE; {report['wall_seconds']}s{where}")
+    return 0 if o["videos"] else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+def add_train(sub: Sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train",
+        help="train the DiT on Ray Train: FSDP2 workers fed by Ray Data",
+        description="Train a video DiT (and its text encoder) with FSDP2-sharded Ray Train "
+        "workers. Sharded checkpoints every checkpoint_every steps, an exported EMA model in "
+        "RUN/export, metrics in RUN/metrics.jsonl and RUN/loss.png. model.in_channels comes "
+        "from the data (the latents' channels).",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", type=Path, help="latent dataset (DIR/latents of preprocess)")
+    src.add_argument("--input", help="videos: stream them through decode + VAE into training "
+                     "(no latent copy; config section 'preprocess')")
+    add_run_flags(p)
+    return p
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from pipeline.train import TrainConfig, run_train
+
+    cfg = config(TrainConfig, args, num_workers=args.workers)
+    summary = run_train(cfg, args.output, data=args.data, input_src=args.input,
+                        resume=args.resume, address=args.address)
+    print(f"trained {summary['steps']} steps in {summary['wall_seconds']}s; final loss "
+          f"{summary['final_loss']:.4f}; EMA model in {summary['export']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The table, the parser, main
+
+COMMANDS: dict[str, tuple[Callable[[Sub], argparse.ArgumentParser],
+                          Callable[[argparse.Namespace], int]]] = {
+    "synth": (add_synth, run_synth),
+    "preprocess": (add_preprocess, run_preprocess),
+    "train-vae": (add_train_vae, run_train_vae),
+    "eval-vae": (add_eval_vae, run_eval_vae),
+    "train": (add_train, run_train),
+}
 
 
 def config_classes() -> dict[str, type]:
-    """Config dataclass of each `configs/<kind>/` folder (the tests load every shipped file)."""
-    from pipeline.preprocess import PreprocessConfig
+    """Config dataclass of each `configs/<folder>/` (a command, or a shared table); the tests
+    load every shipped file with it."""
+    from actors.common.buckets import BucketConfig
+    from pipeline.eval_vae import EvalVAEConfig
+    from pipeline.streams import PreprocessConfig
     from pipeline.synth import SynthConfig
     from pipeline.train import TrainConfig
     from pipeline.train_vae import TrainVAEConfig
 
     return {"synth": SynthConfig, "preprocess": PreprocessConfig, "train": TrainConfig,
-            "vae": TrainVAEConfig}
+            "train-vae": TrainVAEConfig, "eval-vae": EvalVAEConfig, "buckets": BucketConfig}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,13 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ray-based pipelined dataflow for video diffusion transformers.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in COMMANDS:
-        add(sub)
-    for p in sub.choices.values():
+    for add, run in COMMANDS.values():
+        p = add(sub)
         p.add_argument("--config", type=Path, metavar="FILE",
                        help="YAML config file (default: configs/<command>/default.yaml)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override one config key, e.g. --set seed=3 (repeatable)")
+        p.set_defaults(run=run)
     return parser
 
 
@@ -149,9 +259,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except ConfigError as e:
-        print(f"tubelet {args.command}: config error: {e}", file=sys.stderr)
+    except UsageError as e:  # bad input: one line, exit 2
+        kind = "config error: " if isinstance(e, ConfigError) else ""
+        print(f"tubelet {args.command}: {kind}{e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from pipeline.ray_train import TrainFailed  # loaded already by whatever raised it
+
+        if not isinstance(e, TrainFailed):
+            raise
+        print(f"tubelet {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

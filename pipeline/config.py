@@ -5,6 +5,14 @@ every key and value against those declarations, so an unknown key, a wrong type 
 impossible value is one `ConfigError` naming the file, the key and what is allowed.
 Dataclasses may define `validate(self) -> None` raising `ValueError` for value rules
 (e.g. "must be > 0"); the loader adds the file and key to the message.
+
+Shared tables (the bucket table) are written once, in `configs/buckets/<name>.yaml`; a config
+key of that type may give the table's name (`buckets: default`) or a `.yaml` path instead of
+the table itself. The loader reads it (errors name the table's file) and every run record
+holds the whole table, so a recorded `config.yaml` still reproduces the run.
+
+`resolve_config` is what every command does: `--config` (default
+`configs/<command>/default.yaml`) <- each `--set dotted.key=value` <- the command's own flags.
 """
 
 from __future__ import annotations
@@ -23,9 +31,16 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "configs"
 
 
-class ConfigError(ValueError):
+class UsageError(ValueError):
+    """Input the user can fix (a bad config, path, dataset or output folder): the CLI prints
+    the one-line message and exits with status 2. Each kind of input has a subclass."""
+
+
+class ConfigError(UsageError):
     """A bad config file, key or value. The message is one line meant for the user."""
 
 
@@ -175,19 +190,68 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    set_key(data, keys, value, f"--set '{assignment}'")
+
+
+def set_key(data: dict[str, Any], keys: list[str], value: Any, what: str) -> None:
+    """data[k0][k1]...[kn] = value, creating mappings on the way."""
     node = data
     for k in keys[:-1]:
         child = node.setdefault(k, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set '{assignment}': '{k}' is not a mapping")
+            raise ConfigError(f"{what}: '{k}' is not a mapping")
         node = child
     node[keys[-1]] = value
 
 
+def _shared_tables() -> dict[type, Path]:
+    """Config types written once as named tables: type -> the folder of its tables."""
+    from actors.common.buckets import BucketConfig
+
+    return {BucketConfig: CONFIG_DIR / "buckets"}
+
+
+def read_table(cls: type, ref: str, folder: Path, where: str, key: str) -> dict[str, Any]:
+    """The mapping of a shared table given by name (a file in `folder`) or by .yaml path;
+    checked against `cls` here, so a bad table names its own file and key."""
+    by_name = "/" not in ref and not ref.endswith((".yaml", ".yml"))
+    candidates = [folder / f"{ref}.yaml"] if by_name else [Path(ref), ROOT / ref]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise ConfigError(f"{where}: key '{key}': no table {ref!r} (named tables in {folder}: "
+                          f"{known}); give one of those names, a .yaml path, or the table")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    from_dict(cls, loaded, where=str(path))
+    return loaded
+
+
+def expand_tables(cls: type, data: dict[str, Any], where: str, prefix: str = "") -> None:
+    """In place: each key of a shared-table type whose value is a name or path becomes that
+    table's mapping (so `--set buckets.target_fps=4` works on `buckets: default` too)."""
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return
+    tables = _shared_tables()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp, value = hints[f.name], data[f.name]
+        if tp in tables and isinstance(value, str):
+            data[f.name] = read_table(tp, value, tables[tp], where, prefix + f.name)
+        elif dataclasses.is_dataclass(tp):
+            expand_tables(tp, value, where, prefix + f.name + ".")
+
+
 def load_config(
-    cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+    cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+    flags: dict[str, Any] | None = None,
 ) -> T:
-    """Defaults of `cls` <- YAML file `path` <- each `--set dotted.key=value` in order."""
+    """Defaults of `cls` <- YAML file `path` <- each `--set dotted.key=value` in order <- `flags`
+    ({dotted key: value}, values used as given: a command's own options)."""
     data: dict[str, Any] = {}
     where = "defaults"
     if path is not None:
@@ -202,11 +266,32 @@ def load_config(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of keys at the top level")
         data = loaded or {}
+    expand_tables(cls, data, where)
     if overrides:
         where = f"{where} + --set"
         for assignment in overrides:
             apply_override(data, assignment)
+            expand_tables(cls, data, where)
+    if flags and not overrides:
+        where = f"{where} + options"
+    for dotted, value in (flags or {}).items():
+        set_key(data, dotted.split("."), value, f"option for {dotted}")
     return from_dict(cls, data, where=where)
+
+
+def default_config_path(command: str) -> Path | None:
+    path = CONFIG_DIR / command / "default.yaml"
+    return path if path.is_file() else None
+
+
+def resolve_config(cls: type[T], command: str, config: str | Path | None = None,
+                   overrides: list[str] | tuple[str, ...] = (),
+                   flags: dict[str, Any] | None = None) -> T:
+    """`config` (default `configs/<command>/default.yaml`) <- `overrides` (`--set`) <- `flags`
+    (the command's own options; None values are options not given)."""
+    path = config if config is not None else default_config_path(command)
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    return load_config(cls, path, overrides, given)
 
 
 def package_versions() -> dict[str, str]:

@@ -1,10 +1,11 @@
 """`tubelet eval-vae`: reconstruction quality of a VAE checkpoint on videos (PSNR, SSIM).
 
-    tubelet eval-vae --vae CKPT --input VIDEOS [--output DIR] [--videos] [--address ADDR]
+    tubelet eval-vae --input VIDEOS [--vae CKPT] [--output DIR] [--videos] [--address ADDR]
 
-Videos of any size, aspect ratio and length become clips by the bucket rules of the config's
-`preprocess.buckets` (the same probe -> assign -> decode actor pools as `preprocess` and
-`train-vae`), then a `VAEEvalStage` pool encodes, decodes and measures each clip
+`--vae CKPT` is `--set checkpoint=CKPT` (default: configs/eval-vae/default.yaml's, the shipped
+VAE). Videos of any size, aspect ratio and length become clips by the bucket rules of the
+config's `preprocess.buckets` (`clip_stream`: the same probe -> assign -> decode actor pools as
+`preprocess` and `train-vae`), then a `VAEEvalStage` pool encodes, decodes and measures each clip
 (actors/vae_eval.py has the metric definitions). Per video: the mean over its clips; overall:
 the mean over videos (and over clips, also reported). Output in DIR: eval.json (overall, per
 video, per clip, config, checkpoint), eval.md (the table printed on stdout), errors/,
@@ -13,27 +14,57 @@ videos/*.mp4 with --videos (h264 reconstructions). Without --output only the tab
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow.dataset as pds
 
-from actors.vae_eval import VAEEvalStage, load_eval_vae
-from pipeline.config import ConfigError, to_dict, write_run_record
-from pipeline.runtime import check_budget, init_ray
-from pipeline.sources import SourceError, list_sources
-from pipeline.train import quiet
-from pipeline.train_vae import TrainVAEConfig, clip_stream, resolve_vae_config
+from actors.common.vae import load_checkpoint_vae, resolve_checkpoint
+from actors.vae_eval import VAEEvalStage
+from pipeline.config import UsageError, to_dict, write_run_record
+from pipeline.ray_train import keep_order, no_progress_bars
+from pipeline.report import eval_table
+from pipeline.runtime import RayConfig, StageResources, check_budget, init_ray
+from pipeline.sources import list_sources
+from pipeline.streams import ClipConfig, clip_stream
 
 
-class EvalError(ValueError):
+@dataclass
+class VAEEvalConfig:
+    """The reconstruction pool and its settings (the `eval:` section)."""
+
+    stage: StageResources = field(default_factory=lambda: StageResources(0.5, batch_size=4))
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tile_px: int = 0  # > 0: tiled encode/decode (bounded memory for large frames)
+    crf: int = 18  # h264 quality of the reconstructed mp4s (--videos)
+
+    def validate(self) -> None:
+        if self.tile_px < 0 or not 0 <= self.crf <= 51:
+            raise ValueError("tile_px: must be >= 0; crf: must be in [0, 51]")
+
+
+@dataclass
+class EvalVAEConfig:
+    """configs/eval-vae/*.yaml."""
+
+    checkpoint: str = "weights/vae-default.safetensors"  # --vae; a save_vae() safetensors file
+    preprocess: ClipConfig = field(default_factory=ClipConfig)  # buckets, decode pools
+    eval: VAEEvalConfig = field(default_factory=VAEEvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise ValueError("checkpoint: give a VAE checkpoint (--vae FILE, a .safetensors "
+                             "file written by `tubelet train-vae`)")
+
+
+class EvalError(UsageError):
     """A checkpoint that cannot be evaluated; the message is one line for the user."""
 
 
@@ -58,29 +89,18 @@ def summarize(clips: list[dict], vae: str, factors: str) -> dict[str, Any]:
             "per_clip": sorted(clips, key=lambda c: (c["path"], c["start"]))}
 
 
-def table(report: dict[str, Any]) -> str:
-    """Markdown table: one line per video, then the overall line."""
-    lines = ["| video | size (bucket px) | clips | frames | PSNR (dB) | SSIM |",
-             "|---|---|---:|---:|---:|---:|"]
-    for v in report["per_video"]:
-        lines.append(f"| {Path(v['path']).name} | {v['size']} | {v['clips']} | {v['frames']} "
-                     f"| {v['psnr']:.2f} | {v['ssim']:.4f} |")
-    o = report["overall"]
-    if o["videos"]:
-        lines.append(f"| **overall** (mean of {o['videos']} videos) | | {o['clips']} | "
-                     f"{o['frames']} | **{o['psnr']:.2f}** | **{o['ssim']:.4f}** |")
-    return "\n".join(lines)
-
-
-def run_eval_vae(cfg: TrainVAEConfig, vae: str, src: str, output: str | Path | None = None,
+def run_eval_vae(cfg: EvalVAEConfig, src: str, output: str | Path | None = None,
                  videos: bool = False, address: str | None = None) -> dict[str, Any]:
     """Raises EvalError (bad checkpoint) or SourceError (bad input) before starting Ray."""
     import ray
     from ray.data import DataContext
 
+    if videos and output is None:
+        raise EvalError("--videos needs --output DIR (the mp4s go to DIR/videos)")
+    vae = cfg.checkpoint
     start = time.perf_counter()
     try:
-        model = load_eval_vae(vae)  # a bad path or file fails here, in one line
+        model = load_checkpoint_vae(vae)  # a bad path or file fails here, in one line
     except ValueError as e:
         raise EvalError(str(e)) from None
     factors = f"{model.temporal_factor}x{model.spatial_factor}x{model.spatial_factor}"
@@ -95,16 +115,17 @@ def run_eval_vae(cfg: TrainVAEConfig, vae: str, src: str, output: str | Path | N
     if videos_dir is not None:
         videos_dir.mkdir(exist_ok=True)
     p = cfg.preprocess
-    stages = {"probe": p.probe, "assign": p.assign, "decode": p.decode, "eval": cfg.eval.stage}
+    stages = {**p.stages(), "eval": cfg.eval.stage}
     started = init_ray(address, cfg.ray)
     clips: list[dict] = []
     try:
         if started and not address:
             check_budget(stages)
-        quiet(DataContext.get_current())
+        keep_order(DataContext.get_current())
+        no_progress_bars(DataContext.get_current())
         ds = clip_stream(p, sources, out / "errors").map_batches(
             VAEEvalStage, **cfg.eval.stage.map_batches_kwargs(
-                checkpoint=str(Path(vae).resolve()), buckets=p.buckets,
+                checkpoint=resolve_checkpoint(vae), buckets=p.buckets,
                 errors_dir=str(out / "errors"), device=cfg.eval.device,
                 tile_px=cfg.eval.tile_px, videos_dir=str(videos_dir or ""), crf=cfg.eval.crf,
                 num_cpus=cfg.eval.stage.num_cpus))
@@ -124,48 +145,7 @@ def run_eval_vae(cfg: TrainVAEConfig, vae: str, src: str, output: str | Path | N
         scratch.cleanup()
     else:
         (out / "eval.json").write_text(json.dumps(report, indent=2))
-        (out / "eval.md").write_text(table(report) + "\n")
+        (out / "eval.md").write_text(eval_table(report) + "\n")
         write_run_record(out, "eval-vae", cfg, input=src, vae=str(vae), videos=videos,
                          overall=report["overall"], wall_seconds=report["wall_seconds"])
     return report
-
-
-def register_eval_vae(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval-vae",
-        help="PSNR and SSIM of a VAE checkpoint on videos, per video and overall",
-        description="Cut videos of any size into clips by the bucket rules (config: "
-        "preprocess.buckets), reconstruct them with the VAE in an actor pool and report "
-        "PSNR and SSIM per clip, per video and overall (DIR/eval.json, DIR/eval.md and a "
-        "table on stdout). Config: configs/vae/*.yaml (sections preprocess, eval, ray).",
-    )
-    p.add_argument("--vae", required=True,
-                   help="VAE checkpoint (.safetensors written by train-vae)")
-    p.add_argument("--input", required=True,
-                   help="videos: a folder (recursive), a glob, or a .jsonl/.csv/.parquet manifest")
-    p.add_argument("--output", default=None, type=Path,
-                   help="write eval.json, eval.md, errors/ (and videos/) here")
-    p.add_argument("--videos", action="store_true",
-                   help="also write each reconstruction as an h264 mp4 in DIR/videos")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.set_defaults(run=run_eval_vae_command)
-
-
-def run_eval_vae_command(args: argparse.Namespace) -> int:
-    cfg = resolve_vae_config(args, {})
-    if args.videos and args.output is None:
-        raise ConfigError("--videos needs --output DIR (the mp4s go to DIR/videos)")
-    try:
-        report = run_eval_vae(cfg, args.vae, args.input, args.output, args.videos,
-                              args.address)
-    except (EvalError, SourceError) as e:
-        print(f"tubelet eval-vae: {e}", file=sys.stderr)
-        return 2
-    print(table(report))
-    o = report["overall"]
-    where = f"; {args.output}/eval.json" if args.output else ""
-    print(f"{o['videos']} videos, {o['clips']} clips, {len(report['errors'])} errors or skips, "
-          f"{report['compression']} VAE; {report['wall_seconds']}s{where}")
-    return 0 if o["videos"] else 1
-

@@ -19,12 +19,14 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from pipeline.config import UsageError
+
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts",
                     ".flv", ".wmv", ".3gp", ".gif", ".nut")
 SOURCE_SCHEMA = pa.schema([("path", pa.string()), ("caption", pa.string())])
 
 
-class SourceError(ValueError):
+class SourceError(UsageError):
     """The input itself (not one video in it) is unusable."""
 
 

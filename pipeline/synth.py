@@ -15,13 +15,15 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
+
+from actors.common.video import write_mp4
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -194,25 +196,24 @@ def render_video(cfg: SynthConfig, index: int, out_dir: Path) -> dict[str, Any]:
 
     rel = f"video_{index:05d}.mp4"
     boxes: list[list[int]] = []
-    with av.open(str(out_dir / rel), "w") as container:
-        stream = container.add_stream(cfg.codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(cfg.crf), "preset": cfg.preset}
-        stream.codec_context.thread_count = 1  # one process per core already
+
+    def frames() -> Iterator[np.ndarray]:
+        nonlocal x, y, vx, vy
         for _ in range(num_frames):
             x0, y0 = int(round(x)), int(round(y))
             frame = background.copy()
             frame[y0:y0 + size, x0:x0 + size][mask] = rgb
             boxes.append([x0, y0, x0 + size, y0 + size])
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
+            yield frame
             x, y = x + vx, y + vy  # move, then bounce off the edges
             if not 0 <= x <= width - size:
                 vx, x = -vx, min(max(x, 0.0), float(width - size))
             if not 0 <= y <= height - size:
                 vy, y = -vy, min(max(y, 0.0), float(height - size))
-        for packet in stream.encode():
-            container.mux(packet)
+
+    # one encoder thread: synthesize already runs one process per core
+    write_mp4(out_dir / rel, frames(), fps, codec=cfg.codec, crf=cfg.crf, preset=cfg.preset,
+              threads=1)
 
     return {
         "path": rel,

@@ -12,19 +12,19 @@ Pipelined (`--input`): probe -> assign -> decode -> VAE encode actors, split acr
 with `streaming_split`; each worker cuts its rows into single-bucket batches. Nothing is
 materialised; every epoch decodes again. Resume restores weights and step, not the order.
 
+The model's input channels are a fact of the data: `model.in_channels` is set from the
+dataset's `latent_shape` (`--data`) or from the VAE that encodes the stream (`--input`), and
+the resolved config records it.
+
 RUN/: config.yaml, run.json, metrics.jsonl, loss.png, checkpoints/step_N (sharded DCP + the
 resolved config), export/ (EMA model.safetensors + config.json), workers/ (pid, host per rank).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
-import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,67 +32,40 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from actors.workers.train_data import (
-    BatchPlan,
-    Collate,
-    PlanLoader,
-    planned_batches,
-    read_index,
-    streamed_batches,
-)
-from actors.workers.train_dit import RayBackend, TrainLoopConfig, train_loop
-from models.text_encoder import ByteTokenizer
+from actors.workers.train_data import BatchPlan, PlanLoader, read_index
+from actors.workers.train_dit import TrainLoopConfig
 from pipeline.config import to_dict, write_run_record
-from pipeline.preprocess import PreprocessConfig, latent_stream
-from pipeline.runtime import RayConfig, StageResources, init_ray
+from pipeline.ray_train import (
+    ClusterConfig,
+    TrainError,
+    committed_step,
+    fit,
+    keep_order,
+    no_progress_bars,
+    prepare_run,
+    stream_split_config,
+    torch_trainer,
+)
+from pipeline.report import plot_losses, read_metrics
+from pipeline.runtime import StageResources, init_ray
+from pipeline.streams import PreprocessConfig, latent_channels, latent_stream
 
 
 @dataclass
-class WorkerResources:
-    num_cpus: float = 0.5  # per Ray Train worker; torch threads = max(1, int(num_cpus))
-    num_gpus: float = 0.0  # > 0: CUDA, NCCL and `use_gpu`
+class TrainConfig(ClusterConfig, TrainLoopConfig):
+    """configs/train/*.yaml: the loop's fields (TrainLoopConfig), the Ray Train fields
+    (ClusterConfig: num_workers, worker, max_failures, keep_checkpoints, ray) and these."""
 
-
-@dataclass
-class TrainConfig(TrainLoopConfig):
-    num_workers: int = 1
-    worker: WorkerResources = field(default_factory=WorkerResources)
     loader: StageResources = field(default_factory=lambda: StageResources(0.25, batch_size=1))
-    max_failures: int = 2  # worker failures survived (restart from the last checkpoint)
-    keep_checkpoints: int = 3  # newest N kept; 0 = all
-    ray: RayConfig = field(default_factory=RayConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)  # --input stages
 
     def validate(self) -> None:
-        super().validate()
-        if self.num_workers < 1 or self.keep_checkpoints < 0 or self.max_failures < -1:
-            raise ValueError("num_workers must be >= 1, keep_checkpoints >= 0, "
-                             "max_failures >= -1 (-1 = unlimited)")
-
-
-class TrainError(ValueError):
-    """A run that cannot start as asked (bad data, occupied output); one line for the user."""
-
-
-class TrainFailed(RuntimeError):
-    """Workers failed more often than `max_failures` allows."""
+        TrainLoopConfig.validate(self)
+        self.check_cluster()
 
 
 # ---------------------------------------------------------------------------------------------
 # Data for the workers
-
-
-def quiet(ctx: Any) -> None:
-    """Ray Data settings for training input: steps in order, no progress bars (the trainer
-    prints its own progress line)."""
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-
-
-def committed_step(run: Path) -> int:
-    """Step of the last checkpoint Ray Train committed (written by `CommitLog`), else 0."""
-    path = run / "checkpoints" / "latest.json"
-    return int(json.loads(path.read_text())["step"]) if path.is_file() else 0
 
 
 class StepSource(Datasource):
@@ -128,91 +101,32 @@ class RankData:
         start = committed_step(self.run)
         steps = ray.data.read_datasource(StepSource(start, max(start + 1, self.cfg.steps)),
                                          num_cpus=0.01)
-        quiet(steps.context)
+        keep_order(steps.context)  # PlanLoader's output must arrive step by step
+        no_progress_bars(steps.context)
         return steps.map_batches(PlanLoader, **self.cfg.loader.map_batches_kwargs(
             index=self.index, data=self.cfg.data, world_size=self.cfg.num_workers,
             rank=self.rank))
-
-
-def stream_split_config():
-    """Split the pipelined stream across workers without dropping rows (`equal=False`):
-    workers that run out first take zero-weight steps (actors/workers/train_dit.py)."""
-    from ray.train import DataConfig
-
-    class StreamSplit(DataConfig):
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            output = [{} for _ in range(world_size)]
-            for name, ds in datasets.items():
-                ds = ds.copy(ds)
-                ds.context.execution_options = self._resolve_execution_options(name)
-                splits = ds.streaming_split(world_size, equal=False,
-                                            locality_hints=worker_node_ids)
-                for i, split in enumerate(splits):
-                    output[i][name] = split
-            return output
-
-    return StreamSplit()
-
-
-# ---------------------------------------------------------------------------------------------
-# Ray Train: the worker function and its backend
-
-
-def _worker(args: dict[str, Any]) -> None:
-    import ray.train
-    import torch
-
-    cfg: TrainConfig = args["cfg"]
-    backend = RayBackend()
-    if backend.device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.worker.num_cpus)))
-    collate = Collate(ByteTokenizer(cfg.text_encoder.max_len))
-    r, W = backend.rank, backend.world_size
-    if args["stream"]:
-        batches = streamed_batches(ray.train.get_dataset_shard("train"), collate, cfg.data,
-                                   r, W)
-    else:
-        batches = planned_batches(ray.train.get_dataset_shard(f"rank{r}"), collate,
-                                  cfg.data.prefetch_steps)
-    try:
-        train_loop(cfg, backend, batches, Path(args["run"]), args["resolved"],
-                   args["fingerprint"], stream=args["stream"])
-    finally:
-        backend.stack.close()
-
-
-def commit_log(run: Path):
-    from ray.train import UserCallback
-
-    class CommitLog(UserCallback):
-        """On the controller, once a checkpoint is committed: RUN/checkpoints/latest.json,
-        which tells the data factories where a restarted run's stream begins."""
-
-        def after_report(self, run_context, metrics, checkpoint) -> None:
-            if checkpoint is None:
-                return
-            latest = run / "checkpoints" / "latest.json"
-            tmp = latest.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"step": int(metrics[0]["step"]),
-                                       "path": checkpoint.path}))
-            tmp.replace(latest)
-
-    return CommitLog()
 
 
 # ---------------------------------------------------------------------------------------------
 # The job
 
 
-def check_data(cfg: TrainConfig, index: pa.Table) -> dict[str, int]:
-    """Clips per bucket; refuses latents the model cannot take."""
-    shapes = sorted({tuple(s) for s in index.column("latent_shape").to_pylist()})
-    bad = [s for s in shapes if s[0] != cfg.model.in_channels]
-    if bad:
-        raise TrainError(f"latents have {bad[0][0]} channels (shape {bad[0]}) but "
-                         f"model.in_channels is {cfg.model.in_channels}; set "
-                         f"--set model.in_channels={bad[0][0]}")
-    return dict(sorted(Counter(index.column("bucket").to_pylist()).items()))
+def data_channels(index: pa.Table, data: str | Path) -> int:
+    """The one channel count C of the dataset's `latent_shape` (C, T, H, W)."""
+    channels = sorted({int(s[0]) for s in index.column("latent_shape").to_pylist()})
+    if len(channels) != 1:
+        raise TrainError(f"{data}: latents with {' and '.join(map(str, channels))} channels "
+                         "(written by different VAEs); train on one dataset per VAE")
+    return channels[0]
+
+
+def with_channels(cfg: TrainConfig, channels: int) -> TrainConfig:
+    """`cfg` with `model.in_channels` = the data's channel count (said when it changes)."""
+    if channels != cfg.model.in_channels:
+        print(f"[train] model.in_channels = {channels} (the latents' channels; the config "
+              f"said {cfg.model.in_channels})", flush=True)
+    return replace(cfg, model=replace(cfg.model, in_channels=channels))
 
 
 def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = None,
@@ -222,36 +136,45 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
     from ray.data import DataContext
     from ray.train import DataConfig
 
+    from actors.workers.train_dit import ray_worker
+
     if (data is None) == (input_src is None):
         raise TrainError("give exactly one of --data (a latent dataset) or --input (videos)")
     run = Path(output).resolve()
     prepare_run(run, resume)
     stream = input_src is not None
-    resolved = to_dict(cfg)
     start = time.perf_counter()
     fingerprint, counts, datasets = "", {}, {}
-    if not stream:
+    if stream:
+        try:
+            cfg = with_channels(cfg, latent_channels(cfg.preprocess.vae))
+        except ValueError as e:  # no such VAE checkpoint, not a VAE, unknown preset
+            raise TrainError(f"preprocess.vae: {e}") from None
+    else:
         try:
             index = read_index(data)
+            cfg = with_channels(cfg, data_channels(index, data))
             plan = BatchPlan(index, cfg.data, cfg.num_workers)
         except (ValueError, FileNotFoundError) as e:
             raise TrainError(str(e)) from None
-        counts = check_data(cfg, index)
+        counts = dict(sorted(Counter(index.column("bucket").to_pylist()).items()))
         fingerprint = plan.fingerprint
         print(f"[train] {index.num_rows} clips in {len(counts)} buckets "
               f"({', '.join(f'{b}: {n}' for b, n in counts.items())}); "
               f"{plan.steps_per_epoch} steps per epoch, {cfg.steps} steps "
               f"= {cfg.steps / plan.steps_per_epoch:.1f} epochs", flush=True)
         datasets = {f"rank{r}": RankData(run, index, cfg, r) for r in range(cfg.num_workers)}
+    resolved = to_dict(cfg)
     write_run_record(run, "train", cfg, data=str(data) if data else None, input=input_src,
                      resume=resume, clips=sum(counts.values()), buckets=counts)
     started = init_ray(address, cfg.ray)
     try:
-        quiet(DataContext.get_current())
+        keep_order(DataContext.get_current())
+        no_progress_bars(DataContext.get_current())
         if stream:
             datasets = {"train": latent_stream(cfg.preprocess, input_src, run / "errors")}
         trainer = torch_trainer(
-            cfg, _worker, run,
+            cfg, ray_worker, run,
             {"cfg": cfg, "run": str(run), "resolved": resolved, "fingerprint": fingerprint,
              "stream": stream},
             datasets,
@@ -270,123 +193,3 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
     write_run_record(run, "train", cfg, data=str(data) if data else None, input=input_src,
                      resume=resume, **summary)
     return summary
-
-
-def read_metrics(run: Path) -> list[dict]:
-    path = Path(run) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
-
-
-def plot_losses(rows: list[dict], png: Path) -> None:
-    """Loss per step and a running mean (the raw loss is noisy: t is random per sample)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    if not rows:
-        return
-    steps, loss = [r["step"] for r in rows], np.array([r["loss"] for r in rows])
-    k = max(1, len(loss) // 20)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, loss, alpha=0.35, label="loss")
-    ax.plot(steps[k - 1:], np.convolve(loss, np.ones(k) / k, "valid"), label=f"mean of {k}")
-    ax.set(xlabel="step", ylabel="flow-matching loss", yscale="log", title=png.parent.name)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def prepare_run(run: Path, resume: bool) -> None:
-    """A fresh run refuses a RUN that holds checkpoints (unless resuming) and clears what a
-    failed start left behind (Ray's checkpoint folder, metrics)."""
-    if resume:
-        return
-    if any((run / "checkpoints").glob("step_*")):
-        raise TrainError(f"{run} already holds checkpoints: pass --resume to continue "
-                         "that run, or choose a new --output")
-    shutil.rmtree(run / "checkpoints", ignore_errors=True)  # Ray's state of a failed start
-    (run / "metrics.jsonl").unlink(missing_ok=True)
-
-
-def fit(trainer: Any, max_failures: int, run: Path) -> Any:
-    """`trainer.fit()`; a run that used up its restarts raises TrainFailed (one line, with
-    where the last checkpoint is and how to continue)."""
-    import ray.train
-
-    try:
-        return trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        raise TrainFailed(f"training failed after {max_failures} restart(s) (max_failures); "
-                          f"last checkpoint in {run / 'checkpoints'}, continue with --resume: "
-                          f"{e}") from e
-
-
-def torch_trainer(cfg: Any, worker: Any, run: Path, loop_config: dict, datasets: dict,
-                  dataset_config: Any) -> Any:
-    """The TorchTrainer both trainers (DiT, VAE) use: `cfg` has num_workers, worker
-    {num_cpus, num_gpus}, max_failures and keep_checkpoints; checkpoints go to RUN/checkpoints."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    gpu = cfg.worker.num_gpus > 0
-    return TorchTrainer(
-        worker,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=gpu,
-            resources_per_worker={"CPU": cfg.worker.num_cpus, "GPU": cfg.worker.num_gpus}),
-        run_config=RunConfig(
-            name="checkpoints", storage_path=str(run),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
-            callbacks=[commit_log(run)]),
-        datasets=datasets,
-        dataset_config=dataset_config,
-    )
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train the DiT on Ray Train: FSDP2 workers fed by Ray Data",
-        description="Train a video DiT (and its text encoder) with FSDP2-sharded Ray Train "
-        "workers. Sharded checkpoints every checkpoint_every steps, an exported EMA model in "
-        "RUN/export, metrics in RUN/metrics.jsonl and RUN/loss.png.",
-    )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", type=Path, help="latent dataset (DIR/latents of preprocess)")
-    src.add_argument("--input", help="videos: stream them through decode + VAE into training "
-                     "(no latent copy; config section 'preprocess')")
-    p.add_argument("--output", required=True, type=Path, help="run directory")
-    p.add_argument("--workers", type=int, help="Ray Train workers (config: num_workers)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --output from its last checkpoint")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.set_defaults(run=run_command)
-
-
-def run_command(args: argparse.Namespace) -> int:
-    from pipeline.cli import resolve_config
-
-    cfg = resolve_config(TrainConfig, "train", args, {"num_workers": args.workers})
-    try:
-        summary = run_train(cfg, args.output, data=args.data, input_src=args.input,
-                            resume=args.resume, address=args.address)
-    except TrainError as e:
-        print(f"tubelet train: {e}", file=sys.stderr)
-        return 2
-    except TrainFailed as e:
-        print(f"tubelet train: {e}", file=sys.stderr)
-        return 1
-    print(f"trained {summary['steps']} steps in {summary['wall_seconds']}s; final loss "
-          f"{summary['final_loss']:.4f}; EMA model in {summary['export']}")
-    return 0

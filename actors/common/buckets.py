@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -180,3 +184,16 @@ class BucketTable:
             clips.append(ClipPlan(clip_id(path, start, bucket), round(start, 6), bucket))
             start += stride
         return clips, None
+
+
+def shape_chunks(frames: list[np.ndarray], buckets: list[str], batch_sizes: dict[str, int]
+                 ) -> Iterator[list[int]]:
+    """Row indices in forward-sized chunks: one shape per chunk, at most the bucket's batch
+    size (all rows of that shape when the bucket is unknown)."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, f in enumerate(frames):
+        groups[f.shape].append(i)
+    for rows in groups.values():
+        size = batch_sizes.get(buckets[rows[0]], len(rows))
+        for lo in range(0, len(rows), size):
+            yield rows[lo:lo + size]

@@ -88,7 +88,6 @@ def export_ema(out: Path, ema: EMA, model: Denoiser, train_config: dict[str, Any
     out.mkdir(parents=True, exist_ok=True)
     config = {"format": EXPORT_FORMAT, "step": step, "dit": asdict(model.dit.config),
               "text_encoder": asdict(model.text.config), "train": train_config}
-    config["dit"]["grad_checkpointing"] = False
     tmp = out / "model.safetensors.tmp"
     save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
     tmp.replace(out / "model.safetensors")

@@ -1,6 +1,7 @@
 """Apply parallelism to a plain `Denoiser` from outside the model (torchtitan's order):
-activation checkpointing, then `torch.compile` per block, then FSDP2 `fully_shard` on every
-DiT block and text-encoder block, and finally on the root (embedders, final layer, the rest).
+activation checkpointing (`apply_ac`), then `torch.compile` per block, then FSDP2
+`fully_shard` on every DiT block and text-encoder block, and finally on the root (embedders,
+final layer, the rest). The model file knows none of this.
 
 Per-block sharding is what lets FSDP overlap: while block i computes, block i+1's weights are
 all-gathered, and after its forward block i frees them again. Mixed precision is FSDP2's
@@ -12,12 +13,15 @@ process is fine (a 1-rank group), which is how single-worker runs share this cod
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
 
 from models.denoiser import Denoiser
 
@@ -30,13 +34,34 @@ class ParallelConfig:
     reshard_after_forward: bool = True  # False: keep gathered weights until backward (memory)
 
 
+def apply_ac(blocks: Iterable[nn.Module]) -> None:
+    """Full activation checkpointing (torchtitan's `apply_ac`): each block keeps only its
+    inputs in forward and recomputes its activations in backward; memory for compute.
+
+    Wrapped in place (each block's `forward` goes through `checkpoint`) rather than in a
+    wrapper module such as `checkpoint_wrapper`, which would add `_checkpoint_wrapped_module.`
+    to every parameter name: here names, state dicts, EMA, checkpoints and exports stay those
+    of the plain model, and load with or without checkpointing."""
+    for block in blocks:
+        block.forward = _recomputed(block, block.forward)
+
+
+def _recomputed(block: nn.Module, forward):
+    def run(*args, **kwargs):
+        if block.training and torch.is_grad_enabled():  # nothing to save in eval / no_grad
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    return run
+
+
 def parallelize(model: Denoiser, cfg: ParallelConfig, device: torch.device) -> Denoiser:
     """Shard `model` in place over the default process group and move its shards to `device`."""
     if not dist.is_initialized():
         raise RuntimeError("parallelize needs torch.distributed initialised (a 1-rank group "
                            "is fine); the train worker does this")
-    # The DiT's own checkpoint switch: one implementation, turned on from outside.
-    model.dit.config.grad_checkpointing = cfg.activation_checkpointing
+    if cfg.activation_checkpointing:
+        apply_ac(model.dit.blocks)
     if cfg.compile:
         for block in model.dit.blocks:
             block.compile()  # in place: parameter names (and checkpoints) unchanged

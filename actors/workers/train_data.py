@@ -35,12 +35,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from actors.common.schema import INDEX_COLUMNS, LATENT_COLUMNS, require_columns
 from actors.patchify import PatchifyStage
 from models.text_encoder import ByteTokenizer
-
-INDEX_COLUMNS = ("id", "bucket", "latent_shape")
-ROW_COLUMNS = ("id", "path", "caption", "bucket", "fps", "num_frames", "height", "width",
-               "latent", "latent_shape")
 
 
 @dataclass
@@ -79,7 +76,7 @@ def read_index(latents: str | Path) -> pa.Table:
     parts = []
     for f in latent_files(latents):
         meta = pq.ParquetFile(f)
-        missing = [c for c in ROW_COLUMNS if c not in meta.schema_arrow.names]
+        missing = [c for c in LATENT_COLUMNS if c not in meta.schema_arrow.names]
         if missing:
             raise ValueError(f"{f}: not a latent dataset file, lacks column(s) {missing}")
         t = meta.read(columns=list(INDEX_COLUMNS))
@@ -161,8 +158,7 @@ class PlanLoader:
     """
 
     READS = ("step",)
-    WRITES = ROW_COLUMNS + ("step", "slot", "weight")
-    RESOURCES = {"num_cpus": 0.25}
+    WRITES = LATENT_COLUMNS + ("step", "slot", "weight")
 
     def __init__(self, index: pa.Table, data: TrainDataConfig, world_size: int, rank: int,
                  cache_row_groups: int = 16):
@@ -182,7 +178,8 @@ class PlanLoader:
         starts = self.groups[file]
         g = int(np.searchsorted(starts, row, side="right") - 1)
         if (file, g) not in self.cache:
-            self.cache[(file, g)] = pq.ParquetFile(file).read_row_group(g, columns=ROW_COLUMNS)
+            self.cache[(file, g)] = pq.ParquetFile(file).read_row_group(
+                g, columns=list(LATENT_COLUMNS))
             if len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
         self.cache.move_to_end((file, g))
@@ -204,6 +201,7 @@ class PlanLoader:
                 .append_column("weight", pa.array(batch.weights[part], pa.float32())))
 
     def __call__(self, steps: pa.Table) -> pa.Table:
+        require_columns(steps, self.READS, "PlanLoader")
         return pa.concat_tables([self.load_step(s) for s in steps.column("step").to_pylist()])
 
 
@@ -241,7 +239,7 @@ class StreamBatcher:
         return max(1, self.data.batch_size_of(bucket) // self.world_size)
 
     def push(self, table: pa.Table) -> Iterator[pa.Table]:
-        table = table.select(ROW_COLUMNS)
+        table = table.select(LATENT_COLUMNS)
         buckets = table.column("bucket").to_pylist()
         for b in dict.fromkeys(buckets):
             self.buffers[b].append(table.filter(pa.array([x == b for x in buckets])))

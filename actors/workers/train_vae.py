@@ -15,9 +15,12 @@ optional mse_weight * MSE.
 
 Validation: rank 0, on a fixed held-out set of crops decoded once by the driver, with the
 weights that get exported (the EMA), every `val_every` steps, before the first step and at
-the end. Checkpoints: sharded DCP (model, optimizer, EMA, step; actors/workers/checkpoints.py), plus
-`vae.safetensors` (the EMA weights, scaling fitted), usable directly by `eval-vae`/`preprocess`.
-The export `RUN/export/vae.safetensors` is the same file at the last step.
+the end. Checkpoints: sharded DCP (model, optimizer, EMA, step; actors/workers/checkpoints.py),
+plus `vae.safetensors` (the EMA weights, scaling fitted), usable directly by `eval-vae` and
+`preprocess`. The export `RUN/export/vae.safetensors` is the same file at the last step.
+
+The pieces this loop shares with the DiT trainer (backend, process group, optimizer step,
+metrics, progress) are in actors/workers/toolkit.py; `ray_worker` runs it in a Ray Train worker.
 """
 
 from __future__ import annotations
@@ -34,21 +37,28 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from actors.common.tensors import unpack
-from actors.workers.checkpoints import EMA, load_checkpoint, save_checkpoint
-from actors.workers.train_dit import (
+from actors.common.video import to_video
+from actors.workers.checkpoints import EMA
+from actors.workers.toolkit import (
     Backend,
     MetricsLog,
     OptimConfig,
-    build_optimizer,
+    Progress,
     memory_mb,
+    optimizer_step,
+    process_group,
+    ray_backend,
+    reduce_sum,
     sample_seed,
     say,
+    set_lr,
+    train_state,
 )
+from models.metrics import psnr_from_mse
 from models.vae import PRESETS, VAEConfig, VideoVAE, save_vae, vae_loss
 
 
@@ -182,8 +192,7 @@ class ClipBuffer:
             if flip and float(torch.rand(1, generator=g)) < 0.5:
                 crop = crop.flip(2)
             out.append(crop)
-        x = torch.stack(out).permute(0, 4, 1, 2, 3)  # (n, 3, T, H, W)
-        return x.float().div(127.5).sub(1.0)
+        return to_video(torch.stack(out))  # (n, 3, T, H, W)
 
 
 def center_crops(clips: list[np.ndarray], crop: tuple[int, int, int]) -> torch.Tensor:
@@ -194,7 +203,7 @@ def center_crops(clips: list[np.ndarray], crop: tuple[int, int, int]) -> torch.T
         T, H, W, _ = c.shape
         t0, y0, x0 = (T - ct) // 2, (H - ch) // 2, (W - cw) // 2
         out.append(torch.from_numpy(np.array(c[t0:t0 + ct, y0:y0 + ch, x0:x0 + cw])))
-    return torch.stack(out).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+    return to_video(torch.stack(out))
 
 
 def loss_and_stats(cfg: VAETrainLoopConfig, x: torch.Tensor, recon: torch.Tensor,
@@ -205,11 +214,6 @@ def loss_and_stats(cfg: VAETrainLoopConfig, x: torch.Tensor, recon: torch.Tensor
         loss = loss + cfg.loss.mse_weight * mse
     return loss, {"loss": loss.item(), "l1": stats["l1"], "kl": stats["kl"],
                   "mse": F.mse_loss(recon.detach().clamp(-1, 1), x).item()}
-
-
-def psnr_of(mse: float) -> float:
-    """PSNR in dB of an MSE measured on [-1, 1] pixels (peak-to-peak 2)."""
-    return 10 * float(np.log10(4.0 / max(mse, 1e-12)))
 
 
 @torch.no_grad()
@@ -226,7 +230,7 @@ def validate(cfg: VAETrainLoopConfig, model: VideoVAE, val: torch.Tensor,
             sums[k] = sums.get(k, 0.0) + v * len(x)
     model.train()
     out = {k: v / len(val) for k, v in sums.items()}
-    return {**out, "psnr": psnr_of(out["mse"])}
+    return {**out, "psnr": psnr_from_mse(out["mse"], peak=2.0)}
 
 
 def ema_model(cfg: VAETrainLoopConfig, ema: EMA, device: torch.device) -> VideoVAE:
@@ -254,131 +258,118 @@ def train_vae_loop(cfg: VAETrainLoopConfig, backend: Backend,
                    resolved: dict[str, Any], val: torch.Tensor | None = None) -> dict[str, Any]:
     """Train until `cfg.steps`. `source()` starts one pass over this worker's decoded clips
     (Arrow blocks with `frames` + `frames_shape`); `val` holds the held-out crops."""
-    own_group = not dist.is_initialized()
-    if own_group:  # one process: a 1-rank group, so the DDP path is the same as on a cluster
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        return _train(cfg, backend, source, Path(run_dir), resolved, val)
-    finally:
-        if own_group:
-            dist.destroy_process_group()
+    rank, W, device, run_dir = backend.rank, backend.world_size, backend.device, Path(run_dir)
+    with process_group():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        def ddp(module: VideoVAE) -> DistributedDataParallel:
+            return DistributedDataParallel(
+                module, device_ids=[device.index] if device.type == "cuda" else None)
 
+        # the same init on every rank (DDP also broadcasts it)
+        state = train_state(lambda: VideoVAE(replace(cfg.model)).to(device), cfg.optim,
+                            cfg.seed, backend, "train-vae", wrap=ddp)
+        model, ema, start = state.model, state.ema, state.start
+        log = MetricsLog(run_dir, start, rank == 0)
+        d = cfg.data
+        buffer = ClipBuffer(d.buffer_mb * 2**20, (d.crop_frames, d.crop_size, d.crop_size),
+                            seed=cfg.seed + rank)
+        buffer.start(source())
+        passes, streaming = 0, True
 
-def _train(cfg: VAETrainLoopConfig, backend: Backend, source: Callable[[], Iterator[pa.Table]],
-           run_dir: Path, resolved: dict[str, Any], val: torch.Tensor | None) -> dict[str, Any]:
-    rank, W, device = backend.rank, backend.world_size, backend.device
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)  # the same init on every rank (DDP also broadcasts it)
-    module = VideoVAE(replace(cfg.model)).to(device)
-    optim = build_optimizer(module, cfg.optim)
-    ema = EMA(module, cfg.optim.ema_decay)
-    model = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda"
-                                    else None)
-    start, restored = 0, backend.restore_dir()
-    if restored is not None:
-        start = int(load_checkpoint(restored, model, optim, ema)["step"])
-        if rank == 0:
-            say(f"[train-vae] resumed from {restored} at step {start}")
-    log = MetricsLog(run_dir, start, rank == 0)
-    d = cfg.data
-    buffer = ClipBuffer(d.buffer_mb * 2**20, (d.crop_frames, d.crop_size, d.crop_size),
-                        seed=cfg.seed + rank)
-    buffer.start(source())
-    passes, streaming = 0, True
+        def run_validation(step: int) -> None:
+            if rank == 0 and val is not None and len(val):
+                t0 = time.perf_counter()
+                stats = validate(cfg, ema_model(cfg, ema, device), val, device)
+                log.write({"split": "val", "step": step, **stats, "clips": len(val),
+                           "val_s": time.perf_counter() - t0})
+                say(f"[train-vae] step {step} val loss {stats['loss']:.4f} "
+                    f"psnr {stats['psnr']:.2f} dB ({len(val)} held-out crops)")
 
-    def run_validation(step: int) -> None:
-        if rank == 0 and val is not None and len(val):
-            t0 = time.perf_counter()
-            stats = validate(cfg, ema_model(cfg, ema, device), val, device)
-            log.write({"split": "val", "step": step, **stats, "clips": len(val),
-                       "val_s": time.perf_counter() - t0})
-            say(f"[train-vae] step {step} val loss {stats['loss']:.4f} "
-                f"psnr {stats['psnr']:.2f} dB ({len(val)} held-out crops)")
-
-    def save(step: int, metrics: dict) -> None:
-        def write(path: Path) -> None:
-            save_checkpoint(path, model, optim, ema,
-                            {"step": step, "data_fingerprint": "", "world_size": W}, resolved)
+        def export_to(path: Path) -> None:  # each checkpoint also holds a loadable VAE
             if rank == 0:
                 export_vae(path / "vae.safetensors", ema_model(cfg, ema, device), buffer, cfg,
                            device)
-        backend.checkpoint(step, write, metrics)
 
-    if start == 0:
-        run_validation(0)
-    step, row, t_start = start, {}, time.perf_counter()
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        buffer.wait()
-        flags = torch.tensor([float(len(buffer) > 0), float(buffer.done)], device=device)
-        dist.all_reduce(flags)  # [ranks with clips, ranks whose pass has ended]
-        if streaming and flags[1].item() == W:
-            passes += 1
-            streaming = d.passes == 0 or passes < d.passes
-            if streaming:  # every rank at once: the split's next epoch
-                buffer.start(source())
-        if flags[0].item() == 0:  # wait() returned on every rank: all passes ended empty
-            raise RuntimeError(
-                f"no usable clips after a full pass ({buffer.seen} decoded on rank {rank}, "
-                f"{buffer.too_small} smaller than the crop {d.crop_frames}x{d.crop_size}"
-                f"x{d.crop_size}); see RUN/errors, or lower data.crop_*")
-        torch.manual_seed(sample_seed(cfg.seed, step, rank))  # crops and posterior noise
-        weight = 1.0 if len(buffer) else 0.0  # an empty worker takes a zero-weight step
-        if weight:
-            x = buffer.sample(d.batch_size, d.flip, torch.default_generator)
-        else:
-            x = torch.zeros(d.batch_size, 3, d.crop_frames, d.crop_size, d.crop_size)
-        x = x.to(device)
-        t_data = time.perf_counter() - t0
+        if start == 0:
+            run_validation(0)
+        step, row = start, {}
+        progress = Progress("train-vae", start, cfg.steps, cfg.log_every, rank == 0)
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            buffer.wait()
+            # [ranks with clips, ranks whose pass has ended]
+            flags = reduce_sum([float(len(buffer) > 0), float(buffer.done)], device)
+            if streaming and flags[1].item() == W:
+                passes += 1
+                streaming = d.passes == 0 or passes < d.passes
+                if streaming:  # every rank at once: the split's next epoch
+                    buffer.start(source())
+            if flags[0].item() == 0:  # wait() returned on every rank: all passes ended empty
+                raise RuntimeError(
+                    f"no usable clips after a full pass ({buffer.seen} decoded on rank {rank}, "
+                    f"{buffer.too_small} smaller than the crop {d.crop_frames}x{d.crop_size}"
+                    f"x{d.crop_size}); see RUN/errors, or lower data.crop_*")
+            torch.manual_seed(sample_seed(cfg.seed, step, rank))  # crops and posterior noise
+            weight = 1.0 if len(buffer) else 0.0  # an empty worker takes a zero-weight step
+            if weight:
+                x = buffer.sample(d.batch_size, d.flip, torch.default_generator)
+            else:
+                x = torch.zeros(d.batch_size, 3, d.crop_frames, d.crop_size, d.crop_size)
+            x = x.to(device)
+            t_data = time.perf_counter() - t0
 
-        lr = cfg.optim.lr_at(step, cfg.steps)
-        for group in optim.param_groups:
-            group["lr"] = lr
-        total = torch.tensor([weight], device=device)
-        dist.all_reduce(total)
-        recon, posterior = model(x)
-        loss, stats = loss_and_stats(cfg, x, recon, posterior)
-        (loss * weight * W / total[0].clamp(min=1.0)).backward()  # DDP averages over W
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        ema.update()
-        step += 1
+            lr = cfg.optim.lr_at(step, cfg.steps)
+            set_lr(state.optim, lr)
+            total = reduce_sum([weight], device)  # workers with crops this step
+            recon, posterior = model(x)
+            loss, stats = loss_and_stats(cfg, x, recon, posterior)
+            grad_norm = optimizer_step(state, loss * weight, total, W, cfg.optim.grad_clip)
+            step += 1
 
-        sums = torch.tensor([stats[k] * weight for k in ("loss", "l1", "kl", "mse")]
-                            + [weight * d.batch_size, float(buffer.seen)], device=device)
-        dist.all_reduce(sums)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
-        real = max(total.item(), 1.0)
-        row = {"split": "train", "step": step, "loss": sums[0].item() / real,
-               "l1": sums[1].item() / real, "kl": sums[2].item() / real,
-               "psnr": psnr_of(sums[3].item() / real), "lr": lr, "grad_norm": grad_norm,
-               "samples": int(sums[4].item()),
-               "frames_per_s": sums[4].item() * d.crop_frames / dt, "step_s": dt,
-               "data_s": t_data, "buffer_clips": len(buffer), "clips_seen": int(sums[5]),
-               "memory_mb": memory_mb(device), "time": time.time()}
-        log.write(row)
-        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-            eta = (time.perf_counter() - t_start) / (step - start) * (cfg.steps - step)
-            say(f"[train-vae] step {step}/{cfg.steps} loss {row['loss']:.4f} "
-                f"psnr {row['psnr']:.2f} lr {lr:.2e} gnorm {grad_norm:.3f} "
-                f"{row['frames_per_s']:.0f} frames/s buffer {len(buffer)} clips "
-                f"(seen {row['clips_seen']}) eta {eta:.0f}s")
-        if step % d.val_every == 0 or step == cfg.steps:
-            run_validation(step)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save(step, row)
-    if rank == 0:
-        export_vae(run_dir / "export" / "vae.safetensors", ema_model(cfg, ema, device),
-                   buffer, cfg, device)
-        (run_dir / "export" / "train.json").write_text(json.dumps(
-            {"step": step, "config": resolved}, indent=2, default=str))
+            sums = reduce_sum([stats[k] * weight for k in ("loss", "l1", "kl", "mse")]
+                              + [weight * d.batch_size, float(buffer.seen)], device).tolist()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            real = max(total.item(), 1.0)
+            row = {"split": "train", "step": step, "loss": sums[0] / real, "l1": sums[1] / real,
+                   "kl": sums[2] / real, "psnr": psnr_from_mse(sums[3] / real, peak=2.0),
+                   "lr": lr, "grad_norm": grad_norm, "samples": int(sums[4]),
+                   "frames_per_s": sums[4] * d.crop_frames / dt, "step_s": dt,
+                   "data_s": t_data, "buffer_clips": len(buffer), "clips_seen": int(sums[5]),
+                   "memory_mb": memory_mb(device), "time": time.time()}
+            log.write(row)
+            progress(step, f"loss {row['loss']:.4f} psnr {row['psnr']:.2f} lr {lr:.2e} "
+                           f"gnorm {grad_norm:.3f} {row['frames_per_s']:.0f} frames/s buffer "
+                           f"{len(buffer)} clips (seen {row['clips_seen']})")
+            if step % d.val_every == 0 or step == cfg.steps:
+                run_validation(step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                state.save(backend, step, row, resolved, extra=export_to)
+        if rank == 0:
+            export_vae(run_dir / "export" / "vae.safetensors", ema_model(cfg, ema, device),
+                       buffer, cfg, device)
+            (run_dir / "export" / "train.json").write_text(json.dumps(
+                {"step": step, "config": resolved}, indent=2, default=str))
     return {"step": step, "start": start, "last": row, "too_small": buffer.too_small}
 
 
 def local_source(tables: list[pa.Table]) -> Callable[[], Iterator[pa.Table]]:
     """Clip blocks already in this process (tests, benchmarks): one pass per call."""
     return lambda: iter(list(tables))
+
+
+def ray_worker(args: dict[str, Any]) -> None:
+    """A Ray Train worker of `tubelet train-vae` (pipeline/train_vae.py passes it to the
+    TorchTrainer). `args`: cfg (the TrainVAEConfig), run, resolved, val (held-out crops)."""
+    import ray.train
+
+    cfg = args["cfg"]
+    with ray_backend(cfg.worker.threads or max(1, int(cfg.worker.num_cpus))) as backend:
+        shard = ray.train.get_dataset_shard("train")
+
+        def source() -> Iterator[pa.Table]:
+            return shard.iter_batches(batch_size=None, batch_format="pyarrow",
+                                      prefetch_batches=cfg.data.prefetch_batches)
+
+        train_vae_loop(cfg, backend, source, Path(args["run"]), args["resolved"], args["val"])

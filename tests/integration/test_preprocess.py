@@ -15,7 +15,8 @@ import pyarrow.dataset as pds
 import pytest
 
 from pipeline.config import load_config
-from pipeline.preprocess import PreprocessConfig, run_preprocess
+from pipeline.preprocess import run_preprocess
+from pipeline.streams import PreprocessConfig
 from pipeline.synth import SynthConfig, synthesize
 from tests.badfiles import bad_inputs
 

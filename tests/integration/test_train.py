@@ -9,7 +9,6 @@ One scenario, asserted by several tests (Ray Train runs cost ~20 s each on 2 cor
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -20,8 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.train import TrainConfig, register, run_train
+from pipeline.train import TrainConfig, run_train
 from tests.unit.test_train_data import write_latents
 from tests.unit.test_train_worker import CONFIGS, train, weights
 
@@ -42,15 +42,8 @@ def ray_cluster():
 
 
 def tubelet_train(*argv: str) -> int:
-    """`tubelet train ...` through the subcommand's own parser (as pipeline/cli.py builds it)."""
-    parser = argparse.ArgumentParser(prog="tubelet")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    for p in sub.choices.values():
-        p.add_argument("--config", type=Path)
-        p.add_argument("--set", action="append")
-    args = parser.parse_args(["train", *argv])
-    return args.run(args)
+    """`tubelet train ...` in this process (pipeline/cli.py's parser and exit codes)."""
+    return main(["train", *argv])
 
 
 def kill_rank_after(run: Path, rank: int, step: int, killed: list[int]) -> threading.Thread:
@@ -149,3 +142,21 @@ def test_input_streams_videos_into_training(ray_cluster, tmp_path):
     assert config["step"] == 3 and dit.config.in_channels == 4
     assert load_config(TrainConfig, tmp_path / "run" / "export" / "train.yaml") == cfg
     assert len(videos) == 4
+
+
+def test_preprocess_then_train_with_the_shipped_defaults(ray_cluster, tmp_path, capsys):
+    """`tubelet preprocess` then `tubelet train` with every default (only fewer steps): the
+    model takes the 16 channels of the shipped VAE's latents from the dataset."""
+    from models.denoiser import load_exported
+    from pipeline.synth import SynthConfig, synthesize
+
+    synthesize(SynthConfig(num_videos=3, seed=4, workers=1, max_seconds=1.5), tmp_path / "v")
+    pre, run = tmp_path / "pre", tmp_path / "run"
+    assert main(["preprocess", "--input", str(tmp_path / "v"), "--output", str(pre)]) == 0
+    assert main(["train", "--data", str(pre / "latents"), "--output", str(run),
+                 "--set", "steps=2"]) == 0, capsys.readouterr().err
+    assert [m["step"] for m in metrics(run)] == [1, 2]
+    dit, _, config = load_exported(run / "export")
+    assert dit.config.in_channels == 16 and config["step"] == 2
+    resolved = load_config(TrainConfig, run / "config.yaml")  # the run records what it used
+    assert resolved.model.in_channels == 16

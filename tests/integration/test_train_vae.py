@@ -1,9 +1,10 @@
 """`tubelet train-vae` and `eval-vae` on a real local Ray (2 CPUs).
 
 One scenario, asserted by several tests (Ray Train runs cost ~20 s each on 2 cores):
-  train   train-vae --config configs/vae/debug.yaml on 12 synthetic videos (4 held out),
+  train   train-vae --config configs/train-vae/debug.yaml on 12 synthetic videos (4 held out),
           2 DDP workers, 20 steps; then --resume --workers 1 to 30 steps
-  eval    eval-vae of the trained VAE on 2 videos of another seed, with --videos
+  eval    eval-vae --config configs/eval-vae/debug.yaml of the trained VAE on 2 videos of
+          another seed, with --videos
 (SSIM and PSNR themselves are checked on known inputs in tests/unit/test_vae_jobs.py.)
 """
 
@@ -16,7 +17,7 @@ import pytest
 
 from models.vae import load_vae
 from pipeline.synth import SynthConfig, synthesize
-from tests.unit.test_vae_jobs import CONFIGS, cli
+from tests.unit.test_vae_jobs import CONFIGS, EVAL_CONFIGS, cli
 
 pytestmark = pytest.mark.integration
 # 4 held-out videos and an EMA (decay 0.8) for validation: with 2 held-out crops and the raw
@@ -40,7 +41,7 @@ def scenario(ray_local, tmp_path_factory):
     codes.append(cli("train-vae", *base, "--set", "steps=30", "--workers", "1", "--resume"))
     codes.append(cli("eval-vae", "--vae", str(run / "export" / "vae.safetensors"), "--input",
                      str(root / "heldout"), "--output", str(root / "eval"), "--videos",
-                     "--config", str(CONFIGS / "debug.yaml")))
+                     "--config", str(EVAL_CONFIGS / "debug.yaml")))
     return {"root": root, "run": run, "codes": codes, "first": first}
 
 

@@ -6,9 +6,10 @@ import pyarrow as pa
 import pyarrow.dataset as pds
 
 from actors.common.buckets import BucketConfig
+from actors.common.vae import VAEStageConfig
 from actors.decode import DecodeStage
 from actors.decode_encode import DecodeEncodeStage
-from actors.vae_encode import VAEEncodeStage, VAEStageConfig
+from actors.vae_encode import VAEEncodeStage
 from tests.stages.test_decode import plan_rows
 
 

@@ -7,7 +7,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.assign import AssignStage
 from actors.common.buckets import BucketConfig, BucketTable, Resolution
 from pipeline.config import ConfigError, from_dict
 
@@ -77,18 +76,3 @@ def test_long_video_gives_back_to_back_clips():
 def test_impossible_buckets_are_config_errors(data, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         from_dict(BucketConfig, data, where="b.yaml")
-
-
-def test_assign_stage_skips_and_resumes():
-    import pyarrow as pa
-
-    batch = pa.table({"path": ["ok.mp4", "tiny.mp4"], "caption": ["x", "y"],
-                      "width": [640, 20], "height": [360, 20], "fps": [30.0, 30.0],
-                      "duration": [9.0, 9.0], "rotation": [0, 0]})
-    out = AssignStage(CFG)(batch)
-    assert out.column("path").to_pylist() == ["ok.mp4", "ok.mp4"]
-    stage = AssignStage(CFG, done_ids={out.column("id")[0].as_py()})
-    again = stage(batch)
-    assert again.num_rows == 1 and stage.already_done == 1
-    assert [r["kind"] for r in stage.errors.rows] == ["skip"]
-    assert "tiny.mp4" == stage.errors.rows[0]["path"]

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.cli import CONFIG_DIR, config_classes
-from pipeline.config import load_config
+from pipeline.cli import config_classes
+from pipeline.config import CONFIG_DIR, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

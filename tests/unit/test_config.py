@@ -5,8 +5,9 @@ from typing import Literal
 
 import pytest
 
-from pipeline.cli import CONFIG_DIR, config_classes
-from pipeline.config import ConfigError, from_dict, load_config, to_dict
+from actors.common.buckets import BucketConfig
+from pipeline.cli import config_classes
+from pipeline.config import CONFIG_DIR, ConfigError, from_dict, load_config, to_dict
 
 
 @dataclass
@@ -85,3 +86,43 @@ def test_every_shipped_config_loads():
         kind = path.parent.name
         assert kind in classes, f"{path}: no config class registered for configs/{kind}/"
         load_config(classes[kind], path)
+
+
+@dataclass
+class WithBuckets:
+    name: str = "x"
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+
+
+def test_shared_table_by_name_or_path_and_overrides_into_it(tmp_path):
+    default = load_config(BucketConfig, CONFIG_DIR / "buckets" / "default.yaml")
+    path = write(tmp_path, "buckets: default\n")
+    assert load_config(WithBuckets, path).buckets == default
+    table = tmp_path / "mine.yaml"
+    table.write_text((CONFIG_DIR / "buckets" / "debug.yaml").read_text())
+    other = tmp_path / "by_path.yaml"
+    other.write_text(f"buckets: {table}\n")
+    assert load_config(WithBuckets, other).buckets == load_config(BucketConfig, table)
+    # --set reaches into a named table, and may name another table
+    cfg = load_config(WithBuckets, path, ["buckets.target_fps=4"])
+    assert cfg.buckets.target_fps == 4.0 and cfg.buckets.resolutions == default.resolutions
+    assert load_config(WithBuckets, path, ["buckets=debug"]).buckets.max_clips_per_video == 1
+    # the resolved form holds the whole table and loads back without configs/buckets
+    assert from_dict(WithBuckets, to_dict(cfg)) == cfg
+
+
+def test_bad_shared_table_names_its_file_and_key(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(WithBuckets, write(tmp_path, "buckets: nope\n"))
+    assert "key 'buckets': no table 'nope'" in str(err.value) and "default" in str(err.value)
+    table = tmp_path / "bad.yaml"
+    table.write_text("target_fps: 8\nmax_clips_per_vide: 2\n")
+    with pytest.raises(ConfigError, match=f"{table}: unknown key 'max_clips_per_vide'"):
+        load_config(WithBuckets, write(tmp_path, f"buckets: {table}\n"))
+
+
+def test_shipped_configs_name_the_shared_bucket_tables():
+    """The bucket table is written once: no config under configs/<command>/ spells one out."""
+    for path in sorted(CONFIG_DIR.glob("*/*.yaml")):
+        if path.parent.name != "buckets":
+            assert "resolutions:" not in path.read_text(), path

@@ -60,6 +60,34 @@ def test_training_timesteps_are_logit_normal_then_shifted():
     assert shifted.median().item() == pytest.approx(2 * 0.5 / (1 + 0.5), abs=0.02)
 
 
+def test_per_sample_generators_give_each_sample_its_own_time():
+    """Training seeds one generator per sample: a sample's t must not depend on its batch."""
+    cfg = FlowConfig()
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    batch = sample_timesteps(3, cfg, 2048, generator=gens(5, 6, 7))
+    alone = sample_timesteps(1, cfg, 2048, generator=gens(6))
+    assert batch[1] == alone[0] and len(set(batch.tolist())) == 3
+    # one normal draw per generator, then the same logit-normal + shift as one generator
+    z = torch.randn(1, generator=torch.Generator().manual_seed(7))
+    want = shift_timesteps(torch.sigmoid(cfg.logit_mean + cfg.logit_std * z), cfg.shift(2048))
+    assert torch.equal(batch[2:], want)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        sample_timesteps(3, cfg, 2048, generator=gens(1, 2))
+
+
+def test_weighted_flow_loss_is_the_weighted_sum_of_per_sample_errors():
+    x0, noise = torch.randn(3, 2, 1, 2, 2), torch.randn(3, 2, 1, 2, 2)
+    t, w = torch.tensor([0.2, 0.5, 0.9]), torch.tensor([1.0, 0.0, 2.0])
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731 - error = (noise - x0)^2
+    per_sample = (noise - x0).square().flatten(1).mean(1)
+    loss = flow_loss(zero, x0, t, noise, weight=w)
+    torch.testing.assert_close(loss, per_sample[0] + 2 * per_sample[2])
+    x0[1] += 100.0  # a zero-weight (padding) sample does not count
+    assert torch.equal(flow_loss(zero, x0, t, noise, weight=w), loss)
+    ones = flow_loss(zero, x0, t, noise, weight=torch.ones(3))
+    torch.testing.assert_close(ones / 3, flow_loss(zero, x0, t, noise))  # the default: mean
+
+
 def test_sigmas_run_from_noise_to_data():
     s = flow_sigmas(10, shift=3.0)
     assert s.shape == (11,) and s[0] == 1 and s[-1] == 0 and (s[1:] < s[:-1]).all()

@@ -52,7 +52,7 @@ def write_latents(out: Path, counts: dict[str, int] = COUNTS, files: int = 2,
             lat += 0.05 * rng.standard_normal(lat.shape)
             rows.append({"id": f"{bucket}-{i:03d}", "path": f"v/{bucket}-{i}.mp4",
                          "caption": f"a {color} square", "bucket": bucket, "fps": 8.0,
-                         "num_frames": 4 * T - 3, "height": 8 * H, "width": 8 * W,
+                         "num_frames": 4 * T - 3, "height": 8 * H, "width": 8 * W, "start": 0.0,
                          "latent": lat.astype(np.float16).ravel(),
                          "latent_shape": list(lat.shape)})
     out.mkdir(parents=True, exist_ok=True)

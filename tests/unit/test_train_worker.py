@@ -1,24 +1,36 @@
-"""The training loop in one process (no Ray): exact resume, the loss falls, the export loads,
-the schedule, the shipped configs."""
+"""The DiT trainer's pieces in one process (no Ray): the toolkit both trainers share (optimizer
+step, restore, metrics log, seeds, progress line), the per-sample draws, the schedule, the
+shipped configs. The multi-step loops are in tests/integration/test_train_loops.py; `train`,
+`weights` and `debug_config` here are the helpers they (and tests/integration) share."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import torch
+import torch.distributed as dist
 import yaml
 
+from actors.workers.toolkit import (
+    LocalBackend,
+    MetricsLog,
+    OptimConfig,
+    Progress,
+    TrainState,
+    optimizer_step,
+    process_group,
+    sample_seed,
+    train_state,
+)
 from actors.workers.train_data import Collate, PlanLoader, read_index
-from actors.workers.train_dit import LocalBackend, OptimConfig, local_batches, train_loop
-from models.denoiser import Denoiser, load_exported
-from models.flow import interpolate, sample
+from actors.workers.train_dit import TrainLoopConfig, draw, empty_batch, local_batches, train_loop
+from models.denoiser import load_exported
 from models.text_encoder import ByteTokenizer
 from pipeline.config import ConfigError, from_dict, load_config, to_dict
 from pipeline.train import TrainConfig
-from tests.unit.test_train_data import write_latents
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "train"
 
@@ -43,65 +55,29 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "export" / "model.safetensors"))
 
 
-def test_resume_ends_at_the_same_weights(tmp_path):
-    torch.set_num_threads(1)
-    latents = write_latents(tmp_path / "latents")
-    cfg = dict(checkpoint_every=10, log_every=100, **{"optim.warmup_steps": 3})
-    train(debug_config(steps=20, **cfg), latents, tmp_path / "straight")
-    train(debug_config(steps=10, **cfg), latents, tmp_path / "resumed")
-    train(debug_config(steps=20, **cfg), latents, tmp_path / "resumed")  # picks up step 10
-    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
-    steps = [json.loads(ln)["step"] for ln in (tmp_path / "resumed" / "metrics.jsonl").open()]
-    assert steps == list(range(1, 21))  # every step once, no duplicates after the resume
-    ckpt = tmp_path / "resumed" / "checkpoints" / "step_00000020"
-    assert (ckpt / ".metadata").is_file()
-    saved = from_dict(TrainConfig, yaml.safe_load((ckpt / "config.yaml").read_text()))
-    assert saved.steps == 20  # the resolved config travels with the checkpoint
-
-
-def eval_loss(dit, text, loader: PlanLoader, collate: Collate) -> float:
-    """Flow loss with fixed noise and times over one epoch: comparable across models."""
-    g, losses = torch.Generator().manual_seed(123), []
-    with torch.no_grad():
-        for step in range(loader.plan.steps_per_epoch):
-            b = collate(loader(pa.table({"step": [step]})))
-            for t in (0.25, 0.5, 0.75):
-                noise = torch.randn(b.x.shape, generator=g)
-                tt = torch.full((b.x.shape[0],), t)
-                pred = dit(interpolate(b.x, noise, tt), tt, text=text(b.text_ids, b.text_mask),
-                           text_mask=b.text_mask, fps=b.fps)
-                losses.append((pred - (noise - b.x)).square().mean().item())
-    return sum(losses) / len(losses)
-
-
-def test_loss_falls_and_the_export_loads(tmp_path):
-    """The debug preset's budget (200 steps) on learnable synthetic latents."""
-    torch.set_num_threads(1)
-    latents = write_latents(tmp_path / "latents", {"a-9f": 12, "b-5f": 8, "c-9f": 4})
-    cfg = debug_config(checkpoint_every=200)
-    run = tmp_path / "run"
-    loader, collate = train(cfg, latents, run)
-    dit, text, config = load_exported(run / "export")
-    assert config["step"] == 200 and config["train"]["steps"] == 200
-    torch.manual_seed(cfg.seed)
-    init = Denoiser(cfg.model, cfg.text_encoder).eval()
-    before = eval_loss(init.dit, init.text, loader, collate)
-    after = eval_loss(dit, text, loader, collate)
-    print(f"eval loss before {before:.4f}, after {after:.4f}")
-    assert after < 0.5 * before
-    # What generate will do with it: text features, then a guided sampler.
-    feats, mask = text.encode(["a red square"])
-    x = sample(dit, torch.randn(1, 4, 3, 8, 8), steps=2, shift=1.0, guidance=3.0,
-               text=feats, text_mask=mask, fps=torch.tensor([8.0]))
-    assert x.shape == (1, 4, 3, 8, 8) and torch.isfinite(x).all()
-
-
 def test_load_exported_names_a_bad_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an exported model"):
         load_exported(tmp_path)
+
+
+def test_an_export_written_with_the_old_checkpointing_switch_loads(tmp_path):
+    """Exports from before activation checkpointing left the model carry
+    `dit.grad_checkpointing` (always false); load_exported drops it."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    from models.denoiser import EXPORT_FORMAT, Denoiser
+
+    cfg = TrainLoopConfig()
+    model = Denoiser(cfg.model, cfg.text_encoder)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(tmp_path / "model.safetensors"))
+    config = {"format": EXPORT_FORMAT, "step": 1, "text_encoder": asdict(cfg.text_encoder),
+              "dit": {**asdict(cfg.model), "grad_checkpointing": False}, "train": {}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    dit, _, _ = load_exported(tmp_path)
+    assert dit.config == cfg.model
 
 
 def test_lr_warmup_then_schedule():
@@ -131,7 +107,7 @@ def test_cluster_workers_fit_a_gpu_train_node():
 @pytest.mark.parametrize("sets, needle", [
     (["stepz=3"], "unknown key 'stepz'"),
     (["model.text_dim=32"], "model.text_dim (32) must equal text_encoder.dim (64)"),
-    (["model.grad_checkpointing=true"], "parallel.activation_checkpointing"),
+    (["model.grad_checkpointing=true"], "unknown key 'model.grad_checkpointing'"),  # parallel.*
     (["parallel.param_dtype=fp8"], "key 'parallel.param_dtype'"),
     (["data.batch_size=0"], "batch sizes must be >= 1"),
 ])
@@ -141,55 +117,108 @@ def test_bad_config_names_the_key(sets, needle):
     assert needle in str(e.value)
 
 
-def test_parallelize_options_keep_the_losses(tmp_path):
-    """Activation checkpointing and keeping gathered weights change memory, not the maths."""
-    torch.set_num_threads(1)
-    latents = write_latents(tmp_path / "latents")
-    losses = {}
-    for name, sets in {"plain": {}, "ac": {"parallel.activation_checkpointing": "true"},
-                       "kept": {"parallel.reshard_after_forward": "false"}}.items():
-        cfg = debug_config(steps=3, checkpoint_every=3, **sets)
-        train(cfg, latents, tmp_path / name)
-        assert cfg.model.grad_checkpointing is False  # the caller's config is left alone
-        losses[name] = [m["loss"] for m in map(json.loads, (tmp_path / name / "metrics.jsonl")
-                                               .read_text().splitlines())]
-    assert losses["ac"] == pytest.approx(losses["plain"], rel=1e-6)
-    assert losses["kept"] == pytest.approx(losses["plain"], rel=1e-6)
+# ---------------------------------------------------------------------------------------------
+# The toolkit
 
 
-class _RankBackend(LocalBackend):
-    def __init__(self, run: Path, rank: int):
-        super().__init__(run)
-        self.rank, self.world_size = rank, 2
+def tiny_state(seed: int = 0, ema_decay: float = 0.5) -> TrainState:
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.0)
+    from actors.workers.checkpoints import EMA
 
-    def checkpoint(self, step, save, metrics) -> None:
-        save(self.ckpt_dir / f"step_{step:08d}")  # both ranks write into one DCP folder
-
-
-def _uneven_worker(rank: int, run: Path, latents: Path, counts: tuple[int, int]) -> None:
-    import pyarrow.parquet as pq
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{run}/store", rank=rank, world_size=2)
-    cfg = debug_config(steps=3, checkpoint_every=3, **{"data.batch_size": 4})
-    rows = pq.read_table(latents).sort_by("id")
-    a = rows.filter(pa.compute.equal(rows.column("bucket"), "a-9f"))
-    collate = Collate(ByteTokenizer(cfg.text_encoder.max_len))
-    mine = [collate(a.slice(2 * i, 2), slot_base=2 * rank) for i in range(counts[rank])]
-    train_loop(cfg, _RankBackend(run, rank), lambda start: iter(mine), run, to_dict(cfg),
-               stream=True)
-    dist.destroy_process_group()
+    return TrainState(model, model, opt, EMA(model, ema_decay))
 
 
-def test_uneven_stream_splits_keep_workers_in_step(tmp_path):
-    """--input splits the stream unevenly: a worker that got nothing (or ran out first) takes
-    zero-weight steps until all are out, so FSDP's collectives still pair up; then the stream
-    starts again (a new epoch)."""
-    import torch.multiprocessing as mp
+def test_optimizer_step_with_zero_total_weight_changes_nothing():
+    """A worker whose stream ran dry takes part in the step with weight 0 (and so may every
+    worker, as a batch of padding): no NaN from 0 / 0, and no update."""
+    state = tiny_state()
+    before = [p.detach().clone() for p in state.model.parameters()]
+    ema_before = {k: v.clone() for k, v in state.ema.shadow.items()}
+    loss = state.model(torch.randn(4, 3)).square().mean(1)  # (B,)
+    norm = optimizer_step(state, (loss * torch.zeros(4)).sum(), torch.zeros(1), 1, 1.0)
+    assert norm == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, state.model.parameters(), strict=True))
+    assert all(torch.equal(ema_before[k], v) for k, v in state.ema.shadow.items())
+    assert all(p.grad is None for p in state.model.parameters())  # zeroed for the next step
 
-    latents = write_latents(tmp_path / "latents")
-    mp.spawn(_uneven_worker, args=(tmp_path, latents, (2, 0)), nprocs=2, join=True)
-    rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["samples"] for r in rows] == [2, 2, 2]  # rank 0's 2 batches, then epoch 2
-    assert (tmp_path / "checkpoints" / "step_00000003" / ".metadata").is_file()
+
+def test_optimizer_step_takes_the_weighted_mean_gradient_and_clips():
+    x, w = torch.randn(4, 3), torch.tensor([1.0, 0.0, 2.0, 1.0])
+    ref = tiny_state()
+    (ref.model(x).square().mean(1) * w).sum().div(w.sum()).backward()
+    want = [p.grad for p in ref.model.parameters()]
+    norm_want = torch.cat([g.flatten() for g in want]).norm().item()
+    for clip, scale in ((0.0, 1.0), (1e-3, 1e-3 / norm_want)):
+        state, used = tiny_state(), []
+        state.optim.step = lambda s=state, u=used: u.extend(p.grad.clone()
+                                                            for p in s.model.parameters())
+        loss = (state.model(x).square().mean(1) * w).sum()  # this worker's weighted sum
+        assert optimizer_step(state, loss, w.sum(), 1, clip) == pytest.approx(norm_want)
+        for a, b in zip(used, want, strict=True):  # the mean gradient, clipped to `clip`
+            torch.testing.assert_close(a, b * scale, rtol=1e-4, atol=1e-7)
+
+
+def test_train_state_restores_step_weights_and_warns_of_another_plan(tmp_path, capsys):
+    backend = LocalBackend(tmp_path)
+    with process_group():
+        assert dist.is_initialized()
+        state = train_state(lambda: torch.nn.Linear(3, 2), OptimConfig(ema_decay=0.5), 7,
+                            backend, "t", fingerprint="plan-a")
+        assert state.start == 0 and backend.restore_dir() is None
+        optimizer_step(state, state.model(torch.ones(1, 3)).sum(), torch.ones(1), 1, 1.0)
+        state.save(backend, 5, {"loss": 0.0}, {"steps": 5}, "plan-a")
+        again = train_state(lambda: torch.nn.Linear(3, 2), OptimConfig(ema_decay=0.5), 7,
+                            backend, "t", fingerprint="plan-b")
+    assert not dist.is_initialized()  # the 1-rank group is gone with the block
+    assert again.start == 5 and "[t] warning: the dataset changed" in capsys.readouterr().out
+    for a, b in zip(state.model.parameters(), again.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert again.ema.shadow.keys() == state.ema.shadow.keys()
+    assert all(torch.equal(state.ema.shadow[k], again.ema.shadow[k]) for k in state.ema.shadow)
+    ckpt = tmp_path / "checkpoints" / "step_00000005"
+    assert json.loads((ckpt / "train.json").read_text())["data_fingerprint"] == "plan-a"
+
+
+def test_metrics_log_drops_the_lines_after_the_resumed_step(tmp_path):
+    log = MetricsLog(tmp_path, 0, enabled=True)
+    for step in range(1, 8):
+        log.write({"step": step})
+    MetricsLog(tmp_path, 4, enabled=False)  # other ranks leave the file alone
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 7
+    MetricsLog(tmp_path, 4, enabled=True).write({"step": 5})
+    rows = [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3, 4, 5]
+
+
+def test_sample_seeds_are_fixed_and_apart():
+    assert sample_seed(0, 3, 1) == sample_seed(0, 3, 1)
+    seeds = {sample_seed(s, step, slot) for s in (0, 1) for step in range(20) for slot in range(8)}
+    assert len(seeds) == 2 * 20 * 8 and all(0 <= x < 2**63 for x in seeds)
+
+
+def test_draws_of_a_sample_do_not_depend_on_its_batch():
+    """What makes runs with 1 or N workers (and resumed runs) see the same noise and t."""
+    cfg = TrainLoopConfig()
+    one = empty_batch(cfg)
+    x = torch.zeros(4, cfg.model.in_channels, 2, 4, 4)
+    batch = replace(one, step=3, x=x, slot=[0, 1, 2, 3], weight=torch.ones(4))
+    alone = replace(one, step=3, x=x[2:3], slot=[2], weight=torch.ones(1))
+    for a, b in zip(draw(batch, cfg), draw(alone, cfg), strict=True):
+        assert torch.equal(a[2:3], b)
+    noise, t, _ = draw(batch, cfg)
+    assert len(set(t.tolist())) == 4 and not torch.equal(noise[0], noise[1])
+    assert not torch.equal(draw(replace(batch, step=4), cfg)[1], t)
+
+
+def test_progress_line_every_n_steps_and_at_the_end(capsys):
+    progress = Progress("train", 10, 25, every=10, enabled=True)
+    for step in range(11, 26):
+        progress(step, f"loss {0.5:.4f}")
+    out = capsys.readouterr().out.splitlines()
+    assert [ln.split(" eta ")[0] for ln in out] == ["[train] step 20/25 loss 0.5000",
+                                                     "[train] step 25/25 loss 0.5000"]
+    assert out[-1].endswith(" eta 0s")
+    Progress("train", 0, 5, every=1, enabled=False)(1, "x")  # other ranks print nothing
+    assert capsys.readouterr().out == ""

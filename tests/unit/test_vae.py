@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+from models.metrics import psnr
 from models.vae import (
     VAEConfig,
     VideoAutoencoder,
     VideoVAE,
     build_vae,
     load_vae,
-    psnr,
     save_vae,
     vae_loss,
 )
@@ -194,4 +194,6 @@ def test_bad_latents_tiles_presets_and_keys_raise() -> None:
     with pytest.raises(ValueError, match="unknown VAEConfig key 'latent_chans'"):
         build_vae("debug", latent_chans=8)
     with pytest.raises(ValueError, match="temporal_strides"):
-        VAEConfig(temporal_strides=(2, 2, 2))
+        VAEConfig(temporal_strides=(2, 2, 2)).validate()
+    with pytest.raises(ValueError, match="temporal_strides"):
+        VideoVAE(VAEConfig(temporal_strides=(2, 2, 2)))

@@ -1,10 +1,9 @@
-"""train-vae / eval-vae without Ray: the metrics, the clip buffer, the training loop (val loss
-falls, resume continues), the held-out split, the configs and the CLI's error paths."""
+"""train-vae / eval-vae without Ray: the metrics, the clip buffer, the training loop's clear
+error, the held-out split, the configs and the CLI's error paths. (The multi-step loop, val loss
+falls and resume continues, is in tests/integration/test_train_loops.py.)"""
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from pathlib import Path
 
@@ -14,16 +13,20 @@ import pytest
 import torch
 
 from actors.common.tensors import pack
-from actors.vae_eval import clip_metrics, gaussian_window, ssim, to_uint8
-from actors.workers.train_dit import LocalBackend
+from actors.common.video import to_uint8
+from actors.workers.toolkit import LocalBackend
 from actors.workers.train_vae import ClipBuffer, center_crops, local_source, train_vae_loop
-from models.vae import build_vae, load_vae, save_vae
-from pipeline.config import ConfigError, load_config, to_dict
-from pipeline.eval_vae import register_eval_vae, summarize, table
-from pipeline.train import TrainError
-from pipeline.train_vae import TrainVAEConfig, register_train_vae, split_sources
+from models.metrics import clip_metrics, gaussian_window, ssim
+from models.vae import build_vae, save_vae
+from pipeline.cli import main
+from pipeline.config import ConfigError, load_config
+from pipeline.eval_vae import EvalVAEConfig, summarize
+from pipeline.ray_train import TrainError
+from pipeline.report import eval_table
+from pipeline.train_vae import TrainVAEConfig, split_sources
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "vae"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "train-vae"
+EVAL_CONFIGS = CONFIGS.parent / "eval-vae"
 
 
 def ssim_reference(x: np.ndarray, y: np.ndarray) -> float:
@@ -104,32 +107,6 @@ def debug_config(*sets: str) -> TrainVAEConfig:
                        ["log_every=100", "data.val_every=10", "optim.lr=0.003", *sets])
 
 
-def test_train_loop_lowers_val_loss_and_resumes(tmp_path):
-    torch.set_num_threads(1)
-    source = local_source([pa.table(pack("frames", moving_squares(6, seed=0)))])
-    val = center_crops(moving_squares(4, seed=1), (5, 32, 32))
-    run = tmp_path / "run"
-
-    def train(steps: int) -> None:
-        cfg = debug_config(f"steps={steps}", "checkpoint_every=15")
-        train_vae_loop(cfg, LocalBackend(run), source, run, to_dict(cfg), val)
-
-    train(30)
-    train(45)  # resumes at the step-30 checkpoint
-    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 46))
-    val_loss = {r["step"]: r["loss"] for r in rows if r["split"] == "val"}
-    assert sorted(val_loss) == [0, 10, 20, 30, 40, 45]
-    assert val_loss[45] < 0.8 * val_loss[0], val_loss
-    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
-    assert ckpts == ["step_00000015", "step_00000030", "step_00000045"]
-    vae = load_vae(run / "export" / "vae.safetensors")  # safetensors + JSON, no code
-    assert vae.latent_channels == 4 and vae.scaling_factor != 1.0  # scaling was fitted
-    same = load_vae(run / "checkpoints" / "step_00000045" / "vae.safetensors")
-    for a, b in zip(vae.state_dict().values(), same.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
-
-
 def test_clips_smaller_than_the_crop_give_a_clear_error(tmp_path):
     source = local_source([pa.table(pack("frames", moving_squares(2, seed=0, H=24, W=24)))])
     with pytest.raises(RuntimeError, match="no usable clips .* 2 smaller than the crop 5x32x32"):
@@ -151,15 +128,20 @@ def test_held_out_split_is_seeded_and_disjoint():
         split_sources(sources.slice(0, 3), 3, seed=0)
 
 
-def test_shipped_configs_load_and_bad_crops_are_refused():
+def test_shipped_configs_load_and_bad_crops_are_refused(capsys):
     for path in sorted(CONFIGS.glob("*.yaml")):
         cfg = load_config(TrainVAEConfig, path)
         assert cfg.model.temporal_factor == 4 and cfg.model.spatial_factor == 8, path
+    for path in sorted(EVAL_CONFIGS.glob("*.yaml")):  # eval-vae: its own config
+        assert load_config(EvalVAEConfig, path).preprocess.buckets.temporal_factor == 4, path
     with pytest.raises(ConfigError, match="crop_size a multiple of 8"):
         load_config(TrainVAEConfig, CONFIGS / "debug.yaml", ["data.crop_size=30"])
-    with pytest.raises(ConfigError, match="model: VAEConfig.temporal_strides"):  # the model's own
-        cli("train-vae", "--input", "x", "--output", "y", "--config", str(CONFIGS / "debug.yaml"),
-            "--set", "model.temporal_strides=[2, 2, 2]")
+    # the model's own check (models.vae.VAEConfig.validate) is a config error like any other
+    assert cli("train-vae", "--input", "x", "--output", "y", "--config",
+               str(CONFIGS / "debug.yaml"), "--set", "model.temporal_strides=[2, 2, 2]") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config error" in err[0], err
+    assert "model.VAEConfig.temporal_strides" in err[0] and "debug.yaml" in err[0], err
 
 
 def test_summary_averages_clips_per_video_then_videos():
@@ -170,20 +152,13 @@ def test_summary_averages_clips_per_video_then_videos():
     assert [v["psnr"] for v in report["per_video"]] == [25.0, 40.0]
     assert report["overall"]["psnr"] == 32.5 and report["overall"]["clips"] == 3
     assert report["overall"]["ssim"] == pytest.approx(0.75)
-    assert "| **overall** (mean of 2 videos) | | 3 | 27 | **32.50** | **0.7500** |" in table(
+    assert "| **overall** (mean of 2 videos) | | 3 | 27 | **32.50** | **0.7500** |" in eval_table(
         report)
 
 
 def cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="tubelet")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register_train_vae(sub)
-    register_eval_vae(sub)
-    for p in sub.choices.values():
-        p.add_argument("--config", type=Path)
-        p.add_argument("--set", action="append")
-    args = parser.parse_args(list(argv))
-    return args.run(args)
+    """`tubelet ...` in this process: the exit status (messages on stderr)."""
+    return main(list(argv))
 
 
 def test_bad_vae_path_is_one_line_and_exit_2(tmp_path, capsys):
@@ -195,7 +170,7 @@ def test_bad_vae_path_is_one_line_and_exit_2(tmp_path, capsys):
     other = tmp_path / "other.safetensors"
     from safetensors.torch import save_file
     save_file({"w": torch.zeros(2)}, str(other))
-    for bad, needle in ((tmp_path / "missing.safetensors", "does not exist"),
+    for bad, needle in ((tmp_path / "missing.safetensors", "not found"),
                         (not_a_vae, "is not a tubelet VAE checkpoint"),
                         (other, "is not a tubelet VAE checkpoint")):
         assert cli("eval-vae", "--vae", str(bad), "--input", str(videos)) == 2
@@ -205,3 +180,6 @@ def test_bad_vae_path_is_one_line_and_exit_2(tmp_path, capsys):
     save_vae(build_vae("debug"), good)
     assert cli("eval-vae", "--vae", str(good), "--input", str(tmp_path / "nothing")) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    # --vae is the config key `checkpoint`: the same refusal through --set
+    assert cli("eval-vae", "--set", f"checkpoint={not_a_vae}", "--input", str(videos)) == 2
+    assert "is not a tubelet VAE checkpoint" in capsys.readouterr().err

@@ -1,0 +1,129 @@
+"""The Ray Data graphs several commands share: videos -> clips -> latents, and their configs.
+
+    plan_stream    videos -> probe -> bucket                 clip plan rows
+    clip_stream    + decode                                  frames (train-vae, eval-vae)
+    latent_stream  + VAE encode (or decode+encode fused)     latents (preprocess, train --input)
+
+A library, not a command: `preprocess`, `train`, `train-vae` and `eval-vae` each build on these,
+and no command imports another command (the `preprocess` command, with its writer and
+summary, is `pipeline/preprocess.py`). Each stage is an actor pool sized by its config entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+
+from actors.assign import AssignStage
+from actors.common.buckets import BucketConfig
+from actors.common.vae import VAEStageConfig
+from actors.decode import DecodeStage
+from actors.decode_encode import DecodeEncodeStage
+from actors.probe import ProbeStage
+from actors.vae_encode import VAEEncodeStage
+from pipeline.runtime import RayConfig, StageResources
+from pipeline.sources import VIDEO_EXTENSIONS, list_sources
+
+
+@dataclass
+class ClipConfig:
+    """Videos -> clips: listing, probe, bucket and decode (the `preprocess:` section of the
+    train-vae and eval-vae configs; `PreprocessConfig` adds the VAE and the writer)."""
+
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    max_pixels: int = 8192 * 8192  # headers claiming more are refused before decoding
+    max_side: int = 16384
+    decode_threads: int = 0  # FFmpeg decoder threads per decode actor; 0 = FFmpeg decides
+    video_extensions: list[str] = field(default_factory=lambda: list(VIDEO_EXTENSIONS))
+    probe: StageResources = field(default_factory=lambda: StageResources(0.2, batch_size=16))
+    assign: StageResources = field(default_factory=lambda: StageResources(0.1, batch_size=16))
+    decode: StageResources = field(default_factory=lambda: StageResources(0.5, batch_size=4))
+
+    def validate(self) -> None:
+        if self.max_pixels < 1 or self.max_side < 1:
+            raise ValueError("max_pixels and max_side: must be >= 1")
+
+    def stages(self) -> dict[str, StageResources]:
+        """The actor pools the graph runs (what `check_budget` weighs)."""
+        return {"probe": self.probe, "assign": self.assign, "decode": self.decode}
+
+
+@dataclass
+class PreprocessConfig(ClipConfig):
+    """`tubelet preprocess` (configs/preprocess/) and the `preprocess:` section of `train`."""
+
+    vae: VAEStageConfig = field(default_factory=VAEStageConfig)
+    latent_dtype: Literal["float16", "float32"] = "float16"
+    # Decode inside the VAE encode actors (actors/decode_encode.py; `encode` resources, the
+    # `decode` pool unused): frames never enter the object store or cross nodes, but decode
+    # and encode take turns instead of overlapping. See README "Decode next to the VAE".
+    fuse_decode: bool = False
+    encode: StageResources = field(default_factory=lambda: StageResources(0.5, batch_size=8))
+    write: StageResources = field(default_factory=lambda: StageResources(0.1, batch_size=16))
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def stages(self) -> dict[str, StageResources]:
+        pools = {**super().stages(), "encode": self.encode, "write": self.write}
+        if self.fuse_decode:
+            del pools["decode"]
+        return pools
+
+
+def plan_stream(cfg: ClipConfig, sources: pa.Table | str, errors_dir: str | Path,
+                done_ids: set[str] | frozenset[str] = frozenset()):
+    """Videos -> probe -> bucket: a lazy Ray Dataset of clip plan rows (one per clip to make,
+    those in `done_ids` left out)."""
+    import ray.data
+
+    if isinstance(sources, str):
+        sources = list_sources(sources, tuple(cfg.video_extensions))
+    errors = str(errors_dir)
+    # Blocks are cut here, not with .repartition(): that runs Ray tasks of 1 CPU each, which
+    # never get scheduled while the actor pools hold the fractional CPUs of a 2-core machine.
+    step = cfg.probe.batch_size
+    ds = ray.data.from_arrow([sources.slice(i, step) for i in range(0, sources.num_rows, step)])
+    ds = ds.map_batches(ProbeStage, **cfg.probe.map_batches_kwargs(
+        errors_dir=errors, max_pixels=cfg.max_pixels, max_side=cfg.max_side))
+    return ds.map_batches(AssignStage, **cfg.assign.map_batches_kwargs(
+        buckets=cfg.buckets, errors_dir=errors, done_ids=frozenset(done_ids)))
+
+
+def clip_stream(cfg: ClipConfig, sources: pa.Table | str, errors_dir: str | Path,
+                done_ids: set[str] | frozenset[str] = frozenset()):
+    """`plan_stream` + decode: a lazy Ray Dataset of decoded clip rows (`frames` +
+    `frames_shape`). `train-vae` trains on these, `eval-vae` reconstructs them;
+    `latent_stream` adds the VAE encode."""
+    ds = plan_stream(cfg, sources, errors_dir, done_ids)
+    return ds.map_batches(DecodeStage, **cfg.decode.map_batches_kwargs(
+        errors_dir=str(errors_dir), threads=cfg.decode_threads))
+
+
+def latent_stream(cfg: PreprocessConfig, sources: pa.Table | str, errors_dir: str | Path,
+                  done_ids: set[str] | frozenset[str] = frozenset()):
+    """`clip_stream` + VAE encode (or, with `fuse_decode`, `plan_stream` + decode and encode
+    in one actor): a lazy Ray Dataset of latent rows. `preprocess` adds the writer;
+    `train --input` feeds the rows straight to the trainer."""
+    encode = dict(vae=cfg.vae, buckets=cfg.buckets, errors_dir=str(errors_dir),
+                  latent_dtype=cfg.latent_dtype, num_cpus=cfg.encode.num_cpus)
+    if cfg.fuse_decode:
+        ds = plan_stream(cfg, sources, errors_dir, done_ids)
+        return ds.map_batches(DecodeEncodeStage, **cfg.encode.map_batches_kwargs(
+            **encode, threads=cfg.decode_threads))
+    ds = clip_stream(cfg, sources, errors_dir, done_ids)
+    return ds.map_batches(VAEEncodeStage, **cfg.encode.map_batches_kwargs(**encode))
+
+
+def latent_channels(vae: VAEStageConfig) -> int:
+    """Channels of the latents `vae` writes (C of `latent_shape`): the checkpoint's, or its
+    preset's without one."""
+    from actors.common.vae import load_checkpoint_vae
+    from models.vae import PRESETS
+
+    if vae.checkpoint:
+        return load_checkpoint_vae(vae.checkpoint).latent_channels
+    if vae.preset not in PRESETS:
+        raise ValueError(f"unknown VAE preset {vae.preset!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[vae.preset]().latent_channels
