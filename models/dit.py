@@ -236,9 +236,14 @@ class DiTBlock(nn.Module):
         # shift, scale, gate for every self-attention and for the MLP
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * (len(modes) + 1) * dim))
 
-    def forward(self, x, c, text, text_mask, rope, grid) -> torch.Tensor:
+    def forward(self, x, c, text, text_mask, rope, grid, relayout=None) -> torch.Tensor:
+        """`relayout(x, mode) -> (x, rope, grid)`, when given, runs before each self-attention:
+        sequence parallelism re-shards the residual stream there (and hands back the rope and
+        grid of the tokens this rank then holds); every other op here is token-wise."""
         mods = self.adaLN_modulation(c).chunk(3 * (len(self.attn) + 1), dim=1)
         for i, (norm, attn) in enumerate(zip(self.attn_norm, self.attn, strict=True)):
+            if relayout is not None:
+                x, rope, grid = relayout(x, attn.mode)
             shift, scale, gate = mods[3 * i : 3 * i + 3]
             x = x + gate.unsqueeze(1) * attn(modulate(norm(x), shift, scale), rope, grid)
         if self.cross_attn is not None:
@@ -316,22 +321,44 @@ class DiT(nn.Module):
         embedding when given. drop_text (B,) bool swaps those samples' text for the null
         text; when None, training mode drops with p = config.text_dropout.
         """
-        cfg = self.config
-        B = x.shape[0]
-        tokens, grid = patchify(x, cfg.patch)  # (B, N, pt*ph*pw*C)
+        tokens, grid = patchify(x, self.config.patch)  # (B, N, pt*ph*pw*C)
         h = self.x_embedder(tokens)  # (B, N, D)
-        rope = rope_freqs(grid.positions(x.device), cfg.hidden // cfg.heads, cfg.rope_theta)
-        # (B, D); the sinusoids are tuned for t in [0, 1000], as in SD3
-        c = self.t_embedder(torch.as_tensor(t, device=x.device).expand(B) * 1000)
-        if fps is not None:
-            c = c + self.fps_embedder(torch.as_tensor(fps, device=x.device).expand(B))
-        if drop_text is None and self.training and cfg.text_dropout > 0:
-            drop_text = torch.rand(B, device=x.device) < cfg.text_dropout
-        text, text_mask = self.text_embedder(text, text_mask, B, drop_text)  # (B, L, D)
+        rope = self.rope(grid.positions(x.device))
+        c, text, text_mask = self.condition(x.shape[0], t, text, text_mask, fps, drop_text,
+                                            x.device)
         for block in self.blocks:
             h = block(h, c, text, text_mask, rope, grid.shape)
         out = self.final_layer(h, c)  # (B, N, pt*ph*pw*C)
         return unpatchify(out, grid)
+
+    # The pieces of `forward` that sequence parallelism (actors/workers/sequence_parallel.py)
+    # reuses around its sharded token stream: all but the blocks are per sample or per token.
+
+    def rope(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rotary angles for token positions (N, 3): (N, head_dim // 2, 2)."""
+        cfg = self.config
+        return rope_freqs(positions, cfg.hidden // cfg.heads, cfg.rope_theta)
+
+    def condition(
+        self,
+        B: int,
+        t: torch.Tensor,
+        text: torch.Tensor | None,
+        text_mask: torch.Tensor | None,
+        fps: torch.Tensor | None,
+        drop_text: torch.Tensor | None,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What every token of a sample sees: adaLN input c (B, D), text (B, L, D), mask (B, L)."""
+        cfg = self.config
+        # (B, D); the sinusoids are tuned for t in [0, 1000], as in SD3
+        c = self.t_embedder(torch.as_tensor(t, device=device).expand(B) * 1000)
+        if fps is not None:
+            c = c + self.fps_embedder(torch.as_tensor(fps, device=device).expand(B))
+        if drop_text is None and self.training and cfg.text_dropout > 0:
+            drop_text = torch.rand(B, device=device) < cfg.text_dropout
+        text, text_mask = self.text_embedder(text, text_mask, B, drop_text)  # (B, L, D)
+        return c, text, text_mask
 
 
 #################################################################################

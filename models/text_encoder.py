@@ -8,12 +8,20 @@ with mask True on real tokens, which is what `DiT(text=..., text_mask=...)` take
   DiT's optimizer and it trains jointly with the DiT.
 - `PretrainedTextEncoder`: a frozen Hugging Face encoder (T5 / UMT5 or any `AutoModel`) plus
   its tokenizer, loaded from a local directory. Needs the optional `transformers` package.
+  Training picks it with `TextEncoderConfig.pretrained`; it then stays outside the trained
+  module (models/denoiser.py), and an export records its folder and a digest of its files
+  (`record`) instead of copying its weights (`load_recorded` checks them and loads it).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -51,19 +59,51 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="ignore")  # a cut may split a multi-byte character
 
 
+# captions -> token ids (B, L) int64 and mask (B, L) bool: ByteTokenizer or PretrainedTokenizer
+Tokenizer = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+
+
 @dataclass
 class TextEncoderConfig:
-    max_len: int = 128  # bytes, BOS/EOS included
+    max_len: int = 128  # tokens, BOS/EOS included (bytes for the built-in encoder)
     dim: int = 512
     depth: int = 4
     heads: int = 8
     mlp_ratio: float = 4.0
+    # A local Hugging Face T5 / UMT5 folder (config.json, weights, tokenizer): used frozen
+    # instead of the built-in encoder, whose fields above but max_len are then unused; the
+    # DiT's text_dim must equal its d_model. Empty: the built-in encoder, trained jointly.
+    pretrained: str = ""
 
     def validate(self) -> None:
         if self.max_len < 3:
             raise ValueError(f"max_len must be >= 3 (BOS, a byte, EOS), got {self.max_len}")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if self.pretrained:
+            try:
+                pretrained_config(self.pretrained)
+            except FileNotFoundError as e:  # a config value error: the loader names file + key
+                raise ValueError(f"pretrained: {e}") from None
+
+
+def pretrained_config(path: str | Path) -> dict[str, Any]:
+    """The config.json of a pretrained encoder folder, read without transformers (cheap)."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        why = "has no config.json" if folder.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"text encoder directory {folder} {why}: expected a local Hugging Face "
+            "T5 / UMT5 folder (config.json, weights, tokenizer files; nothing is downloaded)")
+    return json.loads((folder / "config.json").read_text())
+
+
+def text_width(cfg: TextEncoderConfig) -> int:
+    """Width of the features the DiT gets: `dim`, or the pretrained folder's d_model."""
+    if not cfg.pretrained:
+        return cfg.dim
+    config = pretrained_config(cfg.pretrained)
+    return int(config.get("d_model") or config["hidden_size"])  # T5 / UMT5, or BERT-likes
 
 
 class EncoderBlock(nn.Module):
@@ -130,17 +170,76 @@ class TextEncoder(nn.Module):
         return self(ids.to(device), mask), mask
 
 
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError(
+            "a pretrained text encoder needs `transformers`: pip install 'tubelet[bench]'"
+        ) from e
+    return transformers
+
+
+class PretrainedTokenizer:
+    """A local folder's Hugging Face tokenizer behind ByteTokenizer's call. Training pads every
+    batch to `max_len` (`pad_to_max`): one text length for every step."""
+
+    def __init__(self, path: str | Path, max_len: int, pad_to_max: bool = True):
+        pretrained_config(path)  # one clear error for a missing folder
+        self.tokenizer = _transformers().AutoTokenizer.from_pretrained(
+            Path(path), local_files_only=True)
+        self.max_len, self.pad_to_max = max_len, pad_to_max
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer(
+            captions, padding="max_length" if self.pad_to_max else "longest", truncation=True,
+            max_length=self.max_len, return_tensors="pt",
+        )  # fmt: skip
+        ids, mask = tok["input_ids"], tok["attention_mask"].bool()
+        # A caption with no token at all (empty, with a tokenizer that adds no EOS) keeps its
+        # first position, so cross-attention has a key to attend to (else SDPA gives NaN).
+        mask[:, 0] |= ~mask.any(1)
+        return ids, mask
+
+
+def caption_tokenizer(cfg: TextEncoderConfig) -> Tokenizer:
+    """What training's Collate tokenizes captions with: bytes for the built-in encoder, the
+    pretrained folder's own tokenizer (padded to max_len) for a pretrained one."""
+    if cfg.pretrained:
+        return PretrainedTokenizer(cfg.pretrained, cfg.max_len)
+    return ByteTokenizer(cfg.max_len)
+
+
+# What an export digests of a pretrained folder: what from_pretrained reads (config, weights,
+# tokenizer files), not READMEs. With safetensors present, *.bin is not read, so not hashed.
+DIGESTED = (".json", ".model", ".txt", ".safetensors", ".bin")
+
+
+@lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """A file's sha256; size and mtime key the cache, so one process hashes a file once."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_digests(path: str | Path) -> dict[str, str]:
+    """{file name: sha256} of the files a pretrained encoder loads from `path`."""
+    files = sorted(p for p in Path(path).iterdir()
+                   if p.is_file() and p.suffix in DIGESTED and not p.name.startswith("."))
+    if any(p.suffix == ".safetensors" for p in files):
+        files = [p for p in files if p.suffix != ".bin"]
+    return {p.name: _sha256(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files}
+
+
 class PretrainedTextEncoder(nn.Module):
     """A frozen Hugging Face encoder and its tokenizer from a local directory (no download)."""
 
     def __init__(self, path: str | Path, max_len: int = 256, dtype: torch.dtype = torch.float32):
         super().__init__()
-        try:
-            import transformers
-        except ImportError as e:
-            raise ImportError(
-                "a pretrained text encoder needs `transformers`: pip install 'tubelet[bench]'"
-            ) from e
+        transformers = _transformers()
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"text encoder directory {path} does not exist")
@@ -154,8 +253,10 @@ class PretrainedTextEncoder(nn.Module):
         # .to(dtype) rather than a dtype argument: its name changed across transformers versions.
         self.model = cls.from_pretrained(path, local_files_only=True).to(dtype)
         self.model.eval().requires_grad_(False)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.max_len = max_len
+        # Padded to the longest caption: features of real tokens do not depend on padding.
+        self.tokenizer = PretrainedTokenizer(path, max_len, pad_to_max=False)
+        self.path, self.max_len, self.dtype = path, max_len, dtype
+        self.model_type = config.model_type
         self._out_dim = getattr(config, "d_model", None) or config.hidden_size
 
     @property
@@ -166,17 +267,45 @@ class PretrainedTextEncoder(nn.Module):
         return super().train(False)  # frozen: keep dropout off whatever the parent does
 
     @torch.no_grad()
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) and mask (B, L) (from `tokenizer`, or training's Collate) ->
+        float32 features (B, L, out_dim), zero at padding."""
+        out = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        return out.float() * mask[..., None]
+
     def encode(
         self, captions: list[str], device: torch.device | str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         device = device or next(self.model.parameters()).device
-        tok = self.tokenizer(
-            captions, padding="longest", truncation=True, max_length=self.max_len,
-            return_tensors="pt",
-        )  # fmt: skip
-        ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device).bool()
-        out = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        return out.float() * mask[..., None], mask  # (B, L, out_dim), (B, L)
+        ids, mask = self.tokenizer(captions)
+        mask = mask.to(device)
+        return self(ids.to(device), mask), mask  # (B, L, out_dim), (B, L)
+
+    def record(self) -> dict[str, Any]:
+        """What an export says of this encoder (its weights stay in its folder): where it is,
+        what it is, the dtype it ran in, and a sha256 of each file it loads."""
+        return {"pretrained": str(self.path.resolve()), "max_len": self.max_len,
+                "model_type": self.model_type, "d_model": self.out_dim,
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "files": folder_digests(self.path)}
+
+
+def load_recorded(record: dict[str, Any]) -> PretrainedTextEncoder:
+    """The encoder an export's `record` names, after checking its folder is still the one
+    training used (a changed file would silently change every caption's features)."""
+    path = Path(record["pretrained"])
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"pretrained text encoder {path} (recorded by the export) does not exist: its "
+            "weights are not in the export, put the folder back at that path")
+    now, then = folder_digests(path), record["files"]
+    if now != then:
+        changed = sorted(n for n in set(now) & set(then) if now[n] != then[n])
+        raise ValueError(
+            f"pretrained text encoder {path} changed since the export was written: "
+            f"changed {changed or '-'}, missing {sorted(set(then) - set(now)) or '-'}, "
+            f"new {sorted(set(now) - set(then)) or '-'}; restore the folder training used")
+    return PretrainedTextEncoder(path, record["max_len"], getattr(torch, record["dtype"]))
 
 
 def text_encoder_debug() -> TextEncoderConfig:

@@ -213,6 +213,57 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# generate
+
+
+def add_generate(sub: Sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "generate",
+        help="prompts -> text encode -> DiT sampler -> VAE decode -> mp4 files + gallery",
+        description="Batch offline generation as a Ray Data job: one mp4 per prompt row in "
+        "DIR/videos, a Parquet manifest in DIR/manifest, contact sheets and DIR/index.html. "
+        "FILE is .txt (one prompt per line) or .jsonl/.csv/.parquet with 'prompt' and optional "
+        "per-row id, height, width, frames, fps, seed, steps, cfg, negative_prompt; the flags "
+        "below are the defaults of rows that give none. Rerunning skips ids already done.",
+    )
+    p.add_argument("--checkpoint", required=True,
+                   help="a training run folder (RUN) or its export (RUN/export)")
+    p.add_argument("--prompts", required=True, type=Path, metavar="FILE", help="prompt file")
+    p.add_argument("--output", required=True, type=Path, help="output directory")
+    for flag, kind, what in (("height", int, "pixels"), ("width", int, "pixels"),
+                             ("frames", int, "1 + 4k"), ("fps", float, "frames per second"),
+                             ("steps", int, "Euler steps"), ("cfg", float, "guidance scale"),
+                             ("seed", int, "noise seed")):
+        p.add_argument(f"--{flag}", type=kind,
+                       help=f"{what} (config: defaults.{flag})")
+    p.add_argument("--sequence-parallel", type=int, metavar="K",
+                   help="one video's tokens across K ranks (config: sampler.sequence_parallel)")
+    p.add_argument("--cfg-parallel", action="store_true", default=None,
+                   help="conditional and unconditional halves on two ranks "
+                   "(config: sampler.cfg_parallel)")
+    p.add_argument("--vae", default=None, help="VAE checkpoint the latents were made with; "
+                   "the same as --set vae.checkpoint=CKPT (default: the shipped VAE)")
+    add_address(p)
+    return p
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from pipeline.generate import GenerateConfig, run_generate
+
+    flags = {f"defaults.{k}": getattr(args, k)
+             for k in ("height", "width", "frames", "fps", "steps", "cfg", "seed")}
+    cfg = config(GenerateConfig, args, **flags, **{
+        "sampler.sequence_parallel": args.sequence_parallel,
+        "sampler.cfg_parallel": args.cfg_parallel, "vae.checkpoint": args.vae})
+    summary = run_generate(cfg, args.checkpoint, args.prompts, args.output, args.address)
+    rate = summary["videos_per_minute"]
+    print(f"{summary['generated']} videos generated ({summary['already_done']} already done)"
+          f" in {summary['wall_seconds']}s{f' ({rate} videos/min)' if rate else ''}; "
+          f"gallery {summary['gallery']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # The table, the parser, main
 
 COMMANDS: dict[str, tuple[Callable[[Sub], argparse.ArgumentParser],
@@ -222,6 +273,7 @@ COMMANDS: dict[str, tuple[Callable[[Sub], argparse.ArgumentParser],
     "train-vae": (add_train_vae, run_train_vae),
     "eval-vae": (add_eval_vae, run_eval_vae),
     "train": (add_train, run_train),
+    "generate": (add_generate, run_generate),
 }
 
 
@@ -230,13 +282,15 @@ def config_classes() -> dict[str, type]:
     load every shipped file with it."""
     from actors.common.buckets import BucketConfig
     from pipeline.eval_vae import EvalVAEConfig
+    from pipeline.generate import GenerateConfig
     from pipeline.streams import PreprocessConfig
     from pipeline.synth import SynthConfig
     from pipeline.train import TrainConfig
     from pipeline.train_vae import TrainVAEConfig
 
     return {"synth": SynthConfig, "preprocess": PreprocessConfig, "train": TrainConfig,
-            "train-vae": TrainVAEConfig, "eval-vae": EvalVAEConfig, "buckets": BucketConfig}
+            "train-vae": TrainVAEConfig, "eval-vae": EvalVAEConfig, "generate": GenerateConfig,
+            "buckets": BucketConfig}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -61,3 +61,18 @@ def write_mp4(path: str | Path, frames: Iterable[np.ndarray], fps: float,
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def contact_sheet(frames: np.ndarray, path: str | Path, columns: int = 8) -> Path:
+    """A PNG of up to `columns` frames of a (T, H, W, 3) uint8 video, evenly spaced in time,
+    side by side (written whole: temp name, then rename)."""
+    from PIL import Image
+
+    T = frames.shape[0]
+    picks = sorted({round(i * (T - 1) / max(1, columns - 1)) for i in range(min(columns, T))})
+    sheet = np.concatenate([frames[i] for i in picks], axis=1)  # (H, n * W, 3)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    Image.fromarray(sheet).save(tmp, format="PNG")
+    tmp.replace(path)
+    return path

@@ -3,9 +3,12 @@ exported EMA model that `generate` loads (`models.denoiser.load_exported`).
 
 - Checkpoints are torch distributed checkpoints (DCP): every worker writes its own shards, so
   a checkpoint costs no gather and loads back on any number of workers.
-- The export is plain: `model.safetensors` (full EMA weights, `dit.*` and `text.*`) plus
-  `config.json` (the DiT and text encoder configs and the resolved training config) and
-  `train.yaml` (the same training config, loadable with `tubelet train --config`).
+- The export is plain: `model.safetensors` (full EMA weights: `dit.*`, and `text.*` for the
+  built-in text encoder) plus `config.json` (the DiT config, the text encoder's, and the
+  resolved training config) and `train.yaml` (the same training config, loadable with
+  `tubelet train --config`). A pretrained text encoder's weights are not copied: its
+  `text_encoder` entry is `PretrainedTextEncoder.record()` (folder, model_type, d_model,
+  dtype, a sha256 per file), and `load_exported` loads it from that folder after checking.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import torch.nn as nn
 import yaml
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from models.denoiser import EXPORT_FORMAT, Denoiser
+from models.denoiser import EXPORT_FORMAT, Denoiser, FrozenTextSlot
+from models.text_encoder import PretrainedTextEncoder
 
 
 class EMA:
@@ -78,16 +82,21 @@ def load_checkpoint(path: Path, model: nn.Module, optim: torch.optim.Optimizer,
 
 
 def export_ema(out: Path, ema: EMA, model: Denoiser, train_config: dict[str, Any],
-               step: int) -> Path | None:
-    """Write `out/model.safetensors` + `out/config.json` from rank 0 (all ranks must call)."""
+               step: int, pretrained: PretrainedTextEncoder | None = None) -> Path | None:
+    """Write `out/model.safetensors` + `out/config.json` from rank 0 (all ranks must call).
+    `pretrained`: the frozen text encoder the model was trained with (outside `model`)."""
     from safetensors.torch import save_file
 
     weights = ema.full_state()
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     out.mkdir(parents=True, exist_ok=True)
+    if (pretrained is not None) != isinstance(model.text, FrozenTextSlot):
+        raise ValueError("export_ema: pass the pretrained text encoder exactly when the model "
+                         "was built for one")
+    text = pretrained.record() if pretrained is not None else asdict(model.text.config)
     config = {"format": EXPORT_FORMAT, "step": step, "dit": asdict(model.dit.config),
-              "text_encoder": asdict(model.text.config), "train": train_config}
+              "text_encoder": text, "train": train_config}
     tmp = out / "model.safetensors.tmp"
     save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
     tmp.replace(out / "model.safetensors")

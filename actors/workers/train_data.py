@@ -37,7 +37,7 @@ import torch
 
 from actors.common.schema import INDEX_COLUMNS, LATENT_COLUMNS, require_columns
 from actors.patchify import PatchifyStage
-from models.text_encoder import ByteTokenizer
+from models.text_encoder import Tokenizer
 
 
 @dataclass
@@ -266,7 +266,7 @@ class StepBatch:
     ids: list[str]
     x: torch.Tensor  # (B, C, T, H, W) float32 latents
     fps: torch.Tensor  # (B,)
-    text_ids: torch.Tensor  # (B, L) byte tokens
+    text_ids: torch.Tensor  # (B, L) caption tokens (the text encoder's tokenizer)
     text_mask: torch.Tensor  # (B, L) bool
     weight: torch.Tensor  # (B,) 1 = sample, 0 = padding
     slot: list[int]  # position in the global batch: seeds each sample's noise
@@ -278,9 +278,10 @@ class StepBatch:
 
 
 class Collate:
-    """Latent rows of one bucket (+ step, slot, weight when planned) -> StepBatch."""
+    """Latent rows of one bucket (+ step, slot, weight when planned) -> StepBatch. `tokenizer`:
+    `models.text_encoder.caption_tokenizer` (bytes, or a pretrained encoder's own)."""
 
-    def __init__(self, tokenizer: ByteTokenizer):
+    def __init__(self, tokenizer: Tokenizer):
         self.patchify = PatchifyStage(with_tokens=False)
         self.tokenizer = tokenizer
 

@@ -12,6 +12,11 @@ One step, on every worker (all run the same number of steps: FSDP meets in colle
            batch (w = 0 for padding; `models.flow.flow_loss`); each worker scales its partial
            sum by W / sum(w) because FSDP averages gradients over the W workers
   AdamW step with warmup + schedule, gradient clipping, EMA update.
+
+Text: the built-in encoder trains inside the model (byte tokens in). A pretrained one
+(`text_encoder.pretrained`) is frozen and outside it: Collate tokenizes with its tokenizer,
+the loop turns the tokens into features under no_grad and passes them as `text=`; it is
+replicated on every worker in the DiT's compute dtype, and the export records its folder.
 """
 
 from __future__ import annotations
@@ -46,7 +51,13 @@ from models.denoiser import Denoiser
 from models.dit import DiTConfig, dit_debug
 from models.flow import FlowConfig, flow_loss, sample_timesteps
 from models.patching import PatchGrid
-from models.text_encoder import ByteTokenizer, TextEncoderConfig, text_encoder_debug
+from models.text_encoder import (
+    PretrainedTextEncoder,
+    TextEncoderConfig,
+    caption_tokenizer,
+    text_encoder_debug,
+    text_width,
+)
 
 
 @dataclass
@@ -67,9 +78,13 @@ class TrainLoopConfig:
     def validate(self) -> None:
         if min(self.steps, self.log_every, self.checkpoint_every) < 1:
             raise ValueError("steps, log_every and checkpoint_every: must be >= 1")
-        if self.model.text_dim != self.text_encoder.dim:
-            raise ValueError(f"model.text_dim ({self.model.text_dim}) must equal "
-                             f"text_encoder.dim ({self.text_encoder.dim})")
+        enc = self.text_encoder
+        width = text_width(enc)
+        if self.model.text_dim != width:
+            what = (f"the d_model of text_encoder.pretrained ({enc.pretrained})"
+                    if enc.pretrained else "text_encoder.dim")
+            raise ValueError(f"model.text_dim ({self.model.text_dim}) must equal {what} "
+                             f"({width})")
 
 
 def draw(batch: StepBatch, cfg: TrainLoopConfig) -> tuple[torch.Tensor, ...]:
@@ -87,10 +102,26 @@ def draw(batch: StepBatch, cfg: TrainLoopConfig) -> tuple[torch.Tensor, ...]:
 
 def empty_batch(cfg: TrainLoopConfig) -> StepBatch:
     """A zero-weight batch of one patch of zeros, for a worker whose stream had no rows."""
-    ids, mask = ByteTokenizer(cfg.text_encoder.max_len)([""])
+    ids, mask = caption_tokenizer(cfg.text_encoder)([""])
     return StepBatch(step=-1, bucket="", ids=[""], fps=torch.ones(1), text_ids=ids,
                      text_mask=mask, x=torch.zeros(1, cfg.model.in_channels, *cfg.model.patch),
                      weight=torch.zeros(1), slot=[0])
+
+
+def frozen_text_encoder(cfg: TrainLoopConfig,
+                        device: torch.device) -> PretrainedTextEncoder | None:
+    """The pretrained encoder on `device` in the DiT's compute dtype; None: the built-in one."""
+    if not cfg.text_encoder.pretrained:
+        return None
+    return PretrainedTextEncoder(cfg.text_encoder.pretrained, cfg.text_encoder.max_len,
+                                 getattr(torch, cfg.parallel.param_dtype)).to(device)
+
+
+def text_inputs(batch: StepBatch, frozen: PretrainedTextEncoder | None) -> dict[str, Any]:
+    """The model's text arguments: tokens for the built-in encoder, else frozen features."""
+    if frozen is None:
+        return {"text_ids": batch.text_ids, "text_mask": batch.text_mask}
+    return {"text": frozen(batch.text_ids, batch.text_mask), "text_mask": batch.text_mask}
 
 
 def train_loop(cfg: TrainLoopConfig, backend: Backend, batches: Callable[[int], Iterator],
@@ -101,6 +132,7 @@ def train_loop(cfg: TrainLoopConfig, backend: Backend, batches: Callable[[int], 
     run_dir, rank, W, device = Path(run_dir), backend.rank, backend.world_size, backend.device
     with process_group():
         record_worker(run_dir, backend)
+        frozen = frozen_text_encoder(cfg, device)
         state = train_state(
             lambda: parallelize(Denoiser(cfg.model, cfg.text_encoder), cfg.parallel, device),
             cfg.optim, cfg.seed, backend, "train", fingerprint=fingerprint)
@@ -135,8 +167,7 @@ def train_loop(cfg: TrainLoopConfig, backend: Backend, batches: Callable[[int], 
             noise, t, drop = draw(batch, cfg)
             total_w = reduce_sum(batch.weight.sum().reshape(1))  # over the global batch
             weighted = flow_loss(model, batch.x, t, noise, weight=batch.weight,
-                                 text_ids=batch.text_ids, text_mask=batch.text_mask,
-                                 fps=batch.fps, drop_text=drop)
+                                 fps=batch.fps, drop_text=drop, **text_inputs(batch, frozen))
             grad_norm = optimizer_step(state, weighted, total_w, W, cfg.optim.grad_clip)
             step += 1
 
@@ -158,7 +189,7 @@ def train_loop(cfg: TrainLoopConfig, backend: Backend, batches: Callable[[int], 
                            f"samples/s data {t_data / dt:.0%} mem {row['memory_mb']:.0f} MB")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 state.save(backend, step, row, resolved, fingerprint)
-        export_ema(run_dir / "export", state.ema, model, resolved, step)  # every rank
+        export_ema(run_dir / "export", state.ema, model, resolved, step, frozen)  # every rank
     return {"step": step, "start": start, "last": row}
 
 
@@ -185,7 +216,7 @@ def ray_worker(args: dict[str, Any]) -> None:
 
     cfg = args["cfg"]
     with ray_backend(max(1, int(cfg.worker.num_cpus))) as backend:
-        collate = Collate(ByteTokenizer(cfg.text_encoder.max_len))
+        collate = Collate(caption_tokenizer(cfg.text_encoder))
         r, W = backend.rank, backend.world_size
         if args["stream"]:
             batches = streamed_batches(ray.train.get_dataset_shard("train"), collate, cfg.data,

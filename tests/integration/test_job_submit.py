@@ -1,4 +1,5 @@
-"""`ray job submit --working-dir . -- python -m pipeline preprocess ...` to a local Ray head.
+"""`ray job submit --working-dir . -- python -m pipeline preprocess|generate ...` to a local
+Ray head (one head for both jobs: starting one is most of the time).
 
 Ray 2.60 needs token auth for job submission: RAY_AUTH_MODE=token, `ray get-auth-token
 --generate`, then `ray start --head` (all inherited by the CLI calls below).
@@ -15,6 +16,7 @@ import pyarrow.dataset as pds
 import pytest
 
 from pipeline.synth import SynthConfig, synthesize
+from tests.exports import write_export, write_vae
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +28,7 @@ def ray_cli(*args, env, timeout=300):
                           text=True, timeout=timeout)
 
 
-def test_preprocess_as_a_ray_job(tmp_path):
+def test_preprocess_and_generate_as_ray_jobs(tmp_path):
     import ray
 
     if ray.is_initialized():
@@ -50,6 +52,19 @@ def test_preprocess_as_a_ray_job(tmp_path):
         summary = json.loads((out / "summary.json").read_text())
         rows = pds.dataset(out / "latents", format="parquet").to_table().num_rows
         assert rows == summary["clips_written"] >= 3
+
+        export, vae = write_export(tmp_path / "export"), write_vae(tmp_path / "vae.safetensors")
+        (tmp_path / "prompts.txt").write_text("a red circle moving right\na blue square\n")
+        gen = tmp_path / "gen"
+        job = ray_cli("job", "submit", "--address", "http://127.0.0.1:8291", "--working-dir", ".",
+                      "--", "python", "-m", "pipeline", "generate", "--checkpoint", str(export),
+                      "--prompts", str(tmp_path / "prompts.txt"), "--output", str(gen),
+                      "--vae", str(vae), "--steps", "2", "--width", "32", "--height", "32",
+                      "--frames", "5", env=env, timeout=400)
+        assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
+        videos = sorted(p.name for p in (gen / "videos").glob("*.mp4"))
+        assert videos == ["00001.mp4", "00002.mp4"]
+        assert pds.dataset(gen / "manifest", format="parquet").count_rows() == 2
     finally:
         ray_cli("stop", "--force", env=env)
         shutil.rmtree(temp, ignore_errors=True)

@@ -1,0 +1,49 @@
+"""Stage: uint8 frames -> `DIR/videos/<name>.mp4` (PyAV, CPU) and `DIR/sheets/<name>.png` (a
+contact sheet), generation's last stage.
+
+Reads `name` (the id made safe by pipeline/prompts.py:safe_name), `fps`, `video`; writes
+`file`, `sheet` (paths relative to DIR) and `encode_seconds`, and drops the frames, so what
+comes back to the driver is one small manifest row per video. Files are written whole (temp
+name, then rename): a killed job leaves no half file under a final name.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from actors.common.schema import require_columns
+from actors.common.tensors import unpack, with_columns
+from actors.common.video import contact_sheet, write_mp4
+
+
+class Mp4EncodeStage:
+    READS = ("id", "name", "fps", "video", "video_shape")
+
+    def __init__(self, output: str, codec: str = "libx264", crf: int = 18,
+                 preset: str = "veryfast", threads: int = 1):
+        self.out = Path(output)
+        (self.out / "videos").mkdir(parents=True, exist_ok=True)
+        (self.out / "sheets").mkdir(parents=True, exist_ok=True)
+        self.codec, self.crf, self.preset, self.threads = codec, crf, preset, threads
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require_columns(batch, self.READS, "mp4 encode")
+        files, sheets, seconds = [], [], []
+        for name, fps, frames in zip(batch.column("name").to_pylist(),
+                                     batch.column("fps").to_pylist(),
+                                     unpack(batch, "video", np.uint8), strict=True):
+            t0 = time.perf_counter()
+            file, sheet = f"videos/{name}.mp4", f"sheets/{name}.png"
+            write_mp4(self.out / file, iter(frames), fps, self.codec, self.crf, self.preset,
+                      self.threads)
+            contact_sheet(frames, self.out / sheet)
+            files.append(file)
+            sheets.append(sheet)
+            seconds.append(time.perf_counter() - t0)
+        batch = batch.drop_columns(["video", "video_shape"])
+        return with_columns(batch, {"file": pa.array(files), "sheet": pa.array(sheets),
+                                    "encode_seconds": pa.array(seconds, pa.float64())})

@@ -1,0 +1,111 @@
+"""Stage: text features + settings -> latents, by the DiT sampler (rectified-flow Euler with
+classifier-free guidance).
+
+Each actor of the pool owns a `SamplerGroup` (actors/workers/sampler.py): one process, or a
+group of K sequence-parallel ranks (x2 with CFG parallel) that this actor leads. Rows are
+grouped by shape and settings (height, width, frames, steps, cfg, with/without a negative
+prompt) so that every forward has one shape, and sampled up to `max_batch` at a time.
+
+Noise: drawn from the row's own seed (`torch.Generator().manual_seed(seed)`, float32 on the
+CPU, in the latent's shape), never from a process-wide generator, so a row's latents do not
+depend on the batch it falls in, the actor that takes it, or the ranks' layout.
+
+Reads the prompt row's settings and the text stage's features; writes `latent` (float32
+(C, T, H, W) in the VAE's normalised space) and `sample_seconds`, and drops the features.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from actors.common.schema import require_columns
+from actors.common.tensors import pack, unpack, with_columns
+from models.flow import FlowConfig
+
+TEXT_COLUMNS = ("text", "text_shape", "text_len", "neg_text", "neg_text_shape", "neg_len")
+
+
+def row_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The row's starting noise: its own generator, float32, CPU (bitwise the same anywhere)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
+
+
+def latent_shape(channels: int, frames: int, height: int, width: int, temporal: int,
+                 spatial: int) -> tuple[int, int, int, int]:
+    return (channels, 1 + (frames - 1) // temporal, height // spatial, width // spatial)
+
+
+class SampleStage:
+    SETTINGS = ("id", "seed", "height", "width", "frames", "fps", "steps", "cfg", "text_len",
+                "neg_len")
+    READS = SETTINGS + ("text", "text_shape", "neg_text", "neg_text_shape")
+
+    def __init__(self, export: str, sampler: dict, temporal: int, spatial: int,
+                 max_batch: int = 4):
+        from actors.workers.sampler import SamplerConfig, SamplerGroup
+
+        self.group = SamplerGroup(export, SamplerConfig(**sampler))
+        config = json.loads((Path(export) / "config.json").read_text())
+        self.channels = int(config["dit"]["in_channels"])
+        self.patch = tuple(config["dit"]["patch"])
+        self.flow = FlowConfig(**config["train"]["flow"])
+        self.temporal, self.spatial, self.max_batch = temporal, spatial, max_batch
+
+    def __del__(self):
+        group = getattr(self, "group", None)
+        if group is not None:
+            group.close()
+
+    def shift(self, shape: tuple[int, int, int, int]) -> float:
+        _, t, h, w = shape
+        pt, ph, pw = self.patch
+        return self.flow.shift(-(-t // pt) * -(-h // ph) * -(-w // pw))
+
+    def sample(self, rows: list[dict], text: list[np.ndarray], neg: list[np.ndarray]
+               ) -> list[np.ndarray]:
+        """Rows of one shape and one setting: their latents."""
+        r0 = rows[0]
+        shape = latent_shape(self.channels, r0["frames"], r0["height"], r0["width"],
+                             self.temporal, self.spatial)
+        noise = torch.stack([row_noise(r["seed"], shape) for r in rows])
+        L = text[0].shape[0]
+        mask = torch.stack([torch.arange(L) < r["text_len"] for r in rows])
+        kwargs = {}
+        if r0["neg_len"] > 0:
+            kwargs = {"neg_text": torch.from_numpy(np.stack(neg)),
+                      "neg_mask": torch.stack([torch.arange(L) < r["neg_len"] for r in rows])}
+        out = self.group.sample(
+            noise, torch.from_numpy(np.stack(text)), mask,
+            torch.tensor([float(r["fps"]) for r in rows]), steps=int(r0["steps"]),
+            shift=self.shift(shape), guidance=float(r0["cfg"]), **kwargs)
+        return [z.numpy() for z in out.float().cpu()]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require_columns(batch, self.READS, "sample")
+        rows = batch.select(list(self.SETTINGS)).to_pylist()
+        text, neg = unpack(batch, "text", np.float32), unpack(batch, "neg_text", np.float32)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, r in enumerate(rows):
+            groups[(r["height"], r["width"], r["frames"], r["steps"], r["cfg"],
+                    r["neg_len"] > 0)].append(i)
+        latents: list[np.ndarray | None] = [None] * len(rows)
+        seconds = [0.0] * len(rows)
+        for idx in groups.values():
+            for lo in range(0, len(idx), self.max_batch):
+                part = idx[lo:lo + self.max_batch]
+                t0 = time.perf_counter()
+                out = self.sample([rows[i] for i in part], [text[i] for i in part],
+                                  [neg[i] for i in part])
+                took = (time.perf_counter() - t0) / len(part)
+                for i, z in zip(part, out, strict=True):
+                    latents[i], seconds[i] = z, took
+        batch = batch.drop_columns(list(TEXT_COLUMNS))
+        return with_columns(batch, {**pack("latent", latents),
+                                    "sample_seconds": pa.array(seconds, pa.float64())})

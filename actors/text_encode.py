@@ -1,0 +1,66 @@
+"""Stage: prompts -> text features, with the export's own text encoder (generation's first
+stage).
+
+Reads `prompt`, `negative_prompt`; writes `text` (float32 (L, D), L = the encoder's max_len
+for every row) and `text_len` (real tokens; the mask is `arange(L) < text_len`), and the same
+for the negative prompt (`neg_text`, `neg_len`; `neg_len` 0 = no negative prompt: guidance
+then uses the DiT's learned null text).
+
+Each prompt is encoded alone and padded to the fixed length L, so a prompt's features do not
+depend on which other prompts share its batch (the same latents whatever the batching).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from actors.common.schema import require_columns
+from actors.common.tensors import pack, with_columns
+from actors.common.vae import pick_device
+
+
+def text_length(encoder: torch.nn.Module) -> int:
+    """The fixed feature length rows are padded to: the encoder's token limit."""
+    config = getattr(encoder, "config", None)
+    return int(getattr(config, "max_len", None) or encoder.max_len)
+
+
+class TextEncodeStage:
+    READS = ("id", "prompt", "negative_prompt")
+
+    def __init__(self, export: str, device: str = "cpu", num_cpus: float = 0.25):
+        from models.denoiser import load_exported
+
+        self.device = pick_device(device, num_cpus)
+        _, self.encoder, _ = load_exported(export, device=self.device)
+        self.length = text_length(self.encoder)
+
+    @torch.no_grad()
+    def encode(self, prompt: str) -> tuple[np.ndarray, int]:
+        features, mask = self.encoder.encode([prompt], device=self.device)  # (1, l, D)
+        n = int(mask[0].sum())
+        out = np.zeros((self.length, features.shape[-1]), np.float32)
+        out[:n] = features[0, :n].float().cpu().numpy()
+        return out, n
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require_columns(batch, self.READS, "text encode")
+        t0 = time.perf_counter()
+        text, neg = [], []
+        for prompt, negative in zip(batch.column("prompt").to_pylist(),
+                                    batch.column("negative_prompt").to_pylist(), strict=True):
+            text.append(self.encode(prompt))
+            neg.append(self.encode(negative) if negative else
+                       (np.zeros_like(text[-1][0]), 0))
+        took = (time.perf_counter() - t0) / max(1, batch.num_rows)
+        return with_columns(batch, {
+            **pack("text", [f for f, _ in text]),
+            "text_len": pa.array([n for _, n in text], pa.int32()),
+            **pack("neg_text", [f for f, _ in neg]),
+            "neg_len": pa.array([n for _, n in neg], pa.int32()),
+            "text_seconds": pa.array([took] * batch.num_rows, pa.float64()),
+        })

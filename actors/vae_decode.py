@@ -1,0 +1,56 @@
+"""Stage: latents -> uint8 frames, by the VAE decoder (its own actor pool, apart from the
+DiT sampler, so neither model's memory limits the other).
+
+Reads `latent` (+ `latent_shape`, float32 (C, T', H', W') in the VAE's normalised space);
+writes `video` (uint8 (T, H, W, 3)) and `decode_seconds`, and drops the latent. Memory is
+bounded whatever the frame count: decoding always runs in causal time chunks of
+`chunk_frames` (exact: each causal conv carries its past frames across chunks), and in
+overlapping spatial tiles when the VAE config's `tile_px` > 0. One video per forward (rows of
+a generation batch may differ in shape).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from actors.common.schema import require_columns
+from actors.common.tensors import pack, unpack, with_columns
+from actors.common.vae import VAEStageConfig, load_stage_vae, pick_device
+from actors.common.video import to_uint8
+
+
+class VAEDecodeStage:
+    READS = ("id", "latent", "latent_shape")
+
+    def __init__(self, vae: VAEStageConfig, num_cpus: float = 1.0, chunk_frames: int = 16):
+        self.device = pick_device(vae.device, num_cpus)
+        self.dtype = getattr(torch, vae.dtype)
+        self.model = load_stage_vae(vae, self.device)
+        self.tile_px, self.chunk_frames = vae.tile_px, chunk_frames
+
+    @torch.inference_mode()
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        z = torch.from_numpy(np.array(z))[None].to(self.device)  # (1, C, T', H', W')
+        s = self.model.spatial_factor
+        tile = self.tile_px or s * max(z.shape[-2:])  # 0: one tile, the whole frame
+        with torch.autocast(self.device.type, dtype=self.dtype,
+                            enabled=self.dtype != torch.float32):
+            x = self.model.decode_tiled(z.to(torch.float32), tile_px=tile,
+                                        overlap_px=self.tile_px // 4 // s * s,
+                                        chunk_frames=self.chunk_frames)
+        return to_uint8(x.float())[0].cpu().numpy()  # (T, H, W, 3)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require_columns(batch, self.READS, "VAE decode")
+        frames, seconds = [], []
+        for z in unpack(batch, "latent", np.float32):
+            t0 = time.perf_counter()
+            frames.append(self.decode(z))
+            seconds.append(time.perf_counter() - t0)
+        batch = batch.drop_columns(["latent", "latent_shape"])
+        return with_columns(batch, {**pack("video", frames),
+                                    "decode_seconds": pa.array(seconds, pa.float64())})

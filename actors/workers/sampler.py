@@ -1,0 +1,250 @@
+"""The DiT sampler a generation stage owns: the Euler loop, and the group of ranks that runs it.
+
+- `sample_video_latents(dit, noise, text, ...)`: Euler steps of rectified flow
+  (`models.flow.flow_sigmas` / `euler_step`) with classifier-free guidance, on one process or,
+  given a `SamplerMesh`, sequence- and CFG-parallel (actors/workers/sequence_parallel.py).
+- `SamplerGroup(model, SamplerConfig(...))`: K * (2 if cfg_parallel else 1) ranks. One rank
+  runs in this process, no Ray; more: this process is rank 0 and starts the others as Ray
+  actors, which load the same model and join one process group (TCP rendezvous at this node's
+  IP, gloo on CPU, NCCL on GPU). The worker logic (`SamplerRank`) is the same in both, as in
+  vLLM's executor split. `sample(...)` ships the inputs once (`ray.put`), every rank runs the
+  same loop on them, rank 0 returns the latents; `close()` (or `with`) ends the actors.
+
+Batch invariance: a row gets bitwise the same latents whatever batch it is sampled in. CPU
+GEMMs do not give that for free: the per-sample adaLN / timestep Linear layers run as a
+(B, D) matmul whose kernel (gemv for B = 1, blocked gemm above) and so rounding depend on B
+(measured: ~4e-7 apart, torch 2.13 CPU, even with one thread), and GPU kernels pick tiles by
+shape too. So the model runs one sample at a time; for video a sample is thousands of tokens,
+enough to fill a device. Noise always comes from the caller (drawn from each row's seed):
+nothing here draws random numbers, so every rank and every layout sees the same noise.
+Latents come back float32 on CPU; the model runs in `SamplerConfig.dtype` (bf16 on CUDA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from actors.workers.sequence_parallel import SamplerMesh, cfg_velocity
+from models.dit import DiT
+from models.flow import euler_step, flow_sigmas
+
+ModelSource = str | Path | Callable[[], DiT]  # an export folder, or a picklable DiT factory
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SamplerConfig:
+    sequence_parallel: int = 1  # K ranks per video
+    cfg_parallel: bool = False  # x2 ranks: the conditional and unconditional branch at once
+    device: str = "auto"  # auto: cuda if available, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    num_cpus_per_rank: float = 1.0  # Ray CPUs per started rank (and its torch threads, on CPU)
+    timeout_s: float = 600.0  # a collective waiting longer than this fails the sample
+
+    @property
+    def world_size(self) -> int:
+        return self.sequence_parallel * (2 if self.cfg_parallel else 1)
+
+    def validate(self) -> None:
+        if self.sequence_parallel < 1:
+            raise ValueError(f"sequence_parallel must be >= 1, got {self.sequence_parallel}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.num_cpus_per_rank <= 0 or self.timeout_s <= 0:
+            raise ValueError("num_cpus_per_rank and timeout_s must be > 0")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device is cuda but torch sees no GPU; use device: cpu or auto")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+
+@torch.no_grad()
+def sample_video_latents(
+    dit: DiT,
+    noise: torch.Tensor,
+    text: torch.Tensor | None,
+    text_mask: torch.Tensor | None,
+    fps: torch.Tensor | None,
+    steps: int,
+    shift: float,
+    guidance: float,
+    neg_text: torch.Tensor | None = None,
+    neg_mask: torch.Tensor | None = None,
+    mesh: SamplerMesh | None = None,
+) -> torch.Tensor:
+    """Noise (B, C, T, H, W) -> float32 latents on CPU, one sample at a time (batch
+    invariance, see the module docstring). text (B, L, text_dim) / text_mask (B, L) and fps
+    (B,) condition; neg_text / neg_mask (B, L', text_dim) / (B, L') replace the null text of
+    the unconditional branch. With a mesh (every rank of it calls this with the same inputs),
+    the velocity is sequence- and CFG-parallel; without, it is the plain model's."""
+    B = noise.shape[0]
+    for name, z in (("text", text), ("text_mask", text_mask), ("fps", fps),
+                    ("neg_text", neg_text), ("neg_mask", neg_mask)):
+        if z is not None and z.shape[0] != B:
+            raise ValueError(f"{name} has {z.shape[0]} rows for {B} noise rows")
+    if neg_mask is not None and neg_text is None:
+        raise ValueError("neg_mask without neg_text")
+    param = next(dit.parameters())
+    device, dtype = param.device, param.dtype
+    sigmas = flow_sigmas(steps, shift)  # on CPU: the same schedule on every rank and device
+
+    def row(z: torch.Tensor | None, i: int, float_dtype: torch.dtype | None = None):
+        if z is None:
+            return None
+        z = z[i : i + 1].to(device)
+        return z.to(float_dtype) if float_dtype is not None and z.is_floating_point() else z
+
+    out = []
+    for i in range(B):
+        x = noise[i : i + 1].to(device, torch.float32)  # the state stays float32
+        cond = dict(text=row(text, i, dtype), text_mask=row(text_mask, i), fps=row(fps, i),
+                    neg_text=row(neg_text, i, dtype), neg_mask=row(neg_mask, i))
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+            t = sigma.expand(1).to(device)
+            v = cfg_velocity(dit, x.to(dtype), t, guidance, mesh=mesh, **cond)
+            x = euler_step(x, v.float(), sigma.to(device), sigma_next.to(device))
+        out.append(x.cpu())
+    return torch.cat(out)
+
+
+def load_dit(model: ModelSource) -> DiT:
+    if callable(model):
+        return model()
+    from models.denoiser import load_exported
+
+    return load_exported(model)[0]
+
+
+class SamplerRank:
+    """One rank: its model (loaded once), its process group, the loop. Runs in the owner's
+    process (rank 0) or as a Ray actor (`threads` set there: a rank takes no more cores than
+    Ray gave it)."""
+
+    def __init__(self, model: ModelSource, cfg: SamplerConfig, threads: int | None = None):
+        cfg.validate()
+        self.cfg, self.device = cfg, cfg.torch_device()
+        if threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device.index or 0)  # a Ray actor sees only its GPU
+        self.dit = load_dit(model).to(self.device, cfg.torch_dtype()).eval()
+        self.mesh: SamplerMesh | None = None
+
+    def join(self, host: str, port: int, rank: int, store: Any = None) -> None:
+        """Join the group's process group (rank 0 passes its master store) and build the mesh."""
+        cfg = self.cfg
+        timeout = timedelta(seconds=cfg.timeout_s)
+        if store is None:
+            store = dist.TCPStore(host, port, cfg.world_size, is_master=False, timeout=timeout)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=store, rank=rank, world_size=cfg.world_size,
+                                timeout=timeout)
+        self.mesh = SamplerMesh.build(cfg.sequence_parallel, cfg.cfg_parallel)
+
+    def sample(self, inputs: dict[str, Any], keep: bool = True) -> torch.Tensor | None:
+        """The latents (keep), or None: the other ranks' equal rank 0's, no need to ship them."""
+        latents = sample_video_latents(self.dit, **inputs, mesh=self.mesh)
+        return latents if keep else None
+
+    def close(self) -> None:
+        if self.mesh is not None and dist.is_initialized():
+            dist.destroy_process_group()
+        self.mesh = None
+
+
+class SamplerGroup:
+    """K * (2 if cfg_parallel else 1) ranks sampling together; this process is rank 0.
+
+    `model` is an export folder (`models.denoiser.load_exported`; on a cluster, a path every
+    node can read) or a picklable factory returning the DiT. A Ray Data stage owns one group
+    per actor: give that actor the resources of rank 0 (a GPU on CUDA); the group asks Ray for
+    `world_size - 1` more ranks of `num_cpus_per_rank` CPUs (and one GPU each on CUDA).
+    """
+
+    def __init__(self, model: ModelSource, cfg: SamplerConfig):
+        cfg.validate()
+        self.cfg, self.actors = cfg, []
+        world = cfg.world_size
+        if world > 1 and dist.is_initialized():
+            raise RuntimeError("SamplerGroup with several ranks makes this process's default "
+                               "process group, and one already exists here; run it in its own "
+                               "process (a Ray Data actor)")
+        if world > 1:
+            import ray
+
+            host = ray.util.get_node_ip_address()
+            timeout = timedelta(seconds=cfg.timeout_s)
+            # port 0: the OS picks a free port, so concurrent groups on one node never collide
+            store = dist.TCPStore(host, 0, world, is_master=True, wait_for_workers=False,
+                                  timeout=timeout)
+            gpus = 1 if cfg.torch_device().type == "cuda" else 0
+            actor = ray.remote(SamplerRank).options(num_cpus=cfg.num_cpus_per_rank,
+                                                    num_gpus=gpus)
+            threads = max(1, int(cfg.num_cpus_per_rank))
+            self.actors = [actor.remote(model, cfg, threads) for _ in range(world - 1)]
+        try:
+            self.local = SamplerRank(model, cfg)  # loads while the actors load
+            if world > 1:
+                joins = [a.join.remote(host, store.port, r) for r, a in enumerate(self.actors, 1)]
+                self.local.join(host, store.port, 0, store=store)
+                ray.get(joins)
+        except BaseException:
+            for a in self.actors:
+                ray.kill(a)
+            raise
+
+    def sample(self, noise: torch.Tensor, text: torch.Tensor | None,
+               text_mask: torch.Tensor | None, fps: torch.Tensor | None, steps: int,
+               shift: float, guidance: float, neg_text: torch.Tensor | None = None,
+               neg_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`sample_video_latents` on every rank with the same inputs; rank 0's latents."""
+        inputs = dict(noise=noise, text=text, text_mask=text_mask, fps=fps, steps=steps,
+                      shift=shift, guidance=guidance, neg_text=neg_text, neg_mask=neg_mask)
+        if not self.actors:
+            return self.local.sample(inputs)
+        import ray
+
+        ref = ray.put(inputs)
+        pending = [a.sample.remote(ref, False) for a in self.actors]
+        try:
+            out = self.local.sample(inputs)
+        except Exception:
+            # A failed rank breaks rank 0's collectives: raise the rank's own error if it has one.
+            ready, _ = ray.wait(pending, num_returns=len(pending), timeout=5.0)
+            ray.get(ready)
+            raise
+        ray.get(pending)
+        return out
+
+    def close(self) -> None:
+        if self.actors:
+            import ray
+
+            ray.get([a.close.remote() for a in self.actors])
+            for a in self.actors:
+                ray.kill(a)
+            self.actors = []
+        self.local.close()
+
+    def __enter__(self) -> SamplerGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

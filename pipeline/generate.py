@@ -1,0 +1,283 @@
+"""`tubelet generate`: prompts -> text encode -> DiT sampler -> VAE decode -> mp4 encode.
+
+A streaming Ray Data graph of four actor-pool stages (one file each in actors/) with Arrow
+batches between them; what comes back to the driver is one small manifest row per video.
+Output, in DIR:
+  videos/<name>.mp4   one per prompt row (name: the row's id made safe, pipeline/prompts.py)
+  sheets/<name>.png   a contact sheet of each video
+  manifest/           Parquet parts, each written whole: id, prompt, negative_prompt, seed,
+                      height, width, frames, fps, steps, cfg, checkpoint, checkpoint_digest,
+                      file, sheet, per-stage seconds
+  index.html          the gallery: every video plays, with its prompt and settings
+  config.yaml, run.json, summary.json
+Resume: ids already in the manifest (with their file present) are not generated again; an mp4
+is renamed into place before its manifest row is written, so after a kill -9 a rerun ends with
+every id exactly once and no half file under a final name.
+
+Everything the user can get wrong is checked before Ray starts (one line, exit 2): the
+checkpoint (a run folder or its export), the VAE and its latent channels against the DiT's,
+and every prompt row (pipeline/prompts.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import math
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pds
+
+from actors.common.errors import write_atomic
+from actors.common.vae import VAELoadError, VAEStageConfig, load_checkpoint_vae
+from actors.mp4_encode import Mp4EncodeStage
+from actors.sample import SampleStage
+from actors.text_encode import TextEncodeStage
+from actors.vae_decode import VAEDecodeStage
+from actors.workers.sampler import SamplerConfig
+from pipeline.config import ConfigError, UsageError, to_dict, write_run_record
+from pipeline.prompts import Defaults, Grid, read_prompts
+from pipeline.runtime import RayConfig, StageResources, check_budget, init_ray
+
+MANIFEST_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "height", "width", "frames",
+                    "fps", "steps", "cfg", "checkpoint", "checkpoint_digest", "file", "sheet",
+                    "text_seconds", "sample_seconds", "decode_seconds", "encode_seconds")
+
+
+def _resources(num_cpus: float, batch_size: int) -> StageResources:
+    return StageResources(num_cpus=num_cpus, batch_size=batch_size, max_tasks_in_flight=1)
+
+
+@dataclass
+class GenerateConfig:
+    defaults: Defaults = field(default_factory=Defaults)  # for rows that give no setting
+    vae: VAEStageConfig = field(default_factory=lambda: VAEStageConfig(
+        checkpoint="weights/vae-default.safetensors"))
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    max_batch: int = 4  # videos per sampler forward (rows of one shape and setting)
+    codec: str = "libx264"
+    crf: int = 18
+    preset: str = "veryfast"
+    chunk_frames: int = 16  # VAE decode's causal time chunk (bounds its memory)
+    text: StageResources = field(default_factory=lambda: _resources(0.2, 8))
+    sample: StageResources = field(default_factory=lambda: _resources(0.8, 4))
+    decode: StageResources = field(default_factory=lambda: _resources(0.5, 1))
+    encode: StageResources = field(default_factory=lambda: _resources(0.2, 1))
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch: must be >= 1, got {self.max_batch}")
+        if not 0 <= self.crf <= 51:
+            raise ValueError(f"crf: must be in [0, 51], got {self.crf}")
+        if self.chunk_frames < 4 or self.chunk_frames % 4:
+            raise ValueError(f"chunk_frames: must be a positive multiple of 4, got "
+                             f"{self.chunk_frames}")
+
+    def stages(self) -> dict[str, StageResources]:
+        return {"text": self.text, "sample": self.sample, "decode": self.decode,
+                "encode": self.encode}
+
+
+class CheckpointError(UsageError):
+    """A --checkpoint that is not a training run or an export."""
+
+
+def resolve_export(checkpoint: str | Path) -> Path:
+    """A run folder (RUN, holding export/) or an export folder -> the export folder."""
+    path = Path(checkpoint)
+    for candidate in (path, path / "export"):
+        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
+            return candidate.resolve()
+    raise CheckpointError(f"--checkpoint {checkpoint}: not a training run or an export (needs "
+                          "config.json and model.safetensors, in the folder or in its "
+                          "export/; `tubelet train` writes RUN/export)")
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Model:
+    """What the driver checks about the model before any Ray work."""
+
+    export: Path
+    digest: str
+    config: dict[str, Any]
+    grid: Grid
+    temporal: int
+    spatial: int
+
+
+def inspect_model(checkpoint: str | Path, vae: VAEStageConfig) -> Model:
+    from models.denoiser import EXPORT_FORMAT
+
+    export = resolve_export(checkpoint)
+    try:
+        config = json.loads((export / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{export}/config.json: not JSON ({e})") from None
+    if config.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{export}: format {config.get('format')!r}, expected "
+                              f"{EXPORT_FORMAT!r} (an export of `tubelet train`)")
+    try:
+        model = load_checkpoint_vae(vae.checkpoint)
+    except VAELoadError as e:
+        raise ConfigError(str(e)) from None
+    channels = config["dit"]["in_channels"]
+    if model.latent_channels != channels:
+        raise ConfigError(f"VAE {vae.checkpoint} makes {model.latent_channels}-channel latents "
+                          f"but the DiT of {export} takes {channels}; pass the VAE the "
+                          "training data was preprocessed with (vae.checkpoint)")
+    pt, ph, pw = config["dit"]["patch"]
+    s, t = model.spatial_factor, model.temporal_factor
+    return Model(export, digest(export / "model.safetensors"), config,
+                 Grid(spatial=math.lcm(s * ph, s * pw), temporal=t, patch_t=pt), t, s)
+
+
+def read_done(out: Path) -> set[str]:
+    """Ids in the manifest whose video file exists."""
+    parts = sorted((out / "manifest").glob("*.parquet"))
+    if not parts:
+        return set()
+    table = pds.dataset(parts).to_table(columns=["id", "file"])
+    return {i for i, f in zip(table.column("id").to_pylist(), table.column("file").to_pylist(),
+                              strict=True) if (out / f).is_file()}
+
+
+def read_manifest(out: Path) -> list[dict[str, Any]]:
+    parts = sorted((out / "manifest").glob("*.parquet"))
+    if not parts:
+        return []
+    rows = pds.dataset(parts).to_table().to_pylist()
+    latest: dict[str, dict] = {}
+    for r in rows:  # a rerun after a crash between mp4 and manifest may repeat an id
+        latest[r["id"]] = r
+    return sorted(latest.values(), key=lambda r: r["id"])
+
+
+def build_dataset(cfg: GenerateConfig, rows: list[dict], model: Model, out: Path,
+                  gpus: bool):
+    """The generation graph (lazy)."""
+    import ray.data
+
+    rows = sorted(rows, key=lambda r: (r["height"], r["width"], r["frames"], r["steps"],
+                                       r["cfg"], r["id"]))  # batches of one shape
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))  # a block per video
+    device = cfg.sampler.device
+    sample = cfg.sample
+    if gpus and device in ("auto", "cuda") and sample.num_gpus == 0:
+        sample = replace(sample, num_gpus=1)  # the cluster has GPUs: the sampler asks for one
+    ds = ds.map_batches(TextEncodeStage, **cfg.text.map_batches_kwargs(
+        export=str(model.export), device="cpu", num_cpus=cfg.text.num_cpus))
+    ds = ds.map_batches(SampleStage, **sample.map_batches_kwargs(
+        export=str(model.export), sampler=asdict(cfg.sampler), temporal=model.temporal,
+        spatial=model.spatial, max_batch=cfg.max_batch))
+    ds = ds.map_batches(VAEDecodeStage, **cfg.decode.map_batches_kwargs(
+        vae=cfg.vae, num_cpus=cfg.decode.num_cpus, chunk_frames=cfg.chunk_frames))
+    return ds.map_batches(Mp4EncodeStage, **cfg.encode.map_batches_kwargs(
+        output=str(out), codec=cfg.codec, crf=cfg.crf, preset=cfg.preset))
+
+
+def write_manifest_part(out: Path, batch: pa.Table) -> None:
+    write_atomic(batch.select(list(MANIFEST_COLUMNS)),
+                 out / "manifest" / f"part-{uuid.uuid4().hex}.parquet")
+
+
+def write_gallery(out: Path, rows: list[dict[str, Any]]) -> Path:
+    """DIR/index.html: every video plays (muted, looped), with its prompt and settings."""
+    cards = []
+    for r in rows:
+        settings = (f"{r['width']}x{r['height']}, {r['frames']} frames at {r['fps']:g} fps, "
+                    f"seed {r['seed']}, {r['steps']} steps, cfg {r['cfg']:g}")
+        neg = (f"<p class=neg>not: {html.escape(r['negative_prompt'])}</p>"
+               if r["negative_prompt"] else "")
+        cards.append(
+            f"<figure><video src=\"{html.escape(r['file'])}\" autoplay loop muted playsinline "
+            f"controls></video><figcaption><b>{html.escape(r['prompt'])}</b>{neg}"
+            f"<p>{html.escape(settings)}</p><p class=id>{html.escape(r['id'])} · "
+            f"<a href=\"{html.escape(r['sheet'])}\">frames</a></p></figcaption></figure>")
+    page = (
+        "<!doctype html><meta charset=utf-8><title>tubelet generate</title><style>"
+        "body{font-family:sans-serif;margin:1em;background:#fafafa}"
+        "figure{display:inline-block;vertical-align:top;margin:.5em;width:260px}"
+        "video{width:256px;background:#000;image-rendering:pixelated}"
+        "p{margin:.2em 0;font-size:12px;color:#444}.id{color:#999}.neg{color:#a44}</style>"
+        f"<h1>{len(rows)} videos</h1>" + "".join(cards))
+    path = out / "index.html"
+    tmp = path.with_name(".index.html.tmp")
+    tmp.write_text(page)
+    tmp.replace(path)
+    return path
+
+
+def run_generate(cfg: GenerateConfig, checkpoint: str | Path, prompts: str | Path,
+                 output: str | Path, address: str | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Raises a UsageError (checkpoint, VAE, prompt file) before starting Ray."""
+    import ray
+    from ray.data import DataContext
+
+    from pipeline.ray_train import no_progress_bars
+
+    out = Path(output)
+    start = time.perf_counter()
+    model = inspect_model(checkpoint, cfg.vae)
+    rows = read_prompts(prompts, cfg.defaults, model.grid)
+    for r in rows:
+        r.update(checkpoint=str(model.export), checkpoint_digest=model.digest)
+    out.mkdir(parents=True, exist_ok=True)
+    done = read_done(out)
+    todo = [r for r in rows if r["id"] not in done]
+    written, arrivals = 0, []
+    if todo:
+        started = init_ray(address, cfg.ray)
+        try:
+            if not address and started:
+                check_budget(cfg.stages())
+            ctx = DataContext.get_current()
+            no_progress_bars(ctx)  # one line per video instead
+            # One block per batch a stage returns: a task's outputs are otherwise merged up to
+            # 128 MiB before they move on, so a video would wait for the rest of its input
+            # block (measured: all 12 videos of a job reached the driver at once, at the end).
+            ctx.target_max_block_size = 1
+            gpus = ray.cluster_resources().get("GPU", 0) > 0
+            ds = build_dataset(cfg, todo, model, out, gpus)
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                write_manifest_part(out, batch)
+                written += batch.num_rows
+                arrivals.append(time.perf_counter() - start)
+                if progress:
+                    print(f"[generate] {written}/{len(todo)} videos, "
+                          f"{time.perf_counter() - start:.0f}s", flush=True)
+        finally:
+            if started:
+                ray.shutdown()
+    manifest = read_manifest(out)
+    write_gallery(out, manifest)
+    wall = time.perf_counter() - start
+    seconds = {k: round(sum(r[k] for r in manifest if r["id"] in {t["id"] for t in todo}), 2)
+               for k in ("text_seconds", "sample_seconds", "decode_seconds", "encode_seconds")}
+    summary = {"prompts": len(rows), "generated": written, "already_done": len(rows) - len(todo),
+               "videos": len(manifest), "wall_seconds": round(wall, 2),
+               "videos_per_minute": round(60 * written / wall, 2) if written else None,
+               "first_video_seconds": round(arrivals[0], 2) if arrivals else None,
+               "last_video_seconds": round(arrivals[-1], 2) if arrivals else None,
+               "stage_busy_seconds": seconds, "checkpoint": str(model.export),
+               "checkpoint_digest": model.digest, "gallery": str(out / "index.html"),
+               "config": to_dict(cfg)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_run_record(out, "generate", cfg, prompts=str(prompts), checkpoint=str(model.export),
+                     generated=written)
+    return summary
