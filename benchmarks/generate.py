@@ -105,11 +105,12 @@ def bench_layouts(args, root: Path) -> None:
     torch.set_num_threads(1)
     latent = (16, 1 + (args.frames - 1) // 4, args.size // 8, args.size // 8)
     print(f"sampler per layout, one video, latent {latent}, {args.steps} steps, CFG on:")
+    per_layout = {}
     for layout in ("spatial", "temporal", "full3d", "factorized", "interleaved"):
         export = write_export(root / f"layout-{layout}", layout=layout, in_channels=16)
         group = SamplerGroup(str(export), SamplerConfig(device="cpu"))
         noise = row_noise(0, latent)[None]
-        text, mask = torch.randn(1, 64, 64), torch.arange(64)[None] < 20
+        text, mask = torch.randn(1, 64, 64), torch.ones(1, 64, dtype=torch.bool)  # as Wan's
         times = []
         for _ in range(3):
             t0 = time.perf_counter()
@@ -118,7 +119,22 @@ def bench_layouts(args, root: Path) -> None:
             times.append(time.perf_counter() - t0)
         group.close()
         t = statistics.median(times)
+        per_layout[layout] = t
         print(f"  {layout:12s} {t / args.steps * 1000:7.1f} ms/step  {t:6.2f} s/video")
+    try:
+        from benchmarks.wan_loop import wan_loop_seconds
+    except ImportError:
+        from wan_loop import wan_loop_seconds
+    try:
+        wan = wan_loop_seconds(hidden=64, depth=2, heads=4, latent=latent, patch=(1, 2, 2),
+                               text_len=64, text_dim=64, steps=args.steps, guidance=4.0)
+    except ImportError as e:
+        print(f"  diffusers loop: skipped ({e})")
+        return
+    t = wan["seconds_per_video"]
+    print(f"  diffusers {wan['diffusers']} WanTransformer3DModel + FlowMatchEulerDiscreteScheduler "
+          f"loop: {t / args.steps * 1000:7.1f} ms/step  {t:6.2f} s/video; full3d ours / theirs "
+          f"time = {per_layout['full3d'] / t:.2f}")
 
 
 def bench_sp(args, root: Path) -> None:

@@ -81,8 +81,14 @@ class GenerateConfig:
                              f"{self.chunk_frames}")
 
     def stages(self) -> dict[str, StageResources]:
+        """Every pool's resources for the CPU budget check, the sampler's extra ranks too (each
+        sampler actor starts world_size - 1 rank actors of its own, outside Ray Data)."""
+        ranks = self.sampler.world_size - 1
+        extra = {"sampler ranks": StageResources(
+            num_cpus=self.sampler.num_cpus_per_rank, min_actors=ranks,
+            max_actors=ranks * self.sample.max_actors)} if ranks else {}
         return {"text": self.text, "sample": self.sample, "decode": self.decode,
-                "encode": self.encode}
+                "encode": self.encode, **extra}
 
 
 class CheckpointError(UsageError):
