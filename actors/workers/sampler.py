@@ -61,8 +61,6 @@ class SamplerConfig:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.num_cpus_per_rank <= 0 or self.timeout_s <= 0:
             raise ValueError("num_cpus_per_rank and timeout_s must be > 0")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device is cuda but torch sees no GPU; use device: cpu or auto")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -140,6 +138,11 @@ class SamplerRank:
     def __init__(self, model: ModelSource, cfg: SamplerConfig, threads: int | None = None):
         cfg.validate()
         self.cfg, self.device = cfg, cfg.torch_device()
+        # Checked here, where the rank runs, not in validate(): a job's driver (a CPU head
+        # node) loads the config of GPU sampler actors.
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("sampler device is cuda but this rank sees no GPU; give the "
+                               "sample stage num_gpus, or use device: cpu or auto")
         if threads is not None and self.device.type == "cpu":
             torch.set_num_threads(threads)
         if self.device.type == "cuda":

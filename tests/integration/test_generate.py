@@ -104,10 +104,11 @@ def test_kill_9_then_rerun_gives_every_id_once(tmp_path, models):
     assert not [p for p in (out / "videos").iterdir() if p.name.startswith(".")]
 
 
-def test_sequence_and_cfg_parallel_jobs_make_the_same_videos(tmp_path, models):
+def test_parallel_and_multi_actor_jobs_make_the_same_videos(tmp_path, models):
     """K = 2 sequence parallel x CFG parallel (4 ranks: the sampler actor and three rank
     actors) in the Ray Data job: the same videos as one rank (latents agree within 1e-4,
-    tests/integration/test_sampler_group.py; here: the decoded mp4 frames)."""
+    tests/integration/test_sampler_group.py; here: the decoded mp4 frames); two sampler
+    actors instead of one: bitwise the same videos."""
     export, vae = models
     rows = ROWS[:2]
     prompts = prompt_file(tmp_path / "p.jsonl", rows)
@@ -116,11 +117,14 @@ def test_sequence_and_cfg_parallel_jobs_make_the_same_videos(tmp_path, models):
     assert main(args(export, vae, prompts, tmp_path / "one", *cheap)) == 0
     assert main(args(export, vae, prompts, tmp_path / "four", "--sequence-parallel", "2",
                      "--cfg-parallel", *cheap)) == 0
+    assert main(args(export, vae, prompts, tmp_path / "two_actors", "--set",
+                     "sample.min_actors=2", "--set", "sample.max_actors=2", *cheap)) == 0
     for row in rows:
         videos = []
-        for run in ("one", "four"):
+        for run in ("one", "four", "two_actors"):
             with av.open(str(tmp_path / run / "videos" / f"{row['id']}.mp4")) as f:
                 videos.append(np.stack([fr.to_ndarray(format="rgb24")
                                         for fr in f.decode(video=0)]).astype(np.int16))
         assert videos[0].shape == videos[1].shape
         assert np.abs(videos[0] - videos[1]).mean() < 0.5  # h264 of (nearly) equal frames
+        assert np.array_equal(videos[0], videos[2])  # another actor count: the same video
