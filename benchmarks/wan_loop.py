@@ -40,6 +40,18 @@ def _diffusers():
     return diffusers
 
 
+def median_seconds(run, repeats: int) -> float:
+    """Median wall time of `run()` over `repeats` calls after one warm-up, in inference mode."""
+    with torch.inference_mode():
+        run()  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def wan_loop_seconds(hidden: int, depth: int, heads: int, latent: tuple[int, int, int, int],
                      patch: tuple[int, int, int], text_len: int, text_dim: int, steps: int,
                      guidance: float, repeats: int = 3) -> dict:
@@ -80,14 +92,7 @@ def wan_loop_seconds(hidden: int, depth: int, heads: int, latent: tuple[int, int
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
         return latents
 
-    with torch.inference_mode():
-        run()  # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-    seconds = statistics.median(times)
+    seconds = median_seconds(run, repeats)
     return {
         "seconds_per_video": seconds,
         "seconds_per_step": seconds / steps,
@@ -116,16 +121,9 @@ def ours_seconds(latent: tuple[int, int, int, int], text_len: int, text_dim: int
             return group.sample(noise, text, mask, fps, steps=steps, shift=1.0, guidance=guidance)
 
         try:
-            with torch.inference_mode():
-                run()  # warm-up
-                times = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    run()
-                    times.append(time.perf_counter() - t0)
+            seconds = median_seconds(run, repeats)
         finally:
             group.close()
-    seconds = statistics.median(times)
     return {"seconds_per_video": seconds, "seconds_per_step": seconds / steps, "params": params}
 
 
