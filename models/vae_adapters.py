@@ -2,7 +2,8 @@
 
 Supported: `AutoencoderKLWan` (Wan 2.1/2.2), `AutoencoderKLCogVideoX`,
 `AutoencoderKLHunyuanVideo`, loaded from a local directory only (never downloaded). diffusers
-is an optional extra (`pip install 'tubelet[bench]'`) and is imported on first use.
+is an optional extra (`pip install 'tubelet[bench]'`) and is imported on first use. The stages
+load these through `actors/common/vae.py` whenever a VAE checkpoint path is a folder.
 
 The latent contract is ours: pixels in [-1, 1] as (B, 3, T, H, W) with T = 1 + tk, latents
 (B, C, T', H', W') normalised the way each model's pipeline does it:
@@ -173,13 +174,11 @@ class _Tiling:
             setattr(self.ad.vae, k, v)
 
 
-def load_diffusers_vae(
-    local_dir: str | Path,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-) -> DiffusersVideoVAE:
-    """Load a supported diffusers video VAE from `local_dir` (a VAE folder or a pipeline
-    folder with a `vae/` subfolder); the class is read from its config.json."""
+def find_diffusers_vae(local_dir: str | Path) -> tuple[Path, str]:
+    """(the folder holding config.json, its `_class_name`) for a supported diffusers video VAE
+    in `local_dir` (a VAE folder or a pipeline folder with a `vae/` subfolder); reads only the
+    JSON, so a wrong folder is refused without importing diffusers or loading weights.
+    FileNotFoundError (no config.json) or ValueError (not JSON, an unsupported class)."""
     import json
 
     root = Path(local_dir)
@@ -187,13 +186,32 @@ def load_diffusers_vae(
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(
-            f"{root} holds no diffusers VAE: expected {root}/config.json or {root}/vae/config.json"
+            f"{root} holds no diffusers VAE: expected {root}/config.json or "
+            f"{root}/vae/config.json naming one of {', '.join(SUPPORTED)}"
         )
-    name = json.loads(config_path.read_text()).get("_class_name")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{config_path} is not JSON ({e}); expected a diffusers config naming one of "
+            f"{', '.join(SUPPORTED)}"
+        ) from None
+    name = config.get("_class_name") if isinstance(config, dict) else None
     if name not in SUPPORTED:
         raise ValueError(
             f"{config_path} is a {name!r}; supported video VAEs: {', '.join(SUPPORTED)}"
         )
+    return folder, name
+
+
+def load_diffusers_vae(
+    local_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> DiffusersVideoVAE:
+    """Load a supported diffusers video VAE from `local_dir` (a VAE folder or a pipeline
+    folder with a `vae/` subfolder); the class is read from its config.json."""
+    folder, name = find_diffusers_vae(local_dir)
     diffusers = _import_diffusers()
     vae = getattr(diffusers, name).from_pretrained(
         str(folder), torch_dtype=dtype, local_files_only=True

@@ -96,8 +96,8 @@ def add_preprocess(sub: Sub) -> argparse.ArgumentParser:
                    help="a folder of videos (recursive; uses captions.jsonl beside them), a glob, "
                    "or a .jsonl/.csv/.parquet manifest with a 'path' column")
     p.add_argument("--output", required=True, type=Path, help="output directory")
-    p.add_argument("--vae", default=None, help="VAE checkpoint (safetensors from train-vae); "
-                   "the same as --set vae.checkpoint=CKPT")
+    p.add_argument("--vae", default=None, help="VAE checkpoint (safetensors from train-vae, or "
+                   "a local diffusers video-VAE folder); the same as --set vae.checkpoint=CKPT")
     add_address(p)
     return p
 
@@ -155,8 +155,9 @@ def add_eval_vae(sub: Sub) -> argparse.ArgumentParser:
         "table on stdout). Config: configs/eval-vae/*.yaml.",
     )
     p.add_argument("--vae", default=None,
-                   help="VAE checkpoint (.safetensors written by train-vae); the same as "
-                   "--set checkpoint=CKPT (default: the shipped VAE)")
+                   help="VAE checkpoint (.safetensors written by train-vae, or a local "
+                   "diffusers video-VAE folder); the same as --set checkpoint=CKPT "
+                   "(default: the shipped VAE)")
     p.add_argument("--input", required=True, help=INPUT_HELP)
     p.add_argument("--output", default=None, type=Path,
                    help="write eval.json, eval.md, errors/ (and videos/) here")
@@ -241,8 +242,9 @@ def add_generate(sub: Sub) -> argparse.ArgumentParser:
     p.add_argument("--cfg-parallel", action="store_true", default=None,
                    help="conditional and unconditional halves on two ranks "
                    "(config: sampler.cfg_parallel)")
-    p.add_argument("--vae", default=None, help="VAE checkpoint the latents were made with; "
-                   "the same as --set vae.checkpoint=CKPT (default: the shipped VAE)")
+    p.add_argument("--vae", default=None, help="VAE checkpoint the latents were made with (a "
+                   ".safetensors file or a diffusers VAE folder); the same as "
+                   "--set vae.checkpoint=CKPT (default: the shipped VAE)")
     add_address(p)
     return p
 

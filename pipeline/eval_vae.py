@@ -3,10 +3,11 @@
     tubelet eval-vae --input VIDEOS [--vae CKPT] [--output DIR] [--videos] [--address ADDR]
 
 `--vae CKPT` is `--set checkpoint=CKPT` (default: configs/eval-vae/default.yaml's, the shipped
-VAE). Videos of any size, aspect ratio and length become clips by the bucket rules of the
-config's `preprocess.buckets` (`clip_stream`: the same probe -> assign -> decode actor pools as
-`preprocess` and `train-vae`), then a `VAEEvalStage` pool encodes, decodes and measures each clip
-(actors/vae_eval.py has the metric definitions). Per video: the mean over its clips; overall:
+VAE): a `train-vae` .safetensors file or a local diffusers video-VAE folder. Videos of any
+size, aspect ratio and length become clips by the bucket rules of the config's
+`preprocess.buckets` (`clip_stream`: the same probe -> assign -> decode actor pools as
+`preprocess` and `train-vae`), then a `VAEEvalStage` pool encodes, decodes and measures each
+clip (actors/vae_eval.py has the metric definitions). Per video: the mean over its clips; overall:
 the mean over videos (and over clips, also reported). Output in DIR: eval.json (overall, per
 video, per clip, config, checkpoint), eval.md (the table printed on stdout), errors/,
 videos/*.mp4 with --videos (h264 reconstructions). Without --output only the table is printed.
@@ -53,15 +54,16 @@ class VAEEvalConfig:
 class EvalVAEConfig:
     """configs/eval-vae/*.yaml."""
 
-    checkpoint: str = "weights/vae-default.safetensors"  # --vae; a save_vae() safetensors file
+    # --vae: a save_vae() safetensors file or a diffusers video-VAE folder (actors/common/vae.py)
+    checkpoint: str = "weights/vae-default.safetensors"
     preprocess: ClipConfig = field(default_factory=ClipConfig)  # buckets, decode pools
     eval: VAEEvalConfig = field(default_factory=VAEEvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> None:
         if not self.checkpoint:
-            raise ValueError("checkpoint: give a VAE checkpoint (--vae FILE, a .safetensors "
-                             "file written by `tubelet train-vae`)")
+            raise ValueError("checkpoint: give a VAE checkpoint (--vae CKPT: a .safetensors "
+                             "file written by `tubelet train-vae` or a diffusers VAE folder)")
 
 
 class EvalError(UsageError):

@@ -1,10 +1,15 @@
-"""VAE loading and device choice for the stages that run a VAE (encode, eval, later decode).
+"""VAE loading and device choice for the stages that run a VAE (encode, eval, decode).
 
 - `VAEStageConfig` is the `vae:` section of a job config.
+- A checkpoint is a `save_vae` safetensors file (ours) or a local diffusers video-VAE folder
+  (`AutoencoderKLWan`, `AutoencoderKLCogVideoX`, `AutoencoderKLHunyuanVideo`, read from its
+  config.json's `_class_name`; models/vae_adapters.py). Both give the same `VideoAutoencoder`
+  interface and latent contract, so every stage takes either.
 - `resolve_checkpoint`: a relative path is looked up in the working directory, then in the
-  project (so `weights/vae-default.safetensors` works from anywhere).
-- `load_checkpoint_vae`: a `save_vae` file, or one `VAELoadError` line naming the file and what
-  to pass instead (a missing path, a text file, a truncated file, a DiT export...).
+  project (so `weights/vae-default.safetensors` works from anywhere); a folder's config.json is
+  checked here, so a wrong folder is refused before a job starts.
+- `load_checkpoint_vae`: file or folder, or one `VAELoadError` line naming it and what to pass
+  instead (a missing path, a text file, a truncated file, a DiT export, a non-VAE folder...).
 - `pick_device`: "auto" means CUDA when this process sees a GPU; on the CPU, torch threads
   follow the stage's CPU share (at least 1), so a pool never oversubscribes its node.
 """
@@ -17,9 +22,12 @@ from typing import Literal
 
 import torch
 
-from models.vae import build_vae, load_vae
+from models.vae import VideoAutoencoder, build_vae, load_vae
+from models.vae_adapters import SUPPORTED, find_diffusers_vae, load_diffusers_vae
 
 ROOT = Path(__file__).resolve().parents[2]
+WHAT = ("a .safetensors file written by `tubelet train-vae` or a local diffusers video-VAE "
+        f"folder ({', '.join(SUPPORTED)})")
 
 
 class VAELoadError(ValueError):
@@ -28,7 +36,8 @@ class VAELoadError(ValueError):
 
 @dataclass
 class VAEStageConfig:
-    checkpoint: str = ""  # a save_vae() safetensors file; "" = seeded random init (plumbing)
+    # A save_vae() safetensors file or a diffusers VAE folder; "" = seeded random init (plumbing).
+    checkpoint: str = ""
     preset: str = "debug"  # used only without a checkpoint
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -50,32 +59,49 @@ def pick_device(device: str, num_cpus: float = 1.0) -> torch.device:
 
 
 def resolve_checkpoint(path: str) -> str:
-    """An existing checkpoint file's absolute path ("" stays ""), or VAELoadError."""
+    """An existing checkpoint file's or diffusers VAE folder's absolute path ("" stays ""),
+    or VAELoadError."""
     if not path:
         return ""
     for candidate in (Path(path), ROOT / path):
         if candidate.is_file():
             return str(candidate.resolve())
+        if candidate.is_dir():
+            try:
+                find_diffusers_vae(candidate)
+            except (FileNotFoundError, ValueError) as e:
+                raise VAELoadError(f"VAE checkpoint {path}: {_first_line(e)}; or pass a "
+                                   ".safetensors file written by `tubelet train-vae`") from None
+            return str(candidate.resolve())
     raise VAELoadError(f"VAE checkpoint {path} not found (looked in the working directory and "
-                       f"in {ROOT}); pass a .safetensors file written by `tubelet train-vae` "
-                       "(RUN/export/vae.safetensors), or vae.checkpoint: '' for a random init")
+                       f"in {ROOT}); pass {WHAT}, or vae.checkpoint: '' for a random init")
 
 
-def load_checkpoint_vae(path: str, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A `save_vae` file (looked up as `resolve_checkpoint` does) in eval mode."""
+def load_checkpoint_vae(path: str, device: str | torch.device = "cpu") -> VideoAutoencoder:
+    """A `save_vae` file or a diffusers VAE folder (looked up as `resolve_checkpoint` does),
+    in eval mode."""
     resolved = resolve_checkpoint(path)
     if not resolved:
-        raise VAELoadError("no VAE checkpoint given; pass a .safetensors file written by "
-                           "`tubelet train-vae`")
+        raise VAELoadError(f"no VAE checkpoint given; pass {WHAT}")
+    if Path(resolved).is_dir():
+        try:
+            return load_diffusers_vae(resolved, device=device)
+        except Exception as e:  # noqa: BLE001 - diffusers missing, weights missing or broken
+            raise VAELoadError(f"VAE folder {path} could not be loaded "
+                               f"({type(e).__name__}: {_first_line(e)})") from None
     try:
         return load_vae(resolved, device=device)
     except Exception as e:  # noqa: BLE001 - a text file, a truncated file, a DiT export, ...
         raise VAELoadError(f"{path} is not a tubelet VAE checkpoint "
-                           f"({type(e).__name__}: {str(e).splitlines()[0]}); pass a "
-                           ".safetensors file written by `tubelet train-vae`") from None
+                           f"({type(e).__name__}: {_first_line(e)}); pass {WHAT}") from None
 
 
-def load_stage_vae(cfg: VAEStageConfig, device: str | torch.device) -> torch.nn.Module:
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def load_stage_vae(cfg: VAEStageConfig, device: str | torch.device) -> VideoAutoencoder:
     """The config's checkpoint, or (checkpoint "") a seeded random init of its preset."""
     if cfg.checkpoint:
         return load_checkpoint_vae(cfg.checkpoint, device)
