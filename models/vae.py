@@ -33,9 +33,13 @@ from models.vae_blocks import (
     Decoder,
     DiagonalGaussian,
     Encoder,
+    Levels,
     ResBlock,
+    ShortcutDown,
+    ShortcutUp,
     channel_to_space,
     check_tiling,
+    last_conv,
     space_to_channel,
     tiled,
 )
@@ -52,6 +56,11 @@ class VAEConfig:
     channels: tuple[int, ...] = (64, 128, 128)  # width per level; a 2x down between levels
     num_res_blocks: int = 1  # per level, in encoder and decoder
     temporal_strides: tuple[int, ...] = (2, 2)  # per down/up step: 1 or 2
+    # Per down/up step: 1 or 2; () = all 2s. (2, 1) with patch_size 4: one space+time step,
+    # then a time-only one.
+    spatial_strides: tuple[int, ...] = ()
+    shortcut: bool = False  # DC-AE residual autoencoding shortcuts (models/vae_blocks.py)
+    factorized: bool = False  # ResBlock convs as 1x3x3 spatial then 3x1x1 causal temporal
     scaling_factor: float = 1.0  # set by VideoVAE.fit_scaling after training
     shift_factor: float = 0.0
 
@@ -66,6 +75,14 @@ class VAEConfig:
             raise ValueError(
                 f"VAEConfig.temporal_strides must be 1s and 2s, got {self.temporal_strides}"
             )
+        if self.spatial_strides and (
+            len(self.spatial_strides) != len(self.temporal_strides)
+            or any(s not in (1, 2) for s in self.spatial_strides)
+        ):
+            raise ValueError(
+                f"VAEConfig.spatial_strides must be () or one 1 or 2 per down step, got "
+                f"{self.spatial_strides}"
+            )
         if self.patch_size < 1 or self.num_res_blocks < 1 or self.latent_channels < 1:
             raise ValueError("VAEConfig.patch_size, num_res_blocks, latent_channels must be >= 1")
 
@@ -74,8 +91,17 @@ class VAEConfig:
         return math.prod(self.temporal_strides)
 
     @property
+    def strides(self) -> tuple[int, ...]:
+        """Spatial stride of each down/up step."""
+        return self.spatial_strides or (2,) * len(self.temporal_strides)
+
+    @property
     def spatial_factor(self) -> int:
-        return self.patch_size * 2 ** (len(self.channels) - 1)
+        return self.patch_size * math.prod(self.strides)
+
+    def levels(self) -> Levels:
+        return Levels(self.channels, self.num_res_blocks, self.temporal_strides, self.strides,
+                      self.shortcut, self.factorized)
 
     @classmethod
     def from_dict(cls, d: dict) -> VAEConfig:
@@ -84,7 +110,7 @@ class VAEConfig:
             if key not in known:
                 raise ValueError(f"unknown VAEConfig key {key!r}; known keys: {sorted(known)}")
         d = dict(d)
-        for key in ("channels", "temporal_strides"):  # JSON gives lists
+        for key in ("channels", "temporal_strides", "spatial_strides"):  # JSON gives lists
             if key in d:
                 d[key] = tuple(int(v) for v in d[key])
         config = cls(**d)
@@ -100,7 +126,21 @@ def _default() -> VAEConfig:
     return VAEConfig(latent_channels=16, channels=(64, 128, 128))
 
 
-PRESETS: dict[str, Callable[[], VAEConfig]] = {"debug": _debug, "default": _default}
+def _dc() -> VAEConfig:
+    """The residual-autoencoding design (issue 11): a 4x4 patchify input (LTX: the energy of
+    each 4x4 block moves into channels before any conv), one space+time and one time-only
+    down step wrapped in DC-AE's parameter-free shortcuts, factorized 1x3x3 + 3x1x1 convs."""
+    return VAEConfig(latent_channels=16, patch_size=4, channels=(64, 128, 128),
+                     temporal_strides=(2, 2), spatial_strides=(2, 1), shortcut=True,
+                     factorized=True)
+
+
+def _dc_debug() -> VAEConfig:
+    return replace(_dc(), latent_channels=4, channels=(8, 16, 32))
+
+
+PRESETS: dict[str, Callable[[], VAEConfig]] = {
+    "debug": _debug, "default": _default, "dc": _dc, "dc-debug": _dc_debug}
 
 
 def build_vae(preset: str = "default", **overrides: object) -> VideoVAE:
@@ -172,9 +212,9 @@ class VideoVAE(nn.Module):
         config.validate()
         self.config = config
         p2 = config.patch_size**2
-        args = (config.latent_channels, config.channels, config.num_res_blocks)
-        self.encoder = Encoder(config.in_channels * p2, *args, config.temporal_strides)
-        self.decoder = Decoder(config.in_channels * p2, *args, config.temporal_strides)
+        levels = config.levels()
+        self.encoder = Encoder(config.in_channels * p2, config.latent_channels, levels)
+        self.decoder = Decoder(config.in_channels * p2, config.latent_channels, levels)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -189,7 +229,13 @@ class VideoVAE(nn.Module):
         for m in self.modules():
             if isinstance(m, ResBlock):
                 # Each residual branch starts at zero: every block starts as the identity.
-                nn.init.zeros_(m.conv2.conv.weight)
+                nn.init.zeros_(last_conv(m.conv2).weight)
+            if isinstance(m, ShortcutDown | ShortcutUp):
+                # DC-AE blocks start as their parameter-free shortcut (a plain down/upsample).
+                nn.init.zeros_(m.conv.conv.weight)
+        if self.config.shortcut:  # the latent starts as the averaged features, and back
+            nn.init.zeros_(self.encoder.conv_out.conv.weight[: self.latent_channels])
+            nn.init.zeros_(self.decoder.conv_in.conv.weight)
         # Start the posterior nearly deterministic (std e^-2): with logvar ~ 0 the sampling noise
         # swamps the still-small means and the decoder first learns to ignore its input.
         bias = self.encoder.conv_out.conv.bias

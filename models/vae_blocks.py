@@ -63,16 +63,22 @@ class CausalConv3d(nn.Module):
 
     Output frame t sees input frames <= t*stride. With no cache (or on the first chunk) the
     past is the first frame repeated, so a single image is encoded like a still video.
+    `kernel` is k (a k x k x k cube) or (kt, kh, kw).
     """
 
     def __init__(
-        self, cin: int, cout: int, kernel: int = 3, stride: tuple[int, int, int] = (1, 1, 1)
+        self,
+        cin: int,
+        cout: int,
+        kernel: int | tuple[int, int, int] = 3,
+        stride: tuple[int, int, int] = (1, 1, 1),
     ) -> None:
         super().__init__()
-        self.time_pad = kernel - 1
+        kt, kh, kw = (kernel,) * 3 if isinstance(kernel, int) else kernel
+        self.time_pad = kt - 1
         self.time_stride = stride[0]
-        pad = kernel // 2
-        self.conv = nn.Conv3d(cin, cout, kernel, stride=stride, padding=(0, pad, pad))
+        self.conv = nn.Conv3d(cin, cout, (kt, kh, kw), stride=stride,
+                              padding=(0, kh // 2, kw // 2))
 
     def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
         if self.time_pad:
@@ -87,13 +93,40 @@ class CausalConv3d(nn.Module):
         return y
 
 
-class ResBlock(nn.Module):
+class FactorizedConv3d(nn.Module):
+    """A 1x3x3 spatial conv, then a causal 3x1x1 temporal conv (R(2+1)D-style): 12 C^2
+    weights instead of a 3x3x3 cube's 27 C^2, and a nonlinearity-free spatial/temporal split
+    that trains faster at equal width. Same causal cache contract as `CausalConv3d`."""
+
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
+        self.spatial = nn.Conv3d(cin, cout, (1, 3, 3), padding=(0, 1, 1))
+        self.temporal = CausalConv3d(cout, cout, (3, 1, 1))
+
+    @property
+    def last(self) -> nn.Conv3d:
+        return self.temporal.conv
+
+    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
+        return self.temporal(self.spatial(x), cache)
+
+
+def conv3(cin: int, cout: int, factorized: bool) -> nn.Module:
+    return FactorizedConv3d(cin, cout) if factorized else CausalConv3d(cin, cout)
+
+
+def last_conv(m: nn.Module) -> nn.Conv3d:
+    """The conv whose weights set a (possibly factorized) conv block's output."""
+    return m.last if isinstance(m, FactorizedConv3d) else m.conv
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, factorized: bool = False) -> None:
+        super().__init__()
         self.norm1 = ChannelRMSNorm(cin)
-        self.conv1 = CausalConv3d(cin, cout)
+        self.conv1 = conv3(cin, cout, factorized)
         self.norm2 = ChannelRMSNorm(cout)
-        self.conv2 = CausalConv3d(cout, cout)
+        self.conv2 = conv3(cout, cout, factorized)
         self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
@@ -103,66 +136,177 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halves H and W; halves time too when `time_stride == 2` (T = 1+2k -> 1+k)."""
+    """Divides H and W by `space_stride` (1 or 2); halves time too when `time_stride == 2`
+    (T = 1+2k -> 1+k)."""
 
-    def __init__(self, channels: int, time_stride: int) -> None:
+    def __init__(self, channels: int, time_stride: int, space_stride: int = 2) -> None:
         super().__init__()
-        self.conv = CausalConv3d(channels, channels, stride=(time_stride, 2, 2))
+        self.conv = CausalConv3d(channels, channels,
+                                 stride=(time_stride, space_stride, space_stride))
 
     def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
         return self.conv(x, cache)
 
 
 class Upsample(nn.Module):
-    """Doubles H and W; with `time_stride == 2` maps T = 1+k -> 1+2k.
+    """Multiplies H and W by `space_stride`; with `time_stride == 2` maps T = 1+k -> 1+2k.
 
     Each frame is repeated in time, except the clip's very first frame, which stays alone:
     the mirror of the encoder, where the first frame is compressed on its own.
     """
 
-    def __init__(self, channels: int, time_stride: int) -> None:
+    def __init__(self, channels: int, time_stride: int, space_stride: int = 2) -> None:
         super().__init__()
-        self.time_stride = time_stride
+        self.time_stride, self.space_stride = time_stride, space_stride
         self.conv = CausalConv3d(channels, channels)
 
     def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
-        x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")  # (B, C, T, 2H, 2W)
+        s = self.space_stride
+        if s > 1:
+            x = F.interpolate(x, scale_factor=(1, s, s), mode="nearest")  # (B, C, T, sH, sW)
         if self.time_stride == 2:
-            first_chunk = cache is None or self not in cache
-            x = x.repeat_interleave(2, dim=2)  # (B, C, 2T, 2H, 2W)
+            first_chunk = first_call(self, cache)
+            x = x.repeat_interleave(2, dim=2)  # (B, C, 2T, sH, sW)
             if first_chunk:
-                x = x[:, :, 1:]  # (B, C, 2T-1, 2H, 2W)
-            if cache is not None:
-                cache[self] = x.new_empty(0)  # marks "first chunk done"
+                x = x[:, :, 1:]  # (B, C, 2T-1, sH, sW)
         return self.conv(x, cache)
 
 
-class Encoder(nn.Module):
-    """(B, in_ch, T, H, W) -> (B, 2*z, T', H', W'): mean and log-variance of the posterior."""
+def first_call(module: nn.Module, cache: Cache | None) -> bool:
+    """True on a clip's first time chunk (no cache, or `module` not yet seen in it)."""
+    first = cache is None or module not in cache
+    if cache is not None:
+        cache[module] = torch.empty(0)  # marks "first chunk done"
+    return first
 
-    def __init__(
-        self,
-        in_channels: int,
-        z_channels: int,
-        channels: tuple[int, ...],
-        num_res_blocks: int,
-        temporal_strides: tuple[int, ...],
-    ) -> None:
+
+def space_time_to_channel(x: Tensor, s: int, t: int, first: bool) -> Tensor:
+    """(B, C, T, H, W) -> (B, C*t*s*s, T', H/s, W/s), lossless; t in (1, 2).
+
+    With t = 2 frames pair causally, (2j-1, 2j): on a clip's first chunk (`first`) frame 0
+    is paired with itself, so T = 1+2k -> 1+k; later chunks hold an even number of frames.
+    Channel order: c * (t*s*s) + (dt * s*s + dy * s + dx), so consecutive channel groups of
+    size <= t*s*s come from one input channel.
+    """
+    if t == 2 and first:
+        x = torch.cat([x[:, :, :1], x], dim=2)  # (B, C, 2+2k, H, W)
+    B, C, T, H, W = x.shape
+    x = x.reshape(B, C, T // t, t, H // s, s, W // s, s)  # (B, C, T', t, h, s, w, s)
+    x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)  # (B, C, t, s, s, T', h, w)
+    return x.reshape(B, C * t * s * s, T // t, H // s, W // s)
+
+
+def channel_to_space_time(x: Tensor, s: int, t: int, first: bool) -> Tensor:
+    """Inverse of `space_time_to_channel`: (B, C*t*s*s, T', h, w) -> (B, C, T, h*s, w*s),
+    dropping the duplicated frame 0 on a clip's first chunk (T' = 1+k -> 1+2k)."""
+    B, Cts, T, h, w = x.shape
+    C = Cts // (t * s * s)
+    x = x.reshape(B, C, t, s, s, T, h, w)  # (B, C, t, s, s, T', h, w)
+    x = x.permute(0, 1, 5, 2, 6, 3, 7, 4)  # (B, C, T', t, h, s, w, s)
+    x = x.reshape(B, C, T * t, h * s, w * s)
+    return x[:, :, 1:] if t == 2 and first else x
+
+
+def average_groups(x: Tensor, cout: int) -> Tensor:
+    """(B, C, ...) -> (B, cout, ...): the mean of each run of C / cout consecutive channels."""
+    B, C = x.shape[:2]
+    return x.reshape(B, cout, C // cout, *x.shape[2:]).mean(dim=2)
+
+
+class ShortcutDown(nn.Module):
+    """DC-AE's residual down block, made causal: a conv to cout / (t s^2) channels at full
+    resolution, then space(-and-time)-to-channel to cout, plus a parameter-free shortcut that
+    moves the input to channels the same way and averages channel groups down to cout. The
+    block starts as a good downsampler (the shortcut) and learns the residual."""
+
+    def __init__(self, cin: int, cout: int, time_stride: int, space_stride: int) -> None:
         super().__init__()
-        self.conv_in = CausalConv3d(in_channels, channels[0])
+        self.s, self.t = space_stride, time_stride
+        factor = time_stride * space_stride**2
+        if cout % factor or (cin * factor) % cout:
+            raise ValueError(f"shortcut down block {cin} -> {cout} channels at {time_stride}x"
+                             f"{space_stride}x{space_stride}: cout must be a multiple of "
+                             f"{factor} and cin * {factor} a multiple of cout")
+        self.conv = CausalConv3d(cin, cout // factor)
+
+    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
+        first = first_call(self, cache)
+        h = space_time_to_channel(self.conv(x, cache), self.s, self.t, first)
+        shortcut = space_time_to_channel(x, self.s, self.t, first)
+        return h + average_groups(shortcut, h.shape[1])
+
+
+class ShortcutUp(nn.Module):
+    """The mirror of `ShortcutDown`: a conv to cout * t s^2 channels at low resolution, then
+    channel-to-space(-and-time), plus a shortcut that repeats each input channel and moves
+    channels to space and time the same way. With `factorized`, the conv is 1x3x3 (a third
+    of the weights and FLOPs of the cube; the neighbouring ResBlocks' temporal convs and the
+    shortcut's repeat carry time)."""
+
+    def __init__(self, cin: int, cout: int, time_stride: int, space_stride: int,
+                 factorized: bool = False) -> None:
+        super().__init__()
+        self.s, self.t = space_stride, time_stride
+        factor = time_stride * space_stride**2
+        if (cout * factor) % cin:
+            raise ValueError(f"shortcut up block {cin} -> {cout} channels at {time_stride}x"
+                             f"{space_stride}x{space_stride}: cout * {factor} must be a "
+                             "multiple of cin")
+        self.repeats = cout * factor // cin
+        self.conv = CausalConv3d(cin, cout * factor, (1, 3, 3) if factorized else 3)
+
+    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
+        first = first_call(self, cache)
+        h = self.conv(x, cache) + x.repeat_interleave(self.repeats, dim=1)
+        return channel_to_space_time(h, self.s, self.t, first)
+
+
+@dataclass(frozen=True)
+class Levels:
+    """The encoder/decoder layout shared by both halves (fields of VAEConfig)."""
+
+    channels: tuple[int, ...]
+    num_res_blocks: int
+    temporal_strides: tuple[int, ...]
+    spatial_strides: tuple[int, ...]
+    shortcut: bool = False
+    factorized: bool = False
+
+
+class Encoder(nn.Module):
+    """(B, in_ch, T, H, W) -> (B, 2*z, T', H', W'): mean and log-variance of the posterior.
+
+    With `levels.shortcut`, each down step is a `ShortcutDown` into the next level's width and
+    the posterior mean adds the last features averaged to z channels (DC-AE's shortcuts);
+    otherwise a same-width strided conv, the next level's first ResBlock changing width.
+    """
+
+    def __init__(self, in_channels: int, z_channels: int, levels: Levels) -> None:
+        super().__init__()
+        ch, f = levels.channels, levels.factorized
+        self.z_channels, self.shortcut = z_channels, levels.shortcut
+        self.conv_in = CausalConv3d(in_channels, ch[0])
         self.stages = nn.ModuleList()
-        cin = channels[0]
-        for i, c in enumerate(channels):
+        cin = ch[0]
+        for i, c in enumerate(ch):
             blocks: list[nn.Module] = []
-            for _ in range(num_res_blocks):
-                blocks.append(ResBlock(cin, c))
+            for _ in range(levels.num_res_blocks):
+                blocks.append(ResBlock(cin, c, f))
                 cin = c
-            if i < len(channels) - 1:
-                blocks.append(Downsample(c, temporal_strides[i]))
+            if i < len(ch) - 1:
+                t, s = levels.temporal_strides[i], levels.spatial_strides[i]
+                if levels.shortcut:
+                    blocks.append(ShortcutDown(c, ch[i + 1], t, s))
+                    cin = ch[i + 1]
+                else:
+                    blocks.append(Downsample(c, t, s))
             self.stages.append(nn.ModuleList(blocks))
-        self.mid = ResBlock(cin, cin)
+        self.mid = ResBlock(cin, cin, f)
         self.norm_out = ChannelRMSNorm(cin)
         self.conv_out = CausalConv3d(cin, 2 * z_channels)
+        if levels.shortcut and cin % z_channels:
+            raise ValueError(f"shortcut encoder: last width {cin} must be a multiple of the "
+                             f"{z_channels} latent channels")
 
     def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
         h = self.conv_in(x, cache)
@@ -170,38 +314,45 @@ class Encoder(nn.Module):
             for block in stage:
                 h = block(h, cache)
         h = self.mid(h, cache)
-        return self.conv_out(F.silu(self.norm_out(h)), cache)
+        moments = self.conv_out(F.silu(self.norm_out(h)), cache)
+        if self.shortcut:  # the mean starts as the features averaged to z channels
+            mean, logvar = moments.chunk(2, dim=1)
+            moments = torch.cat([mean + average_groups(h, self.z_channels), logvar], dim=1)
+        return moments
 
 
 class Decoder(nn.Module):
     """(B, z, T', H', W') -> (B, out_ch, T, H, W); the encoder mirrored."""
 
-    def __init__(
-        self,
-        out_channels: int,
-        z_channels: int,
-        channels: tuple[int, ...],
-        num_res_blocks: int,
-        temporal_strides: tuple[int, ...],
-    ) -> None:
+    def __init__(self, out_channels: int, z_channels: int, levels: Levels) -> None:
         super().__init__()
-        cin = channels[-1]
+        ch, f = levels.channels, levels.factorized
+        cin = ch[-1]
+        self.repeats = cin // z_channels if levels.shortcut else 0
         self.conv_in = CausalConv3d(z_channels, cin)
-        self.mid = ResBlock(cin, cin)
+        self.mid = ResBlock(cin, cin, f)
         self.stages = nn.ModuleList()
-        for i in reversed(range(len(channels))):
+        for i in reversed(range(len(ch))):
             blocks: list[nn.Module] = []
-            for _ in range(num_res_blocks):
-                blocks.append(ResBlock(cin, channels[i]))
-                cin = channels[i]
+            for _ in range(levels.num_res_blocks):
+                blocks.append(ResBlock(cin, ch[i], f))
+                cin = ch[i]
             if i > 0:
-                blocks.append(Upsample(cin, temporal_strides[i - 1]))
+                t, s = levels.temporal_strides[i - 1], levels.spatial_strides[i - 1]
+                if levels.shortcut:
+                    blocks.append(ShortcutUp(cin, ch[i - 1], t, s, f))
+                    cin = ch[i - 1]
+                else:
+                    blocks.append(Upsample(cin, t, s))
             self.stages.append(nn.ModuleList(blocks))
         self.norm_out = ChannelRMSNorm(cin)
         self.conv_out = CausalConv3d(cin, out_channels)
 
     def forward(self, z: Tensor, cache: Cache | None = None) -> Tensor:
-        h = self.mid(self.conv_in(z, cache), cache)
+        h = self.conv_in(z, cache)
+        if self.repeats:  # DC-AE: the latent, repeated to the decoder's width
+            h = h + z.repeat_interleave(self.repeats, dim=1)
+        h = self.mid(h, cache)
         for stage in self.stages:
             for block in stage:
                 h = block(h, cache)

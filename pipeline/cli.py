@@ -63,13 +63,20 @@ def add_synth(sub: Sub) -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, type=Path, help="directory to write videos to")
     p.add_argument("--num-videos", type=int, help="number of videos (config: num_videos)")
     p.add_argument("--seed", type=int, help="random seed; same seed, same dataset (config: seed)")
+    p.add_argument("--kind", choices=["shapes", "photos"],
+                   help="shapes (default) or photos: pans and zooms over scikit-image's natural "
+                   "photos (config: kind)")
+    p.add_argument("--photo-split", choices=["train", "held-out"],
+                   help="which photos --kind photos uses; the two sets are disjoint "
+                   "(config: photo_split)")
     return p
 
 
 def run_synth(args: argparse.Namespace) -> int:
     from pipeline.synth import SynthConfig, synthesize
 
-    cfg = config(SynthConfig, args, num_videos=args.num_videos, seed=args.seed)
+    cfg = config(SynthConfig, args, num_videos=args.num_videos, seed=args.seed, kind=args.kind,
+                 photo_split=args.photo_split)
     start = time.perf_counter()
     rows = synthesize(cfg, args.output)
     seconds = time.perf_counter() - start

@@ -76,8 +76,17 @@ class SynthConfig:
     crf: int = 18
     preset: str = "veryfast"
     workers: int = 0  # processes; 0 = one per CPU
+    # "shapes": a coloured shape over a background; "photos": a camera panning, zooming and
+    # turning over a natural photo of scikit-image (pipeline/photos.py), from `photo_split`.
+    kind: str = "shapes"
+    photo_split: str = "train"  # "train" or "held-out": disjoint sets of photos
 
     def validate(self) -> None:
+        if self.kind not in ("shapes", "photos"):
+            raise ValueError(f"kind: must be 'shapes' or 'photos', got {self.kind!r}")
+        if self.photo_split not in ("train", "held-out"):
+            raise ValueError(f"photo_split: must be 'train' or 'held-out', got "
+                             f"{self.photo_split!r}")
         if self.num_videos < 1:
             raise ValueError(f"num_videos: must be >= 1, got {self.num_videos}")
         if not self.sizes:
@@ -170,6 +179,15 @@ def render_video(cfg: SynthConfig, index: int, out_dir: Path) -> dict[str, Any]:
     fps = int(cfg.fps[int(rng.integers(len(cfg.fps)))])
     seconds = float(rng.uniform(cfg.min_seconds, cfg.max_seconds))
     num_frames = max(1, round(seconds * fps))
+    if cfg.kind == "photos":
+        from pipeline.photos import SPLITS, render_photo_video
+
+        photos = SPLITS[cfg.photo_split]
+        rel = f"photo_{index:05d}.mp4"
+        row = render_photo_video(width, height, fps, num_frames,
+                                 photos[int(rng.integers(len(photos)))], rng, out_dir / rel,
+                                 cfg.crf, cfg.codec, cfg.preset)
+        return {"path": rel, **row}
     textured = bool(rng.random() < cfg.textured_fraction)
     bg_name, background, bg_mean = make_background(rng, width, height, textured)
     colors = [c for c in COLORS if _contrast(COLORS[c], bg_mean) > 150] or list(COLORS)

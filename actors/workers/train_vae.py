@@ -74,6 +74,20 @@ class VAELossConfig:
 
 
 @dataclass
+class VAEStage:
+    """A leading phase of training with its own crops (e.g. image-first: crop_frames 1)."""
+
+    steps: int  # how long this stage lasts
+    crop_frames: int = 1  # 1 + 4k; 1 = single images (the causal VAE encodes them alone)
+    crop_size: int = 64
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        if min(self.steps, self.crop_frames, self.crop_size, self.batch_size) < 1:
+            raise ValueError("stages: steps, crop_frames, crop_size, batch_size must be >= 1")
+
+
+@dataclass
 class VAEDataConfig:
     batch_size: int = 4  # crops per worker per step (global batch = batch_size x workers)
     crop_frames: int = 9  # 1 + 4k; clips shorter or smaller than the crop are not used
@@ -85,6 +99,23 @@ class VAEDataConfig:
     val_videos: int = 4  # held out from --input (unless --val is given)
     val_clips: int = 8  # at most this many held-out clips (center crops of the crop size)
     val_every: int = 50  # validation every N steps, before the first and after the last
+    # Stages run first, in order (e.g. images, then short clips); the crops above (and the
+    # held-out crops) are those of the last phase, until `steps`.
+    stages: list[VAEStage] = field(default_factory=list)
+
+    def crop_at(self, step: int) -> tuple[int, int, int]:
+        """(crop_frames, crop_size, batch_size) of training step `step` (0-based)."""
+        for stage in self.stages:
+            if step < stage.steps:
+                return stage.crop_frames, stage.crop_size, stage.batch_size
+            step -= stage.steps
+        return self.crop_frames, self.crop_size, self.batch_size
+
+    def largest_crop(self) -> tuple[int, int, int]:
+        """(frames, size, size) every usable clip must hold: the largest of every phase."""
+        frames = max([self.crop_frames, *(s.crop_frames for s in self.stages)])
+        size = max([self.crop_size, *(s.crop_size for s in self.stages)])
+        return frames, size, size
 
     def validate(self) -> None:
         if min(self.batch_size, self.crop_frames, self.crop_size, self.buffer_mb,
@@ -114,10 +145,16 @@ class VAETrainLoopConfig:
         if min(self.steps, self.log_every, self.checkpoint_every) < 1:
             raise ValueError("steps, log_every and checkpoint_every: must be >= 1")
         t, s = self.model.temporal_factor, self.model.spatial_factor
-        if (self.data.crop_frames - 1) % t or self.data.crop_size % s:
-            raise ValueError(f"data.crop_frames must be 1 + {t}k and data.crop_size a multiple "
-                             f"of {s} (the model's factors), got {self.data.crop_frames}, "
-                             f"{self.data.crop_size}")
+        d = self.data
+        for frames, size in [(d.crop_frames, d.crop_size),
+                             *((st.crop_frames, st.crop_size) for st in d.stages)]:
+            if (frames - 1) % t or size % s:
+                raise ValueError(f"data.crop_frames must be 1 + {t}k and data.crop_size a "
+                                 f"multiple of {s} (the model's factors), in data.stages too; "
+                                 f"got {frames}, {size}")
+        if sum(st.steps for st in d.stages) >= self.steps:
+            raise ValueError(f"data.stages last {sum(st.steps for st in d.stages)} steps, not "
+                             f"fewer than steps={self.steps}: nothing is left for the main crops")
 
 
 class ClipBuffer:
@@ -177,9 +214,10 @@ class ClipBuffer:
         if self.error is not None:
             raise RuntimeError(f"the clip stream failed: {self.error}") from self.error
 
-    def sample(self, n: int, flip: bool, g: torch.Generator) -> torch.Tensor:
-        """n random crops -> float (n, 3, T, H, W) in [-1, 1]."""
-        ct, ch, cw = self.crop
+    def sample(self, n: int, flip: bool, g: torch.Generator,
+               crop: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """n random crops (of `crop`, default the buffer's) -> float (n, 3, T, H, W)."""
+        ct, ch, cw = crop or self.crop
         with self.cond:
             clips = [self.clips[int(i)] for i in torch.randint(len(self.clips), (n,),
                                                                generator=g)]
@@ -271,8 +309,7 @@ def train_vae_loop(cfg: VAETrainLoopConfig, backend: Backend,
         model, ema, start = state.model, state.ema, state.start
         log = MetricsLog(run_dir, start, rank == 0)
         d = cfg.data
-        buffer = ClipBuffer(d.buffer_mb * 2**20, (d.crop_frames, d.crop_size, d.crop_size),
-                            seed=cfg.seed + rank)
+        buffer = ClipBuffer(d.buffer_mb * 2**20, d.largest_crop(), seed=cfg.seed + rank)
         buffer.start(source())
         passes, streaming = 0, True
 
@@ -311,10 +348,11 @@ def train_vae_loop(cfg: VAETrainLoopConfig, backend: Backend,
                     f"x{d.crop_size}); see RUN/errors, or lower data.crop_*")
             torch.manual_seed(sample_seed(cfg.seed, step, rank))  # crops and posterior noise
             weight = 1.0 if len(buffer) else 0.0  # an empty worker takes a zero-weight step
+            frames, size, batch = d.crop_at(step)
             if weight:
-                x = buffer.sample(d.batch_size, d.flip, torch.default_generator)
+                x = buffer.sample(batch, d.flip, torch.default_generator, (frames, size, size))
             else:
-                x = torch.zeros(d.batch_size, 3, d.crop_frames, d.crop_size, d.crop_size)
+                x = torch.zeros(batch, 3, frames, size, size)
             x = x.to(device)
             t_data = time.perf_counter() - t0
 
@@ -327,7 +365,7 @@ def train_vae_loop(cfg: VAETrainLoopConfig, backend: Backend,
             step += 1
 
             sums = reduce_sum([stats[k] * weight for k in ("loss", "l1", "kl", "mse")]
-                              + [weight * d.batch_size, float(buffer.seen)], device).tolist()
+                              + [weight * batch, float(buffer.seen)], device).tolist()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
@@ -335,7 +373,7 @@ def train_vae_loop(cfg: VAETrainLoopConfig, backend: Backend,
             row = {"split": "train", "step": step, "loss": sums[0] / real, "l1": sums[1] / real,
                    "kl": sums[2] / real, "psnr": psnr_from_mse(sums[3] / real, peak=2.0),
                    "lr": lr, "grad_norm": grad_norm, "samples": int(sums[4]),
-                   "frames_per_s": sums[4] * d.crop_frames / dt, "step_s": dt,
+                   "frames_per_s": sums[4] * frames / dt, "step_s": dt, "crop_frames": frames,
                    "data_s": t_data, "buffer_clips": len(buffer), "clips_seen": int(sums[5]),
                    "memory_mb": memory_mb(device), "time": time.time()}
             log.write(row)

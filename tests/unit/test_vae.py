@@ -32,6 +32,9 @@ def video(B: int, T: int, H: int, W: int, seed: int = 0) -> torch.Tensor:
     return x * 2 - 1
 
 
+PRESETS = ["debug", "dc-debug"]  # the strided-conv design and the DC-AE shortcut design
+
+
 def random_vae(preset: str = "debug", seed: int = 0) -> VideoVAE:
     """A model with every conv randomly initialised (no zero-init residuals): the worst case
     for tiling seams and a fair test of causality."""
@@ -43,9 +46,10 @@ def random_vae(preset: str = "debug", seed: int = 0) -> VideoVAE:
     return model.eval()
 
 
+@pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("T", [1, 5, 9, 17])
-def test_shapes_image_and_video(T: int) -> None:
-    model = build_vae("debug").eval()
+def test_shapes_image_and_video(T: int, preset: str) -> None:
+    model = build_vae(preset).eval()
     x = video(2, T, 16, 24)
     with torch.no_grad():
         z = model.encode(x)
@@ -64,8 +68,9 @@ def test_default_preset_is_4x8x8_with_16_channels() -> None:
     assert build_vae("debug", latent_channels=8).latent_channels == 8
 
 
-def test_encoder_and_decoder_are_causal() -> None:
-    model = random_vae()
+@pytest.mark.parametrize("preset", PRESETS)
+def test_encoder_and_decoder_are_causal(preset: str) -> None:
+    model = random_vae(preset)
     x = video(1, 17, 16, 16)
     x2 = x.clone()
     x2[:, :, 9] = -x2[:, :, 9]  # frame 9 belongs to latent frame 1 + (9 - 1) // 4 = 3
@@ -81,8 +86,9 @@ def test_encoder_and_decoder_are_causal() -> None:
     assert (y3[:, :, 5] - y[:, :, 5]).abs().max() > 1e-3
 
 
-def test_time_chunks_with_causal_cache_are_exact() -> None:
-    model = random_vae()
+@pytest.mark.parametrize("preset", PRESETS)
+def test_time_chunks_with_causal_cache_are_exact(preset: str) -> None:
+    model = random_vae(preset)
     x = video(1, 17, 16, 16)
     with torch.no_grad():
         z = model.encode(x)
@@ -93,10 +99,11 @@ def test_time_chunks_with_causal_cache_are_exact() -> None:
     torch.testing.assert_close(yc, y, atol=1e-5, rtol=0)
 
 
-def test_spatial_tiles_match_untiled_within_stated_tolerance() -> None:
+@pytest.mark.parametrize("preset", PRESETS)
+def test_spatial_tiles_match_untiled_within_stated_tolerance(preset: str) -> None:
     # An image twice the tile size each way: 3x3 tiles of 64 px with 32 px overlap (the time
     # chunks are covered above; T=1 keeps this test fast).
-    model = random_vae()
+    model = random_vae(preset)
     x = video(1, 1, 128, 128, seed=1)
     with torch.no_grad():
         z = model.encode(x)
@@ -197,3 +204,62 @@ def test_bad_latents_tiles_presets_and_keys_raise() -> None:
         VAEConfig(temporal_strides=(2, 2, 2)).validate()
     with pytest.raises(ValueError, match="temporal_strides"):
         VideoVAE(VAEConfig(temporal_strides=(2, 2, 2)))
+
+
+def test_dc_preset_is_4x8x8_with_16_channels_and_4m_params() -> None:
+    model = build_vae("dc")
+    assert (model.temporal_factor, model.spatial_factor, model.latent_channels) == (4, 8, 16)
+    assert 3e6 < model.num_params() < 5e6
+    assert model.latent_shape(17, 64, 96) == (16, 5, 8, 12)
+
+
+@pytest.mark.parametrize(("s", "t"), [(2, 2), (1, 2), (2, 1)])
+def test_space_time_to_channel_is_lossless_and_chunks_like_the_clip(s: int, t: int) -> None:
+    from models.vae_blocks import channel_to_space_time, space_time_to_channel
+
+    x = torch.randn(2, 3, 1 + 4 * t, 8, 12)
+    y = space_time_to_channel(x, s, t, first=True)
+    assert y.shape == (2, 3 * s * s * t, 5 if t == 2 else 5, 8 // s, 12 // s)
+    torch.testing.assert_close(channel_to_space_time(y, s, t, first=True), x, atol=0, rtol=0)
+    # the first chunk pairs frame 0 with itself; later chunks pair (2j-1, 2j) the same way
+    head, tail = x[:, :, : 1 + 2 * t], x[:, :, 1 + 2 * t :]
+    parts = [space_time_to_channel(head, s, t, True), space_time_to_channel(tail, s, t, False)]
+    torch.testing.assert_close(torch.cat(parts, dim=2), y, atol=0, rtol=0)
+
+
+def test_shortcut_blocks_start_as_a_plain_down_and_upsampler() -> None:
+    """DC-AE: at init each down block averages its 2x2x2 neighbourhood (into channels), each up
+    block copies it back, so a smooth video survives a fresh down + up pair nearly whole."""
+    from models.vae_blocks import ShortcutDown, ShortcutUp
+
+    down, up = ShortcutDown(8, 16, 2, 2), ShortcutUp(16, 8, 2, 2)
+    for m in (down, up):
+        nn.init.zeros_(m.conv.conv.weight)  # what VideoVAE.initialize_weights does
+        nn.init.zeros_(m.conv.conv.bias)
+    x = torch.randn(1, 8, 1, 1, 1).expand(1, 8, 9, 8, 8).contiguous()  # constant per channel
+    with torch.no_grad():
+        h = down(x)  # groups of 4 of 8 * 8 = 64 channels: half a channel's neighbourhood each
+        y = up(h)
+    assert h.shape == (1, 16, 5, 4, 4)
+    torch.testing.assert_close(h, x[:, :, :5, :4, :4].repeat_interleave(2, dim=1), atol=1e-6,
+                               rtol=0)
+    torch.testing.assert_close(y, x, atol=1e-6, rtol=0)
+
+
+def test_fresh_dc_model_trains_faster_than_the_strided_design() -> None:
+    """The design claim of issue 11 at toy scale: same data, same steps and lr, the shortcut
+    design reaches a lower reconstruction loss (both ~0.2M params)."""
+    x = video(4, 5, 32, 32)
+    finals = {}
+    for preset in ("debug", "dc-debug"):
+        torch.manual_seed(0)
+        model = build_vae(preset, channels=(16, 32, 32))
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+        for _ in range(40):
+            recon, posterior = model(x)
+            loss, stats = vae_loss(x, recon, posterior)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        finals[preset] = stats["l1"]
+    assert finals["dc-debug"] < finals["debug"], finals
