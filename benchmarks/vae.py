@@ -1,16 +1,20 @@
-"""VAE throughput: encode and decode frames/s of our causal VAE, against diffusers' Wan VAE.
+"""VAE throughput: encode and decode frames/s of our causal VAE designs, against each other
+and diffusers' Wan VAE.
 
     python benchmarks/vae.py [--quick] [--threads T] [--frames 17] [--sizes 128 256]
                              [--config configs/train-vae/default.yaml]
+                             [--old configs/train-vae/legacy.yaml]
 
-Ours: the model section of the config (the architecture `train-vae` trains), random init.
-Baseline, in the same run when diffusers is installed: `AutoencoderKLWan` (Wan 2.1's
-architecture, 4x8x8, z_dim 16, random init), at the `base_dim` whose parameter count is
+Ours: the model section of --config (the architecture `train-vae` trains: the DC-AE shortcut
+design), and "old", the model of --old (the strided-conv design of the first shipped VAE),
+both at random init, same run. Baseline, in the same run when diffusers is installed:
+`AutoencoderKLWan` (Wan 2.1's architecture, 4x8x8, z_dim 16, random init), at the `base_dim`
+whose parameter count is
 nearest ours ("equal size"; both counts are printed). Both run through the same
 `VideoAutoencoder` contract (models/vae_adapters.py for Wan), float32, batch 1, inference
 mode; the time is the median over the repeats after one warm-up. Printed: frames/s and the
-ratio ours / Wan (> 1: ours is faster). Not part of the test suite; a shared 2-core box is
-noisy.
+ratios ours / old and ours / Wan (> 1: ours is faster). Not part of the test suite; a
+shared 2-core box is noisy.
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ def measure(model, frames: int, size: int, repeats: int) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "train-vae" / "default.yaml")
+    ap.add_argument("--old", type=Path, default=ROOT / "configs" / "train-vae" / "legacy.yaml",
+                    help="the design to compare against (its model section)")
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--threads", type=int, default=2)
@@ -88,14 +94,15 @@ def main() -> None:
     repeats = 1 if args.quick else args.repeats
     torch.manual_seed(0)
     ours = VideoVAE(load_config(TrainVAEConfig, args.config).model).eval()
-    models = {"ours": ours}
+    models = {"ours": ours, "old": VideoVAE(load_config(TrainVAEConfig, args.old).model).eval()}
     try:
         models["wan"] = equal_size_wan(params(ours))
     except ImportError:
         print("diffusers is not installed: no Wan baseline (pip install 'tubelet[bench]')")
     for name, m in models.items():
-        desc = (f"channels {list(m.config.channels)}, z {m.latent_channels}" if name == "ours"
-                else f"base_dim {m.vae.config.base_dim}, z {m.latent_channels}")
+        desc = (f"base_dim {m.vae.config.base_dim}, z {m.latent_channels}" if name == "wan"
+                else f"channels {list(m.config.channels)}, patch {m.config.patch_size}, "
+                f"shortcut {m.config.shortcut}, z {m.latent_channels}")
         print(f"{name:>5}: {params(m) / 1e6:.2f}M params ({desc}), "
               f"{m.temporal_factor}x{m.spatial_factor}x{m.spatial_factor}")
     print(f"torch {torch.__version__}, {args.threads} thread(s), float32, batch 1, "
@@ -108,10 +115,10 @@ def main() -> None:
             results[name, size] = measure(m, args.frames, size, repeats)
             enc, dec = results[name, size]
             print(f"{size:>4}x{size:<4} {name:>5} {enc:>11.2f} {dec:>11.2f}", flush=True)
-        if "wan" in models:
-            (oe, od), (we, wd) = results["ours", size], results["wan", size]
-            print(f"{size:>4}x{size:<4} {'ratio':>5} {oe / we:>10.2f}x {od / wd:>10.2f}x"
-                  "   (ours / Wan; > 1 = ours faster)")
+        for base in [b for b in ("old", "wan") if b in models]:
+            (oe, od), (be, bd) = results["ours", size], results[base, size]
+            print(f"{size:>4}x{size:<4} {'ratio':>5} {oe / be:>10.2f}x {od / bd:>10.2f}x"
+                  f"   (ours / {base}; > 1 = ours faster)")
 
 
 if __name__ == "__main__":

@@ -72,3 +72,26 @@ def test_same_seed_same_dataset(tmp_path, dataset):
     assert again == rows
     other = synthesize(SynthConfig(num_videos=12, seed=4, workers=1), tmp_path / "b")
     assert [r["caption"] for r in other] != [r["caption"] for r in rows]
+
+
+def test_photo_videos_move_over_natural_photos_from_disjoint_splits(tmp_path):
+    from pipeline.photos import HELD_OUT, TRAIN, load_photo
+
+    assert not set(TRAIN) & set(HELD_OUT)
+    cfg = SynthConfig(num_videos=3, seed=1, workers=1, kind="photos", photo_split="held-out",
+                      max_seconds=1.0)
+    rows = synthesize(cfg, tmp_path)
+    assert [r["path"] for r in rows] == [f"photo_{i:05d}.mp4" for i in range(3)]
+    for row in rows:
+        assert row["photo"] in HELD_OUT and row["caption"].startswith("a ")
+        with av.open(str(tmp_path / row["path"])) as container:
+            frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+        assert frames.shape == (row["num_frames"], row["height"], row["width"], 3)
+        # a photo, not a flat frame: texture everywhere, no black borders from the warp
+        assert frames.std() > 20 and frames[:, :2].mean() > 5 and frames[:, -2:].mean() > 5
+        # the camera moves: consecutive frames differ, but stay alike (no cuts)
+        diffs = np.abs(np.diff(frames.astype(np.int16), axis=0)).mean(axis=(1, 2, 3))
+        assert diffs.max() > 0.5 and diffs.max() < 0.5 * frames.std()
+    assert load_photo("camera").shape == (512, 512, 3)  # grey photos come as RGB
+    with pytest.raises(ValueError, match="kind"):
+        SynthConfig(kind="clouds").validate()

@@ -22,7 +22,7 @@ from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
 from pipeline.eval_vae import EvalVAEConfig, summarize
 from pipeline.ray_train import TrainError
-from pipeline.report import eval_table
+from pipeline.report import eval_table, read_metrics
 from pipeline.train_vae import TrainVAEConfig, split_sources
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "train-vae"
@@ -110,7 +110,8 @@ def debug_config(*sets: str) -> TrainVAEConfig:
 def test_clips_smaller_than_the_crop_give_a_clear_error(tmp_path):
     source = local_source([pa.table(pack("frames", moving_squares(2, seed=0, H=24, W=24)))])
     with pytest.raises(RuntimeError, match="no usable clips .* 2 smaller than the crop 5x32x32"):
-        train_vae_loop(debug_config("steps=3"), LocalBackend(tmp_path), source, tmp_path, {})
+        train_vae_loop(debug_config("steps=3", "data.stages=[]"), LocalBackend(tmp_path), source,
+                       tmp_path, {})
 
 
 def test_held_out_split_is_seeded_and_disjoint():
@@ -142,6 +143,38 @@ def test_shipped_configs_load_and_bad_crops_are_refused(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "config error" in err[0], err
     assert "model.VAEConfig.temporal_strides" in err[0] and "debug.yaml" in err[0], err
+
+
+def test_stages_set_the_crops_of_each_step_and_are_checked():
+    cfg = load_config(TrainVAEConfig, CONFIGS / "default.yaml")
+    d = cfg.data
+    assert d.crop_at(0) == (1, 64, 32) and d.crop_at(599) == (1, 64, 32)  # images first
+    assert d.crop_at(600) == (9, 64, 8) and d.crop_at(cfg.steps - 1) == (9, 64, 8)
+    assert d.largest_crop() == (9, 64, 64)
+    with pytest.raises(ConfigError, match="data.stages too; got 4, 64"):
+        load_config(TrainVAEConfig, CONFIGS / "default.yaml",
+                    ["data.stages=[{steps: 10, crop_frames: 4}]"])
+    with pytest.raises(ConfigError, match="nothing is left for the main crops"):
+        load_config(TrainVAEConfig, CONFIGS / "default.yaml", ["steps=600"])
+
+
+def test_training_runs_its_image_stage_then_clips(tmp_path):
+    """The loop itself: stage steps train on 1-frame crops, then the main clips."""
+    from dataclasses import replace
+
+    from actors.workers.train_vae import VAEDataConfig, VAEStage, VAETrainLoopConfig
+
+    rng = np.random.default_rng(0)
+    clips = [rng.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    table = pa.table(pack("frames", clips))
+    cfg = VAETrainLoopConfig(data=VAEDataConfig(batch_size=2, crop_frames=5, crop_size=16,
+                                                stages=[VAEStage(3, 1, 16, 4)]),
+                             steps=5, log_every=100, checkpoint_every=100)
+    cfg.model = replace(cfg.model)
+    cfg.validate()
+    train_vae_loop(cfg, LocalBackend(tmp_path), local_source([table]), tmp_path, {})
+    rows = [r for r in read_metrics(tmp_path) if r["split"] == "train"]
+    assert [(r["crop_frames"], r["samples"]) for r in rows] == [(1, 4)] * 3 + [(5, 2)] * 2
 
 
 def test_summary_averages_clips_per_video_then_videos():
