@@ -273,6 +273,46 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# eval
+
+
+def add_eval(sub: Sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "eval",
+        help="colour flicker, shape morphing, object vanishing, smoothness, prompt adherence",
+        description="Measure the main object of each video (pixel maths, no network): colour "
+        "flicker, shape morphing, vanishing, motion smoothness, and for synthetic-domain "
+        "prompts the detected colour, shape and direction against the prompt. Per video and "
+        "per set in DIR/eval.json, DIR/eval.md (printed) and DIR/eval.png.",
+    )
+    p.add_argument("--videos", required=True,
+                   help="a `tubelet generate` output folder, or videos as `preprocess` reads "
+                   "them (captions.jsonl beside them gives the prompts)")
+    p.add_argument("--reference", default=None,
+                   help="real clips (e.g. the training videos) measured the same way")
+    p.add_argument("--prompts", default=None,
+                   help="a .jsonl/.csv/.parquet manifest with 'path' and 'prompt' (or "
+                   "'caption'): the prompts of --videos")
+    p.add_argument("--output", type=Path, default=None, help="report folder")
+    add_address(p)
+    return p
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from pipeline.eval import EvalConfig, report_table, run_eval
+
+    cfg = config(EvalConfig, args)
+    report = run_eval(cfg, args.videos, args.reference, args.prompts, args.output,
+                      args.address)
+    print(report_table(report))
+    where = f"; {args.output}/eval.json" if args.output else ""
+    n = report["aggregate"]["generated"]["videos"]
+    print(f"{n} videos measured, {len(report['errors'])} errors; "
+          f"{report['wall_seconds']}s{where}")
+    return 0 if n else 1
+
+
+# ---------------------------------------------------------------------------------------------
 # The table, the parser, main
 
 COMMANDS: dict[str, tuple[Callable[[Sub], argparse.ArgumentParser],
@@ -283,6 +323,7 @@ COMMANDS: dict[str, tuple[Callable[[Sub], argparse.ArgumentParser],
     "eval-vae": (add_eval_vae, run_eval_vae),
     "train": (add_train, run_train),
     "generate": (add_generate, run_generate),
+    "eval": (add_eval, run_eval),
 }
 
 
@@ -290,6 +331,7 @@ def config_classes() -> dict[str, type]:
     """Config dataclass of each `configs/<folder>/` (a command, or a shared table); the tests
     load every shipped file with it."""
     from actors.common.buckets import BucketConfig
+    from pipeline.eval import EvalConfig
     from pipeline.eval_vae import EvalVAEConfig
     from pipeline.generate import GenerateConfig
     from pipeline.streams import PreprocessConfig
@@ -299,7 +341,7 @@ def config_classes() -> dict[str, type]:
 
     return {"synth": SynthConfig, "preprocess": PreprocessConfig, "train": TrainConfig,
             "train-vae": TrainVAEConfig, "eval-vae": EvalVAEConfig, "generate": GenerateConfig,
-            "buckets": BucketConfig}
+            "eval": EvalConfig, "buckets": BucketConfig}
 
 
 def build_parser() -> argparse.ArgumentParser:
