@@ -26,11 +26,15 @@ METRICS = ("vanish", "color_flicker", "hist_flicker", "vbench_flicker", "area_cv
 CHECKS = ("color", "shape", "direction")
 
 
-def read_frames(path: str, max_frames: int = 0) -> np.ndarray:
-    """Every frame (or the first `max_frames`) as uint8 (T, H, W, 3)."""
+def read_frames(path: str, max_frames: int = 0, fps: float = 0.0) -> np.ndarray:
+    """The frames (or the first `max_frames`) as uint8 (T, H, W, 3); with `fps` > 0, the
+    first frame at or after each time k / fps (so videos at any rate compare per step)."""
     frames = []
     with av.open(path) as container:
         for frame in container.decode(video=0):
+            t = frame.time if frame.time is not None else 0.0
+            if fps and t < len(frames) / fps - 1e-3:
+                continue
             frames.append(frame.to_ndarray(format="rgb24"))
             if max_frames and len(frames) >= max_frames:
                 break
@@ -52,9 +56,11 @@ def evaluate(frames: np.ndarray, palette: Palette, shapes: dict[str, tuple[float
 class VideoEvalStage:
     def __init__(self, palette: Palette, shapes: dict[str, tuple[float, float, float]],
                  directions: dict[str, tuple[float, float]], errors_dir: str | None = None,
-                 tol: float = 80.0, direction_frames: int = 4, max_frames: int = 0):
+                 tol: float = 80.0, direction_frames: int = 4, max_frames: int = 0,
+                 fps: float = 0.0):
         self.palette, self.shapes, self.directions = palette, shapes, directions
         self.tol, self.direction_frames, self.max_frames = tol, direction_frames, max_frames
+        self.fps = fps
         self.errors = ErrorSink(errors_dir, "eval")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -62,7 +68,7 @@ class VideoEvalStage:
         out = []
         for row in batch.to_pylist():
             try:
-                frames = read_frames(row["path"], self.max_frames)
+                frames = read_frames(row["path"], self.max_frames, self.fps)
             except (av.FFmpegError, ValueError, OSError) as e:
                 self.errors.add(row["path"], f"{e}; re-encode or remove the file")
                 continue

@@ -53,12 +53,16 @@ class EvalConfig:
     stage: StageResources = field(default_factory=lambda: StageResources(0.5, batch_size=2))
     tol: float = 80.0  # RGB distance within which a pixel takes a palette colour
     direction_frames: int = 4  # steps of the track the initial direction is read over
-    max_frames: int = 0  # per video; 0 = all
+    max_frames: int = 17  # per video (after `fps`); 0 = all
+    # Frames per second every video is measured at (0 = its own rate): the training clips'
+    # rate (the bucket table's target_fps), so per-frame numbers of real and generated
+    # videos compare step for step.
+    fps: float = 8.0
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> None:
-        if self.tol <= 0 or self.direction_frames < 1 or self.max_frames < 0:
-            raise ValueError("tol: must be > 0; direction_frames: >= 1; max_frames: >= 0")
+        if self.tol <= 0 or self.direction_frames < 1 or self.max_frames < 0 or self.fps < 0:
+            raise ValueError("tol: must be > 0; direction_frames: >= 1; max_frames, fps: >= 0")
 
 
 class EvalInputError(UsageError):
@@ -204,7 +208,7 @@ def run_eval(cfg: EvalConfig, videos: str, reference: str | None = None,
         ds = ds.map_batches(VideoEvalStage, **cfg.stage.map_batches_kwargs(
             palette=COLORS, shapes=shape_references(), directions=DIRECTIONS,
             errors_dir=str(out / "errors"), tol=cfg.tol, direction_frames=cfg.direction_frames,
-            max_frames=cfg.max_frames, num_cpus=cfg.stage.num_cpus))
+            max_frames=cfg.max_frames, fps=cfg.fps, num_cpus=cfg.stage.num_cpus))
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             results.extend(batch.to_pylist())
     finally:

@@ -31,8 +31,14 @@ class TrainFailed(RuntimeError):
 
 @dataclass
 class WorkerResources:
-    num_cpus: float = 0.5  # per Ray Train worker; torch threads = max(1, int(num_cpus))
+    num_cpus: float = 0.5  # per Ray Train worker
     num_gpus: float = 0.0  # > 0: CUDA, NCCL and `use_gpu`
+    # Torch threads of a CPU worker; 0 = max(1, int(num_cpus)). More than num_cpus is allowed
+    # where the worker has the machine to itself once its data is loaded (one worker, 2 cores).
+    threads: int = 0
+
+    def torch_threads(self) -> int:
+        return self.threads or max(1, int(self.num_cpus))
 
 
 @dataclass

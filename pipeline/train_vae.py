@@ -54,7 +54,6 @@ from pipeline.streams import ClipConfig, clip_stream
 @dataclass
 class VAEWorkerResources(WorkerResources):
     num_cpus: float = 1.0  # per Ray Train worker
-    threads: int = 0  # torch threads of a CPU worker; 0 = max(1, int(num_cpus))
 
 
 @dataclass

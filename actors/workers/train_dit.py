@@ -215,7 +215,7 @@ def ray_worker(args: dict[str, Any]) -> None:
     from actors.workers.train_data import Collate, planned_batches, streamed_batches
 
     cfg = args["cfg"]
-    with ray_backend(max(1, int(cfg.worker.num_cpus))) as backend:
+    with ray_backend(cfg.worker.torch_threads()) as backend:
         collate = Collate(caption_tokenizer(cfg.text_encoder))
         r, W = backend.rank, backend.world_size
         if args["stream"]:

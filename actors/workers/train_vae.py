@@ -403,7 +403,7 @@ def ray_worker(args: dict[str, Any]) -> None:
     import ray.train
 
     cfg = args["cfg"]
-    with ray_backend(cfg.worker.threads or max(1, int(cfg.worker.num_cpus))) as backend:
+    with ray_backend(cfg.worker.torch_threads()) as backend:
         shard = ray.train.get_dataset_shard("train")
 
         def source() -> Iterator[pa.Table]:

@@ -119,3 +119,15 @@ def test_a_tracked_box_matches_the_drawn_box_and_iou_is_exact():
     assert box_iou(track.box[0], np.array([x0, H // 2 - 15, x0 + 30, H // 2 + 15])) > 0.9
     assert box_iou(np.array([0, 0, 10, 10]), np.array([5, 0, 15, 10])) == pytest.approx(1 / 3)
     assert vbench_flicker(np.zeros((3, 4, 4, 3), np.uint8)) == 1.0
+
+
+def test_videos_are_read_at_the_requested_rate(tmp_path):
+    from actors.video_eval import read_frames
+
+    frames = clip()
+    path = write_mp4(tmp_path / "v.mp4", iter(frames), 24)  # 16 frames at 24 fps: 0.67 s
+    assert read_frames(str(path)).shape == (16, H, W, 3)
+    sub = read_frames(str(path), fps=8)  # t = 0, 1/8, ..., 5/8 -> frames 0, 3, 6, ..., 15
+    assert sub.shape[0] == 6
+    assert np.abs(sub[1].astype(int) - read_frames(str(path))[3]).mean() < 1.0
+    assert read_frames(str(path), max_frames=4, fps=8).shape[0] == 4
