@@ -208,7 +208,7 @@ def run_eval(cfg: EvalConfig, videos: str, reference: str | None = None,
         ds = ds.map_batches(VideoEvalStage, **cfg.stage.map_batches_kwargs(
             palette=COLORS, shapes=shape_references(), directions=DIRECTIONS,
             errors_dir=str(out / "errors"), tol=cfg.tol, direction_frames=cfg.direction_frames,
-            max_frames=cfg.max_frames, fps=cfg.fps, num_cpus=cfg.stage.num_cpus))
+            max_frames=cfg.max_frames, fps=cfg.fps))
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             results.extend(batch.to_pylist())
     finally:

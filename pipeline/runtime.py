@@ -2,11 +2,19 @@
 
 Without an address a job starts a local Ray with a bounded object store and no dashboard; with
 `--address` (or Ray's own RAY_ADDRESS, which `ray job submit` sets) it joins that cluster.
+
+The terminal shows progress, not Ray's internals: worker output forwarded to the driver goes
+through `quiet_worker_logs`, which drops Ray's own actors (Train controller, placement-group
+cleaner, split coordinator, ...) and its C++ / INFO lines, and keeps what our stages and
+trainers print (and every Python traceback). Nothing is lost: Ray writes every process's full
+log under its session folder (`full_logs()`), printed when a job starts Ray.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,16 +74,74 @@ class StageResources:
         )
 
 
+# Ray's own actors: their forwarded output is Ray's business (it stays in the log files).
+RAY_INTERNAL_ACTORS = ("PlacementGroupCleaner", "TrainController", "SplitCoordinator",
+                       "DatasetManager", "PreemptionWatcher", "StatsActor", "AutoscalingRequester",
+                       "_StatsActor", "AutoscalingCoordinator")
+# Lines Ray's libraries print from inside our workers: C++ glog lines ("[2026-12-02 19:57:50,220
+# E 3093 3123] core_worker.cc:..."), Ray Train / Data set-up INFO, deprecation notices.
+RAY_NOISE = re.compile(
+    r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWE] \d+ \d+\]|Setting up process group for|"
+    r"RayDeprecationWarning|DeprecationWarning|^\s+self\.\w+ = \w+$|Progress bars disabled|"
+    r"Starting execution of Dataset|Execution plan of Dataset|execution finished in|"
+    r"Registered dataset logger|Full logs are in")
+
+
+def keep_line(actor: str, line: str) -> bool:
+    """Whether a forwarded worker line reaches the terminal."""
+    return not any(actor.startswith(a) for a in RAY_INTERNAL_ACTORS) and not RAY_NOISE.search(
+        line)
+
+
+def quiet_worker_logs() -> None:
+    """Replace Ray's driver-side printer of worker output with one that drops Ray's noise.
+
+    Uses Ray's (private) stdstream dispatcher; if a Ray release moves it, output stays as Ray
+    prints it."""
+    try:
+        from ray._private import worker as ray_worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+
+    def handler(data: dict) -> None:
+        actor = data.get("actor_name") or data.get("task_name") or ""
+        lines = [line for line in data.get("lines", []) if keep_line(actor, line)]
+        if lines:
+            ray_worker.print_to_stdstream({**data, "lines": lines}, ignore_prefix=False)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", handler)
+    import ray.data  # noqa: F401 - configures Ray Data's loggers, which we then quiet
+
+    for h in logging.getLogger("ray.data").handlers:  # the driver's Ray Data console lines
+        if "File" not in type(h).__name__:  # its session log file keeps everything
+            h.setLevel(logging.ERROR)
+
+
+def full_logs() -> str:
+    """Where Ray keeps every process's complete log for this session."""
+    try:
+        return os.path.join(ray.get_runtime_context().get_node_id() and
+                            ray._private.worker._global_node.get_session_dir_path(), "logs")
+    except (AttributeError, RuntimeError):
+        return "/tmp/ray/session_latest/logs"
+
+
 def init_ray(address: str | None, cfg: RayConfig) -> bool:
     """Connect to `address` or start a local Ray. Returns True if this call started Ray."""
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"log_to_driver": True}
+    kwargs: dict[str, Any] = {"log_to_driver": True,
+                              "logging_config": ray.LoggingConfig(log_level="WARNING")}
     if address or os.environ.get("RAY_ADDRESS"):  # Ray's own variable; `ray job submit` sets it
         ray.init(address=address or None, **kwargs)
     else:
         ray.init(address="local", num_cpus=cfg.num_cpus or None, include_dashboard=False,
                  object_store_memory=cfg.object_store_mb * 2**20, **kwargs)
+    quiet_worker_logs()
+    print(f"[ray] {ray.cluster_resources().get('CPU', 0):g} CPUs; full logs in {full_logs()}",
+          flush=True)
     return True
 
 
