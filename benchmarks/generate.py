@@ -18,7 +18,7 @@ sampler per attention layout, and sequence parallelism K = 2 against K = 1.
    per video, for full3d (Ulysses) and factorized (DSP). On 2 cores the two ranks share the
    machine the single rank had alone: expect no speed-up here; the figure is the overhead.
 
-Models: the shipped VAE (weights/vae-default.safetensors, 16 channels) and a debug DiT with
+Models: the shipped VAE (weights/vae-dc.safetensors, 16 channels) and a debug DiT with
 random (non-zero) weights, exported by the real export code (tests/exports.py). Not a test;
 a shared 2-core box is noisy (run twice).
 """
@@ -49,7 +49,7 @@ from pipeline.generate import GenerateConfig, inspect_model, run_generate  # noq
 from pipeline.prompts import read_prompts  # noqa: E402
 from tests.exports import write_export  # noqa: E402
 
-VAE = str(ROOT / "weights" / "vae-default.safetensors")
+VAE = str(ROOT / "weights" / "vae-dc.safetensors")
 COLORS = ("red", "green", "blue", "yellow")
 MOTIONS = ("moving right", "moving left", "moving up", "moving down")
 

@@ -55,7 +55,7 @@ class EvalVAEConfig:
     """configs/eval-vae/*.yaml."""
 
     # --vae: a save_vae() safetensors file or a diffusers video-VAE folder (actors/common/vae.py)
-    checkpoint: str = "weights/vae-default.safetensors"
+    checkpoint: str = "weights/vae-dc.safetensors"
     preprocess: ClipConfig = field(default_factory=ClipConfig)  # buckets, decode pools
     eval: VAEEvalConfig = field(default_factory=VAEEvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)

@@ -58,7 +58,7 @@ def _resources(num_cpus: float, batch_size: int) -> StageResources:
 class GenerateConfig:
     defaults: Defaults = field(default_factory=Defaults)  # for rows that give no setting
     vae: VAEStageConfig = field(default_factory=lambda: VAEStageConfig(
-        checkpoint="weights/vae-default.safetensors"))
+        checkpoint="weights/vae-dc.safetensors"))
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     max_batch: int = 4  # videos per sampler forward (rows of one shape and setting)
     codec: str = "libx264"

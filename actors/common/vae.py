@@ -6,7 +6,7 @@
   config.json's `_class_name`; models/vae_adapters.py). Both give the same `VideoAutoencoder`
   interface and latent contract, so every stage takes either.
 - `resolve_checkpoint`: a relative path is looked up in the working directory, then in the
-  project (so `weights/vae-default.safetensors` works from anywhere); a folder's config.json is
+  project (so `weights/vae-dc.safetensors` works from anywhere); a folder's config.json is
   checked here, so a wrong folder is refused before a job starts.
 - `load_checkpoint_vae`: file or folder, or one `VAELoadError` line naming it and what to pass
   instead (a missing path, a text file, a truncated file, a DiT export, a non-VAE folder...).
