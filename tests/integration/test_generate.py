@@ -78,6 +78,20 @@ def test_generate_writes_exact_videos_manifest_and_gallery(tmp_path, models, cap
     assert "0 videos generated (3 already done)" in capsys.readouterr().out
     assert len(manifest(out)) == 3
 
+    # tiny generate -> eval: the manifest's prompts are what adherence is checked against
+    report_dir = tmp_path / "eval"
+    assert main(["eval", "--videos", str(out), "--output", str(report_dir),
+                 "--set", "ray.num_cpus=2", "--set", "ray.object_store_mb=300"]) == 0
+    report = json.loads((report_dir / "eval.json").read_text())
+    by_prompt = {r["prompt"]: r for r in report["per_video"]}
+    assert sorted(by_prompt) == sorted(r["prompt"] for r in ROWS)
+    assert by_prompt["a red circle moving right"]["color"] == "red"  # parsed from the prompt
+    assert by_prompt["a green triangle"]["direction"] is None  # not asked: not scored
+    assert report["aggregate"]["generated"]["videos"] == 3
+    assert 0 <= report["aggregate"]["generated"]["vbench_flicker"] <= 1
+    assert (report_dir / "eval.png").stat().st_size > 2000
+    assert "| generated | 3 |" in (report_dir / "eval.md").read_text()
+
 
 def test_kill_9_then_rerun_gives_every_id_once(tmp_path, models):
     export, vae = models
