@@ -99,3 +99,19 @@ def test_grid_nearest_values():
     g = Grid(spatial=16, temporal=4, patch_t=2)  # latent frames must be even: 5, 13, 21...
     assert g.frames_ok(5) and not g.frames_ok(9) and g.nearest_frames(9) == 5
     assert g.nearest_side(8) == 16 and g.nearest_side(100) == 96
+
+
+def test_the_demo_prompts_are_valid_for_the_demo_model():
+    """configs/prompts/demo.jsonl (make demo): 16:9, 9:16 and 1:1, 9 and 17 frames, on the
+    16 px grid of the shipped VAE (8x) and the DiT's 2x2 patches, each asking for a colour,
+    a shape and a direction that `tubelet eval` can check."""
+    from pathlib import Path
+
+    from pipeline.eval import parse_prompt
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "prompts" / "demo.jsonl"
+    rows = read_prompts(path, Defaults(), Grid(spatial=16, temporal=4, patch_t=1))
+    assert len(rows) >= 6
+    assert {(r["width"], r["height"]) for r in rows} == {(176, 96), (96, 176), (128, 128)}
+    assert {r["frames"] for r in rows} == {9, 17}
+    assert all(None not in parse_prompt(r["prompt"]).values() for r in rows)
