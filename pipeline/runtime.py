@@ -12,7 +12,6 @@ log under its session folder (`full_logs()`), printed when a job starts Ray.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 import ray
 from ray.data import ActorPoolStrategy
 
+from actors.workers.toolkit import quiet_ray_data_console
 from pipeline.config import ConfigError
 
 
@@ -112,11 +112,7 @@ def quiet_worker_logs() -> None:
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", handler)
-    import ray.data  # noqa: F401 - configures Ray Data's loggers, which we then quiet
-
-    for h in logging.getLogger("ray.data").handlers:  # the driver's Ray Data console lines
-        if "File" not in type(h).__name__:  # its session log file keeps everything
-            h.setLevel(logging.ERROR)
+    quiet_ray_data_console()  # the driver's Ray Data console lines
 
 
 def full_logs() -> str:

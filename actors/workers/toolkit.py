@@ -15,6 +15,7 @@ a framework. Each trainer keeps its own loop and calls these in it:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -134,11 +135,23 @@ class RayBackend:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def quiet_ray_data_console() -> None:
+    """Ray Data's console lines (its issue detectors' multi-line memory warnings, operator
+    progress) at ERROR only, in this process; its session log file (ray-data.log) keeps
+    everything. Called by the driver and by every Train worker that streams a dataset."""
+    import ray.data  # noqa: F401 - configures Ray Data's loggers, which we then quiet
+
+    for h in logging.getLogger("ray.data").handlers:
+        if "File" not in type(h).__name__:
+            h.setLevel(logging.ERROR)
+
+
 @contextmanager
 def ray_backend(threads: int) -> Iterator[RayBackend]:
     """The start of every Ray Train worker function: this worker's backend, `threads` torch
     threads on a CPU worker (a worker must not take more cores than Ray gave it)."""
     backend = RayBackend()
+    quiet_ray_data_console()
     if backend.device.type == "cpu":
         torch.set_num_threads(threads)
     try:
