@@ -2,7 +2,12 @@
 exported EMA model that `generate` loads (`models.denoiser.load_exported`).
 
 - Checkpoints are torch distributed checkpoints (DCP): every worker writes its own shards, so
-  a checkpoint costs no gather and loads back on any number of workers.
+  a checkpoint costs no gather and loads back on any number of workers. They load without
+  running code: DCP's own reader unpickles `.metadata` with `pickle.load` and its planner
+  loads non-tensor items with `torch.load(weights_only=False)`, either of which runs whatever
+  a crafted file names. `SafeReader` unpickles the metadata with an allow-list of DCP's
+  metadata classes, `SafePlanner` loads items with `weights_only=True`; anything else is an
+  `UntrustedCheckpointError` naming the file and the object it wanted, before it is built.
 - The export is plain: `model.safetensors` (full EMA weights: `dit.*`, and `text.*` for the
   built-in text encoder) plus `config.json` (the DiT config, the text encoder's, and the
   resolved training config) and `train.yaml` (the same training config, loadable with
@@ -13,7 +18,9 @@ exported EMA model that `generate` loads (`models.denoiser.load_exported`).
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,6 +30,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import yaml
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from models.denoiser import EXPORT_FORMAT, Denoiser, FrozenTextSlot
@@ -54,6 +65,87 @@ class EMA:
                 for n, t in self.shadow.items()}
 
 
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint file asks to build an object outside what a checkpoint holds."""
+
+
+# What DCP metadata pickles (torch 2.13, checked by tests/unit/test_checkpoint_safety.py): its
+# metadata dataclasses, the file reader's storage records, sizes, dtypes and layouts, paths.
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BufferedIOBase, where: str):
+        super().__init__(file)
+        self.where = where
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (module in _METADATA_MODULES and not name.startswith("__")
+                   or (module, name) in _METADATA_GLOBALS
+                   or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        if not allowed:
+            raise UntrustedCheckpointError(
+                f"{self.where}: refused to load: it asks to build {module}.{name}, which a "
+                f"checkpoint does not hold (a crafted file would run code here); nothing was "
+                f"run. Use checkpoints written by tubelet train / train-vae")
+        return super().find_class(module, name)
+
+
+def read_safe_metadata(path: Path) -> Metadata:
+    """A DCP `.metadata` file, unpickled with the allow-list (or UntrustedCheckpointError)."""
+    with open(path, "rb") as f:
+        try:
+            metadata = _MetadataUnpickler(f, str(path)).load()
+        except UntrustedCheckpointError:
+            raise
+        except Exception as e:  # truncated or not a pickle at all
+            raise UntrustedCheckpointError(f"{path}: not a DCP metadata file ({e})") from None
+    if not isinstance(metadata, Metadata):
+        raise UntrustedCheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP "
+                                       f"metadata")
+    return metadata
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's file reader with the metadata read by `read_safe_metadata` (tensor shards are
+    already read with `torch.load(weights_only=True)` by DCP itself)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        name = ".metadata" if rank is None else f"__{rank}.metadata"
+        metadata = read_safe_metadata(Path(self.path) / name)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafePlanner(dcp.DefaultLoadPlanner):
+    """DCP's load planner with non-tensor items (the `train` dict, optimizer hyperparameters)
+    loaded by `torch.load(weights_only=True)`: plain containers and numbers only."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UntrustedCheckpointError(
+                f"checkpoint item {read_item.dest_index.fqn}: refused to load ({e}); "
+                f"nothing was run") from None
+        fqn = read_item.dest_index.fqn
+        if self.flatten_state_dict:  # as the parent does, with the object loaded safely
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+
 def _state(model: nn.Module, optim: torch.optim.Optimizer, ema: EMA, train: dict) -> dict:
     model_sd, optim_sd = get_state_dict(model, optim)
     return {"model": model_sd, "optim": optim_sd, "ema": ema.shadow, "train": dict(train)}
@@ -75,7 +167,15 @@ def load_checkpoint(path: Path, model: nn.Module, optim: torch.optim.Optimizer,
                     ema: EMA) -> dict[str, Any]:
     """Load a `save_checkpoint` folder in place; returns its `train` dict (step, ...)."""
     state = _state(model, optim, ema, {"step": 0, "data_fingerprint": "", "world_size": 0})
-    dcp.load(state, checkpoint_id=str(path))
+    read_safe_metadata(path / ".metadata")  # a refusal as one clear error, before DCP starts
+    try:
+        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner())
+    except CheckpointException as e:  # DCP wraps every rank's error; surface a refusal as is
+        refused = [line for line in str(e).splitlines() if "refused to load" in line]
+        if refused:
+            raise UntrustedCheckpointError(refused[-1].split("UntrustedCheckpointError: ")[-1]
+                                           .strip()) from None
+        raise
     set_state_dict(model, optim, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
     return state["train"]

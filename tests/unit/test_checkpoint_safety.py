@@ -1,0 +1,97 @@
+"""Untrusted checkpoints load without running code (issue 13).
+
+DCP's own loader unpickles `.metadata` and non-tensor items with full pickle; a crafted file
+runs what it names. These tests build such payloads (each would create a file when loaded by
+plain pickle, shown first) and check that `load_checkpoint` refuses them, names the file and
+the object, and runs nothing; and that a real checkpoint still loads exactly."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+
+from actors.workers.checkpoints import (
+    EMA,
+    UntrustedCheckpointError,
+    _state,
+    load_checkpoint,
+    read_safe_metadata,
+    save_checkpoint,
+)
+
+
+class CreatesFile:
+    """Unpickling this calls open(path, "w"): the file appearing is the proof code ran."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def tiny(seed: int) -> tuple[nn.Module, torch.optim.Optimizer, EMA]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(3, 4)).sum().backward()
+    optim.step()
+    return model, optim, EMA(model, 0.9)
+
+
+def save(path: Path, train: dict) -> nn.Module:
+    model, optim, ema = tiny(0)
+    save_checkpoint(path, model, optim, ema, train, {"steps": 1})
+    return model
+
+
+def test_a_real_checkpoint_round_trips(tmp_path):
+    saved = save(tmp_path / "ck", {"step": 7, "data_fingerprint": "abc", "world_size": 1})
+    model, optim, ema = tiny(1)
+    train = load_checkpoint(tmp_path / "ck", model, optim, ema)
+    assert train == {"step": 7, "data_fingerprint": "abc", "world_size": 1}
+    for a, b in zip(saved.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert optim.state_dict()["param_groups"][0]["lr"] == pytest.approx(1e-3)
+
+
+def test_a_metadata_payload_is_refused_and_runs_nothing(tmp_path):
+    save(tmp_path / "ck", {"step": 1, "data_fingerprint": "", "world_size": 1})
+    proof = tmp_path / "proof-plain-pickle"
+    pickle.loads(pickle.dumps(CreatesFile(proof)))
+    assert proof.exists()  # the payload is real: plain pickle runs it
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "ck" / ".metadata").write_bytes(pickle.dumps(CreatesFile(marker)))
+    model, optim, ema = tiny(1)
+    with pytest.raises(UntrustedCheckpointError, match=r"\.metadata: refused to load.*open"):
+        load_checkpoint(tmp_path / "ck", model, optim, ema)
+    assert not marker.exists()
+
+
+def test_a_payload_inside_the_checkpoint_items_is_refused(tmp_path):
+    """Non-tensor items (the train dict) are stored by torch.save: a crafted one is refused."""
+    marker = tmp_path / "pwned"
+    model, optim, ema = tiny(0)
+    train = {"step": 1, "data_fingerprint": CreatesFile(marker), "world_size": 1}
+    dcp.save(_state(model, optim, ema, train), checkpoint_id=str(tmp_path / "ck"))
+    assert not marker.exists()
+    model, optim, ema = tiny(1)
+    with pytest.raises(UntrustedCheckpointError, match="train"):
+        load_checkpoint(tmp_path / "ck", model, optim, ema)
+    assert not marker.exists()
+
+
+def test_metadata_that_is_not_a_pickle_or_not_metadata_is_one_clear_error(tmp_path):
+    bad = tmp_path / ".metadata"
+    bad.write_bytes(b"\x80\x05truncated")
+    with pytest.raises(UntrustedCheckpointError, match="not a DCP metadata file"):
+        read_safe_metadata(bad)
+    bad.write_bytes(pickle.dumps({"step": 1}))
+    with pytest.raises(UntrustedCheckpointError, match="holds a dict"):
+        read_safe_metadata(bad)
