@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.safety import require_safetensors
+
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens: ids 0..2 are PAD, BOS, EOS; byte b is id b + 3."""
@@ -251,7 +253,9 @@ class PretrainedTextEncoder(nn.Module):
             "umt5": getattr(transformers, "UMT5EncoderModel", None),
         }.get(config.model_type) or transformers.AutoModel
         # .to(dtype) rather than a dtype argument: its name changed across transformers versions.
-        self.model = cls.from_pretrained(path, local_files_only=True).to(dtype)
+        require_safetensors(path, "text encoder folder")
+        self.model = cls.from_pretrained(path, local_files_only=True,
+                                         use_safetensors=True).to(dtype)
         self.model.eval().requires_grad_(False)
         # Padded to the longest caption: features of real tokens do not depend on padding.
         self.tokenizer = PretrainedTokenizer(path, max_len, pad_to_max=False)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from models.safety import require_safetensors
 from models.vae import check_latent, check_video
 from models.vae_blocks import check_tiling
 
@@ -212,8 +213,9 @@ def load_diffusers_vae(
     """Load a supported diffusers video VAE from `local_dir` (a VAE folder or a pipeline
     folder with a `vae/` subfolder); the class is read from its config.json."""
     folder, name = find_diffusers_vae(local_dir)
+    require_safetensors(folder, "VAE folder")
     diffusers = _import_diffusers()
     vae = getattr(diffusers, name).from_pretrained(
-        str(folder), torch_dtype=dtype, local_files_only=True
+        str(folder), torch_dtype=dtype, local_files_only=True, use_safetensors=True
     )
     return DiffusersVideoVAE(vae.to(device))

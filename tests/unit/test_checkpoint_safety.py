@@ -23,16 +23,7 @@ from actors.workers.checkpoints import (
     read_safe_metadata,
     save_checkpoint,
 )
-
-
-class CreatesFile:
-    """Unpickling this calls open(path, "w"): the file appearing is the proof code ran."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
+from tests.payloads import CreatesFile, payload
 
 
 def tiny(seed: int) -> tuple[nn.Module, torch.optim.Optimizer, EMA]:
@@ -63,11 +54,11 @@ def test_a_real_checkpoint_round_trips(tmp_path):
 def test_a_metadata_payload_is_refused_and_runs_nothing(tmp_path):
     save(tmp_path / "ck", {"step": 1, "data_fingerprint": "", "world_size": 1})
     proof = tmp_path / "proof-plain-pickle"
-    pickle.loads(pickle.dumps(CreatesFile(proof)))
+    pickle.loads(payload(proof))
     assert proof.exists()  # the payload is real: plain pickle runs it
 
     marker = tmp_path / "pwned"
-    (tmp_path / "ck" / ".metadata").write_bytes(pickle.dumps(CreatesFile(marker)))
+    (tmp_path / "ck" / ".metadata").write_bytes(payload(marker))
     model, optim, ema = tiny(1)
     with pytest.raises(UntrustedCheckpointError, match=r"\.metadata: refused to load.*open"):
         load_checkpoint(tmp_path / "ck", model, optim, ema)

@@ -237,3 +237,17 @@ def test_builtin_export_records_its_config_and_keeps_its_weights(tmp_path):
     assert isinstance(encoder, TextEncoder)
     for name, p in encoder.state_dict().items():
         assert torch.equal(p, model.text.state_dict()[name]), name
+
+
+def test_a_folder_with_pickled_weights_is_refused_and_runs_nothing(tmp_path) -> None:
+    """transformers falls back to pytorch_model.bin (a pickle) without safetensors: not us."""
+    from tests.payloads import payload
+
+    folder = tmp_path / "t5"
+    save_tiny_t5(folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    (folder / "pytorch_model.bin").write_bytes(payload(marker))
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin are pickles.*refused"):
+        PretrainedTextEncoder(folder)
+    assert not marker.exists()

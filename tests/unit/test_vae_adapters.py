@@ -88,3 +88,17 @@ def test_adapter_errors(tmp_path) -> None:
         load_diffusers_vae(tmp_path)
     with pytest.raises(ValueError, match="unsupported diffusers VAE"):
         DiffusersVideoVAE(torch.nn.Linear(2, 2))
+
+
+def test_a_folder_with_pickled_weights_is_refused_and_runs_nothing(tmp_path) -> None:
+    """diffusers falls back to `*.bin` (a pickle) without safetensors: we never do."""
+    from tests.payloads import payload
+
+    folder = tmp_path / "vae"
+    tiny_wan().save_pretrained(folder)
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    (folder / "diffusion_pytorch_model.bin").write_bytes(payload(marker))
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.bin are pickles.*refused"):
+        load_diffusers_vae(folder)
+    assert not marker.exists()
