@@ -51,7 +51,8 @@ class TrainDataConfig:
     def validate(self) -> None:
         bad = {k: v for k, v in self.bucket_batch_sizes.items() if v < 1}
         if self.batch_size < 1 or bad:
-            raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} and {bad}")
+            raise ValueError(f"batch_size and bucket_batch_sizes: must be >= 1, got "
+                             f"{self.batch_size} and {bad}")
         if self.prefetch_steps < 1:
             raise ValueError(f"prefetch_steps: must be >= 1, got {self.prefetch_steps}")
 

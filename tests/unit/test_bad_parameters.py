@@ -1,0 +1,68 @@
+"""Impossible parameters fail fast (issue 13): every command, with one stderr line naming the
+flag or key, exit code 2, before any Ray work starts (no `[ray]` line, no output written).
+
+Table-driven: each row is a command line with one impossible value and the words its error
+must contain. Inputs are valid-looking so the value under test is what gets refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    """An empty videos folder, a prompt file, an output folder that does not exist yet."""
+    base = tmp_path_factory.mktemp("bad-params")
+    videos = base / "videos"
+    videos.mkdir()
+    prompts = base / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a red circle moving right"}) + "\n")
+    return {"videos": videos, "prompts": prompts, "out": base / "out"}
+
+
+CASES = [
+    # (command line with {videos} {prompts} {out} {dit}, words the one error line contains)
+    ("synth --output {out} --num-videos -3", "num_videos"),
+    ("synth --output {out} --set fps=[0]", "fps"),
+    ("preprocess --input {videos} --output {out} --set buckets.target_fps=0", "target_fps"),
+    ("preprocess --input {videos} --output {out} --set buckets.resolutions=[]", "resolutions"),
+    ("preprocess --input {videos} --output {out} --set buckets.max_clips_per_video=0",
+     "max_clips_per_video"),
+    ("preprocess --input {videos} --output {out} --set decode.max_actors=0", "max_actors"),
+    ("preprocess --input {videos} --output {out} --set decode.num_cpus=-1", "num_cpus"),
+    ("train --data {videos} --output {out} --workers 0", "num_workers"),
+    ("train --data {videos} --output {out} --set steps=-5", "steps"),
+    ("train --data {videos} --output {out} --set data.batch_size=0", "batch_size"),
+    ("train --data {videos} --output {out} --set optim.lr=-1", "lr"),
+    ("train --data {videos} --output {out} --set model.depth=0", "depth"),
+    ("train-vae --input {videos} --output {out} --set steps=0", "steps"),
+    ("generate --checkpoint {dit} --prompts {prompts} --output {out} --frames -4", "frames"),
+    ("generate --checkpoint {dit} --prompts {prompts} --output {out} --steps 0", "steps"),
+    ("generate --checkpoint {dit} --prompts {prompts} --output {out} --height 7", "height"),
+    ("generate --checkpoint {dit} --prompts {prompts} --output {out} --sequence-parallel 0",
+     "sequence_parallel"),
+    ("eval --videos {videos} --output {out} --set fps=-1", "fps"),
+    ("eval-vae --input {videos} --output {out} --set max_videos=-1", "max_videos"),
+]
+
+
+@pytest.mark.parametrize("line, needle", CASES, ids=[c[0].split(" --set ")[-1] if "--set" in c[0]
+                                                      else c[0].split(" ")[0] + " "
+                                                      + c[0].split(" ")[-2]
+                                                      for c in CASES])
+def test_impossible_value_fails_fast_with_one_line(inputs, line, needle):
+    args = line.format(dit=ROOT / "weights" / "dit-demo", **inputs).split()
+    res = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    assert len(lines) == 1 and needle in lines[0], res.stderr
+    assert "[ray]" not in res.stdout  # refused before Ray started
+    assert not inputs["out"].exists() or not any(inputs["out"].iterdir())
