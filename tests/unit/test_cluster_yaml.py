@@ -48,3 +48,13 @@ def test_every_config_request_fits_a_node_type():
             fits = [n for n, t in types.items()
                     if all(t["resources"].get(k, 0) >= v for k, v in req.items())]
             assert fits, f"{path}{where} requests {req}; no node type in cluster.yaml has it"
+
+
+def test_cluster_keeps_the_dashboard_private_and_uses_token_auth():
+    """Issue 13: the job server is not on a public interface; every node authenticates."""
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    for cmds in (cfg["head_start_ray_commands"], cfg["worker_start_ray_commands"]):
+        start = [c for c in cmds if "ray start" in c]
+        assert start and all("RAY_AUTH_MODE=token" in c for c in start)
