@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import av
@@ -77,14 +78,18 @@ def _check_args(start: float, fps: float, num_frames: int, height: int, width: i
 
 def decode_clip(path: str, start: float, fps: float, num_frames: int, height: int,
                 width: int, rotation: int = 0, threads: int = 0,
-                stats: dict[str, Any] | None = None) -> np.ndarray:
+                stats: dict[str, Any] | None = None,
+                budget: DecodeBudget | None = None) -> np.ndarray:
     """uint8 (num_frames, height, width, 3): the clip of `path` starting at `start` seconds
     (from the first frame), resampled to `fps` (module docstring). rotation: the probe's
     counter-clockwise display rotation. threads: decoder threads (0 = FFmpeg's choice).
     stats, if given, gets "decoded" (frames out of the decoder), "converted" (frames
     scaled to RGB) and "restarts" (1 when a seek landed past the start and it re-read from 0).
+    budget: wall seconds and decoder frames one clip may cost (a hostile stream that decodes
+    forever, or thousands of frames before its start, becomes an error row, not a hang).
     Raises ClipError with a one-line reason."""
     _check_args(start, fps, num_frames, height, width, rotation)
+    budget = (budget or DecodeBudget()).start()
     stats = stats if stats is not None else {}
     stats.update(decoded=0, converted=0, restarts=0)
     try:
@@ -100,16 +105,54 @@ def decode_clip(path: str, start: float, fps: float, num_frames: int, height: in
         stream.codec_context.thread_count = threads
         targets = start + np.arange(num_frames) / fps
         resize = _Resizer(height, width, rotation, sample_aspect(stream))
-        clip = _read(container, stream, targets, resize, stats, seek=start > 0)
+        clip = _read(container, stream, targets, resize, stats, budget, seek=start > 0)
         if clip is None:  # the index sent us past the start: read from the beginning
             stats["restarts"] = 1
-            clip = _read(container, stream, targets, resize, stats, seek=True, to_zero=True)
+            clip = _read(container, stream, targets, resize, stats, budget, seek=True,
+                         to_zero=True)
         assert clip is not None  # from the beginning, the first frame stands in for earlier
         return clip
 
 
+@dataclass
+class DecodeBudget:
+    """What one clip may cost: wall seconds and frames out of the decoder (0 = no limit)."""
+
+    seconds: float = 0.0
+    frames: int = 0
+
+    def start(self) -> _Spending:
+        return _Spending(self, time.monotonic() + self.seconds if self.seconds > 0 else math.inf)
+
+
+@dataclass
+class _Spending:
+    """One clip's budget, started: ClipError once it is spent."""
+
+    budget: DecodeBudget
+    deadline: float
+
+    @property
+    def seconds(self) -> float:
+        return self.budget.seconds
+
+    @property
+    def frames(self) -> int:
+        return self.budget.frames
+
+    def check(self, decoded: int) -> None:
+        if self.frames and decoded > self.frames:
+            raise ClipError(f"decoding took more than {self.frames} frames for one clip "
+                            f"(decode_budget.frames); the stream is hostile or far longer "
+                            f"than its header says; {FIX}")
+        if time.monotonic() > self.deadline:
+            raise ClipError(f"decoding took more than {self.seconds:g} s for one clip "
+                            f"(decode_budget.seconds); {FIX}")
+
+
 def _read(container: Any, stream: Any, targets: np.ndarray, resize: _Resizer,
-          stats: dict[str, Any], seek: bool, to_zero: bool = False) -> np.ndarray | None:
+          stats: dict[str, Any], budget: _Spending, seek: bool,
+          to_zero: bool = False) -> np.ndarray | None:
     """Fill one frame per target time; None when a seek landed after the first target
     (unless to_zero: then the first frame also serves targets before it)."""
     tb = stream.time_base
@@ -143,6 +186,7 @@ def _read(container: Any, stream: Any, targets: np.ndarray, resize: _Resizer,
     try:
         for frame in container.decode(stream):
             stats["decoded"] += 1
+            budget.check(stats["decoded"])
             if frame.pts is not None:
                 t = float((frame.pts - origin) * tb)
             else:
@@ -198,8 +242,9 @@ class DecodeStage:
     # summary counts clips per node; "local" outside Ray)
     WRITES = ("frames", "frames_shape", "decode_seconds", "decode_node")
 
-    def __init__(self, errors_dir: str | None = None, threads: int = 0):
-        self.threads = threads
+    def __init__(self, errors_dir: str | None = None, threads: int = 0,
+                 budget: DecodeBudget | None = None):
+        self.threads, self.budget = threads, budget or DecodeBudget()
         self.errors = ErrorSink(errors_dir, "decode")
         self.node = _node_id()
 
@@ -213,7 +258,8 @@ class DecodeStage:
             try:
                 clip = decode_clip(str(row["path"]), float(row["start"]), float(row["fps"]),
                                    int(row["num_frames"]), int(row["height"]),
-                                   int(row["width"]), int(row["rotation"] or 0), self.threads)
+                                   int(row["width"]), int(row["rotation"] or 0), self.threads,
+                                   budget=self.budget)
             except ClipError as e:
                 self.errors.add(str(row["path"]), str(e))
                 keep.append(False)

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from actors.common.buckets import BucketConfig
 from actors.common.vae import VAEStageConfig
-from actors.decode import DecodeStage
+from actors.decode import DecodeBudget, DecodeStage
 from actors.vae_encode import VAEEncodeStage
 
 
@@ -39,8 +39,9 @@ class DecodeEncodeStage:
 
     def __init__(self, vae: VAEStageConfig, buckets: BucketConfig,
                  errors_dir: str | None = None, latent_dtype: str = "float16",
-                 num_cpus: float = 1.0, threads: int = 0):
-        self.decode = DecodeStage(errors_dir, threads)
+                 num_cpus: float = 1.0, threads: int = 0,
+                 budget: DecodeBudget | None = None):
+        self.decode = DecodeStage(errors_dir, threads, budget)
         self.encode = VAEEncodeStage(vae, buckets, errors_dir, latent_dtype, num_cpus)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -20,7 +20,7 @@ import pyarrow as pa
 from actors.assign import AssignStage
 from actors.common.buckets import BucketConfig
 from actors.common.vae import VAEStageConfig
-from actors.decode import DecodeStage
+from actors.decode import DecodeBudget, DecodeStage
 from actors.decode_encode import DecodeEncodeStage
 from actors.probe import ProbeStage
 from actors.vae_encode import VAEEncodeStage
@@ -37,6 +37,9 @@ class ClipConfig:
     max_pixels: int = 8192 * 8192  # headers claiming more are refused before decoding
     max_side: int = 16384
     decode_threads: int = 0  # FFmpeg decoder threads per decode actor; 0 = FFmpeg decides
+    # what one clip may cost to decode (wall seconds, decoder frames; 0 = no limit): more is
+    # an error row, so a hostile stream cannot hang the job
+    decode_budget: DecodeBudget = field(default_factory=lambda: DecodeBudget(120.0, 20000))
     video_extensions: list[str] = field(default_factory=lambda: list(VIDEO_EXTENSIONS))
     probe: StageResources = field(default_factory=lambda: StageResources(0.2, batch_size=16))
     assign: StageResources = field(default_factory=lambda: StageResources(0.1, batch_size=16))
@@ -45,6 +48,9 @@ class ClipConfig:
     def validate(self) -> None:
         if self.max_pixels < 1 or self.max_side < 1:
             raise ValueError("max_pixels and max_side: must be >= 1")
+        if self.decode_budget.seconds < 0 or self.decode_budget.frames < 0:
+            raise ValueError("decode_budget.seconds and decode_budget.frames: must be >= 0 "
+                             "(0 = no limit)")
 
     def stages(self) -> dict[str, StageResources]:
         """The actor pools the graph runs (what `check_budget` weighs)."""
@@ -98,7 +104,7 @@ def clip_stream(cfg: ClipConfig, sources: pa.Table | str, errors_dir: str | Path
     `latent_stream` adds the VAE encode."""
     ds = plan_stream(cfg, sources, errors_dir, done_ids)
     return ds.map_batches(DecodeStage, **cfg.decode.map_batches_kwargs(
-        errors_dir=str(errors_dir), threads=cfg.decode_threads))
+        errors_dir=str(errors_dir), threads=cfg.decode_threads, budget=cfg.decode_budget))
 
 
 def latent_stream(cfg: PreprocessConfig, sources: pa.Table | str, errors_dir: str | Path,
@@ -111,7 +117,7 @@ def latent_stream(cfg: PreprocessConfig, sources: pa.Table | str, errors_dir: st
     if cfg.fuse_decode:
         ds = plan_stream(cfg, sources, errors_dir, done_ids)
         return ds.map_batches(DecodeEncodeStage, **cfg.encode.map_batches_kwargs(
-            **encode, threads=cfg.decode_threads))
+            **encode, threads=cfg.decode_threads, budget=cfg.decode_budget))
     ds = clip_stream(cfg, sources, errors_dir, done_ids)
     return ds.map_batches(VAEEncodeStage, **cfg.encode.map_batches_kwargs(**encode))
 

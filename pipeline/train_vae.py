@@ -75,7 +75,7 @@ def decode_here(cfg: ClipConfig, sources: pa.Table, errors_dir: str | Path | Non
     errors = str(errors_dir) if errors_dir is not None else None
     table = ProbeStage(errors, cfg.max_pixels, cfg.max_side)(sources)
     table = AssignStage(cfg.buckets, errors)(table)
-    table = DecodeStage(errors, cfg.decode_threads)(table)
+    table = DecodeStage(errors, cfg.decode_threads, cfg.decode_budget)(table)
     rows = table.select(["id", "path", "bucket", "start", "fps"]).to_pylist()
     return rows, unpack(table, "frames", np.uint8)
 

@@ -14,7 +14,7 @@ import pytest
 
 from actors.common.buckets import BucketConfig, BucketTable
 from actors.common.tensors import unpack
-from actors.decode import ClipError, DecodeStage, _Resizer, decode_clip
+from actors.decode import ClipError, DecodeBudget, DecodeStage, _Resizer, decode_clip
 from actors.probe import ProbeStage
 from pipeline.synth import COLORS, shape_mask
 from tests.badfiles import BAD_INPUT_STAGE, write_video
@@ -213,3 +213,24 @@ def test_broken_inputs_are_error_rows_and_good_rows_go_on(threads, dataset, bad_
 def test_stage_needs_the_clip_plan_columns():
     with pytest.raises(ValueError, match=r"lack column\(s\) \['start'"):
         DecodeStage()(pa.table({"id": ["a"], "path": ["x.mp4"]}))
+
+
+def test_a_clip_over_its_decode_budget_is_an_error_row(gop_video):
+    """Issue 13: a stream that decodes far more frames (or seconds) than its clip needs is
+    stopped by the budget and becomes an error row; a clip within budget decodes exactly."""
+    within = decode_clip(str(gop_video), 0.0, 10.0, 5, 32, 48, threads=1,
+                         budget=DecodeBudget(seconds=60, frames=13))
+    assert within.shape == (5, 32, 48, 3)  # 13 decoded frames (the test above) is in budget
+    with pytest.raises(ClipError, match=r"more than 12 frames .*decode_budget\.frames"):
+        decode_clip(str(gop_video), 0.0, 10.0, 5, 32, 48, threads=1,
+                    budget=DecodeBudget(frames=12))
+    with pytest.raises(ClipError, match=r"decode_budget\.seconds"):
+        decode_clip(str(gop_video), 0.0, 10.0, 30, 32, 48, threads=1,
+                    budget=DecodeBudget(seconds=1e-9))
+    row = {"id": "c", "path": str(gop_video), "start": 0.0, "fps": 10.0, "num_frames": 30,
+           "height": 32, "width": 48, "rotation": 0}
+    stage = DecodeStage(threads=1, budget=DecodeBudget(frames=50))
+    out = stage(pa.Table.from_pylist([row, {**row, "id": "short", "num_frames": 5}]))
+    assert out.column("id").to_pylist() == ["short"]
+    (error,) = stage.errors.rows
+    assert error["path"] == str(gop_video) and "decode_budget.frames" in error["error"]

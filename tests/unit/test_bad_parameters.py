@@ -37,6 +37,8 @@ CASES = [
      "max_clips_per_video"),
     ("preprocess --input {videos} --output {out} --set decode.max_actors=0", "max_actors"),
     ("preprocess --input {videos} --output {out} --set decode.num_cpus=-1", "num_cpus"),
+    ("preprocess --input {videos} --output {out} --set decode_budget.seconds=-1",
+     "decode_budget.seconds"),
     ("train --data {videos} --output {out} --workers 0", "num_workers"),
     ("train --data {videos} --output {out} --set steps=-5", "steps"),
     ("train --data {videos} --output {out} --set data.batch_size=0", "batch_size"),
