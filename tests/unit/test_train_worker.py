@@ -109,7 +109,7 @@ def test_cluster_workers_fit_a_gpu_train_node():
     (["model.text_dim=32"], "model.text_dim (32) must equal text_encoder.dim (64)"),
     (["model.grad_checkpointing=true"], "unknown key 'model.grad_checkpointing'"),  # parallel.*
     (["parallel.param_dtype=fp8"], "key 'parallel.param_dtype'"),
-    (["data.batch_size=0"], "batch sizes must be >= 1"),
+    (["data.batch_size=0"], "batch_size and bucket_batch_sizes: must be >= 1"),
 ])
 def test_bad_config_names_the_key(sets, needle):
     with pytest.raises(ConfigError) as e:
