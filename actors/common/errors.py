@@ -1,13 +1,17 @@
 """The errors table: every input a stage could not use becomes a row, never a crash or silence.
 
 Stages drop a failed row from their output and hand it here; it is written at once as a small
-Parquet file (`ERRORS_DIR/<stage>-<uuid>.parquet`, written to a temp name and renamed, so a
-killed job never leaves half a file). Columns: `path`, `stage`, `kind` ("error" for a broken
-input, "skip" for a usable video that no bucket fits), `error` (one line for the user).
+Parquet file (`ERRORS_DIR/<stage>-<hash of its rows>.parquet`, written to a temp name and
+renamed, so a killed job never leaves half a file). The name is the content's hash: when Ray
+retries a batch whose actor was killed after it wrote its rows, the retry rewrites the same file
+instead of adding a second copy, so every bad input is one row however often it was tried.
+Columns: `path`, `stage`, `kind` ("error" for a broken input, "skip" for a usable video that
+no bucket fits), `error` (one line for the user).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from pathlib import Path
@@ -51,6 +55,9 @@ class ErrorSink:
 
     def flush(self) -> None:
         if self.dir is not None and self.rows:
-            table = pa.Table.from_pylist(self.rows, schema=ERROR_SCHEMA)
-            write_atomic(table, self.dir / f"{self.stage}-{uuid.uuid4().hex}.parquet")
+            rows = sorted(self.rows, key=lambda r: (r["path"], r["error"]))
+            table = pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
+            key = "\n".join(f"{r['path']}\t{r['kind']}\t{r['error']}" for r in rows)
+            name = hashlib.sha1(key.encode()).hexdigest()[:24]
+            write_atomic(table, self.dir / f"{self.stage}-{name}.parquet")
             self.rows = []

@@ -19,6 +19,7 @@ from pipeline.preprocess import run_preprocess
 from pipeline.streams import PreprocessConfig
 from pipeline.synth import SynthConfig, synthesize
 from tests.badfiles import bad_inputs
+from tests.faults import Killer
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -166,6 +167,29 @@ def test_kill_9_then_rerun_gives_every_clip_once(videos, first_run, tmp_path):
     expected = read_latents(out).column("id").to_pylist()
     assert len(ids) == len(set(ids))  # exactly once
     assert sorted(ids) == sorted(expected)
+
+
+def error_paths(out: Path) -> list[str]:
+    return sorted(pds.dataset(out / "errors", format="parquet").to_table().column("path")
+                  .to_pylist())
+
+
+def test_killed_decode_and_encode_actors_lose_nothing(videos, first_run, tmp_path):
+    """SIGKILL a busy decode actor, then a busy VAE encode actor, mid-job: Ray Data restarts
+    them and retries their batches; the job finishes with every clip and every error row
+    exactly once (the same dataset as an undisturbed run)."""
+    root, _ = videos
+    out, summary = first_run
+    target = tmp_path / "faults"
+    cfg = small_config("write.batch_size=1", "encode.batch_size=1", "decode.batch_size=1")
+    with Killer([("DecodeStage", lambda: True), ("VAEEncodeStage", lambda: True)]
+                ) as killer:
+        got = run_preprocess(cfg, str(root / "manifest.jsonl"), target, progress=False)
+    assert sorted(killer.killed) == ["DecodeStage", "VAEEncodeStage"], killer.killed
+    ids = read_latents(target).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == summary["clips_written"] == got["clips_written"]
+    assert sorted(ids) == sorted(read_latents(out).column("id").to_pylist())
+    assert error_paths(target) == error_paths(out)  # each bad input once, as before
 
 
 def test_decode_runs_on_more_than_one_node(videos, tmp_path):
