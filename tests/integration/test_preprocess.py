@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -192,34 +193,73 @@ def test_killed_decode_and_encode_actors_lose_nothing(videos, first_run, tmp_pat
     assert error_paths(target) == error_paths(out)  # each bad input once, as before
 
 
-def test_decode_runs_on_more_than_one_node(videos, tmp_path):
-    """A 2-node ray.cluster_utils.Cluster: decode actors on both nodes both do work."""
+def test_a_node_removed_mid_job_loses_nothing(tmp_path):
+    """A 3-node ray.cluster_utils.Cluster, decode actors on two nodes: once both decoders
+    worked and a latent file exists, the worker node of a busy decoder is removed (its raylet
+    and workers killed). Ray restarts its actors on the other nodes and rebuilds lost blocks;
+    the job finishes with every clip once (no duplicate ids, and a rerun finds nothing left
+    to do), and the removed node had decoded clips before it went."""
     import ray
     import ray.data
+    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
+
+    from tests.faults import busy_actor_pids
 
     if ray.is_initialized():
         ray.shutdown()
-    # Larger, longer videos so decoding outlasts probing and a second actor gets work.
+    # Larger, longer videos so decoding outlasts probing and the removal lands mid-job.
     src = tmp_path / "big"
     synthesize(SynthConfig(num_videos=8, seed=2, sizes=[(640, 360)], min_seconds=4.5,
                            max_seconds=5, workers=2), src)
+    store = 150 * 2**20
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "object_store_memory": 200 * 2**20, "include_dashboard": False})
-    cluster.add_node(num_cpus=1, object_store_memory=200 * 2**20)
+        "num_cpus": 1, "object_store_memory": store, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=1, object_store_memory=store) for _ in range(2)]
+    out = tmp_path / "multi"
+    removed: list[str] = []
+
+    def raylet_pid(node) -> int:
+        return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+
+    def remove_a_busy_decoder_node() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not removed:
+            done = list((out / "latents").glob("part-*.parquet"))
+            for pid in busy_actor_pids("DecodeStage") if done else []:
+                try:
+                    parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]
+                                 .split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                node = next((n for n in workers if raylet_pid(n) == parent), None)
+                if node is not None:
+                    removed.append(node.node_id)
+                    cluster.remove_node(node, allow_graceful=False)
+                    return
+            time.sleep(0.05)
+
     try:
         cluster.wait_for_nodes()
         ray.init(address=cluster.address)
         # Both decode actors must be up before work is handed out.
         ray.data.DataContext.get_current().wait_for_min_actors_s = 120
-        cfg = small_config("decode.num_cpus=0.6", "decode.min_actors=2", "decode.max_actors=2",
+        cfg = small_config("decode.num_cpus=0.4", "decode.min_actors=2", "decode.max_actors=2",
                            "decode.batch_size=1", "decode.max_tasks_in_flight=1",
                            "probe.batch_size=1", "assign.batch_size=1", "encode.num_cpus=0.2",
-                           "probe.num_cpus=0.1", "assign.num_cpus=0.05", "write.num_cpus=0.05")
-        summary = run_preprocess(cfg, str(src), tmp_path / "multi",
-                                 address=cluster.address, progress=False)
-        assert summary["clips_written"] > 0
-        assert len(summary["decode_nodes"]) >= 2, summary["decode_nodes"]
+                           "probe.num_cpus=0.1", "assign.num_cpus=0.05", "write.num_cpus=0.05",
+                           "write.batch_size=1", "encode.batch_size=1")
+        remover = threading.Thread(target=remove_a_busy_decoder_node, daemon=True)
+        remover.start()
+        summary = run_preprocess(cfg, str(src), out, address=cluster.address, progress=False)
+        remover.join(timeout=5)
+        assert removed, "no busy decoder on a worker node was found to remove"
+        assert summary["decode_nodes"].get(removed[0], 0) > 0, summary["decode_nodes"]
+        assert len(summary["decode_nodes"]) >= 2, summary["decode_nodes"]  # spread out
+        ids = read_latents(out).column("id").to_pylist()
+        assert len(ids) == len(set(ids)) == summary["clips_written"] > 0
+        again = run_preprocess(cfg, str(src), out, address=cluster.address, progress=False)
+        assert again["clips_written"] == 0 and again["clips_in_dataset"] == len(ids)
     finally:
         ray.shutdown()
         cluster.shutdown()
