@@ -46,9 +46,15 @@ class _Resizer:
         self.height, self.width, self.rotation = height, width, rotation % 360
         self.sar = sar  # on-screen width of a stored pixel / its height
         self.reformatter = VideoReformatter()  # keeps its swscale context between frames
+        self.mirror: tuple[int, int, int, int] | None = None  # set from the first frame
+        self.seen_first = False
 
     def __call__(self, frame: av.VideoFrame) -> np.ndarray:
-        turned = self.rotation % 180 == 90
+        if not self.seen_first:
+            self.seen_first = True
+            self.mirror = mirrored_matrix(frame)
+        turned = (self.mirror[0] == 0 if self.mirror is not None
+                  else self.rotation % 180 == 90)
         shown_w = frame.width * self.sar  # stretch non-square pixels to the shown shape
         disp_w, disp_h = (frame.height, shown_w) if turned else (shown_w, frame.height)
         s = max(self.width / disp_w, self.height / disp_h)
@@ -58,10 +64,40 @@ class _Resizer:
         interpolation = Interpolation.AREA if s < 1 else Interpolation.BILINEAR
         rgb = self.reformatter.reformat(frame, out_w, out_h, "rgb24",
                                         interpolation=interpolation).to_ndarray()
-        if self.rotation:  # counter-clockwise, as the display matrix says
+        if self.mirror is not None:
+            rgb = orient(rgb, *self.mirror)
+        elif self.rotation:  # counter-clockwise, as the display matrix says
             rgb = np.rot90(rgb, self.rotation // 90)  # (scaled_h, scaled_w, 3)
         y0, x0 = (scaled_h - self.height) // 2, (scaled_w - self.width) // 2
         return rgb[y0:y0 + self.height, x0:x0 + self.width]
+
+
+def mirrored_matrix(frame: av.VideoFrame) -> tuple[int, int, int, int] | None:
+    """(a, b, c, d) of the frame's display matrix when it mirrors the picture (determinant
+    < 0: phone front cameras, some editors), else None. The probe's `rotation` comes from
+    FFmpeg's angle, which cannot express a mirror (a left-right mirror reads as "rotation of
+    180"), so a mirrored frame is turned by its matrix instead. Only the 8 right-angle
+    layouts (entries in {-1, 0, 1}) are honoured; any other matrix keeps the probe's angle."""
+    for side in frame.side_data:
+        if side.type != av.sidedata.sidedata.Type.DISPLAYMATRIX:
+            continue
+        m = np.frombuffer(bytes(side), "<i4")
+        if m.size < 9:
+            return None
+        a, b, c, d = (round(float(m[i]) / 65536) for i in (0, 1, 3, 4))
+        if {a, b, c, d} <= {-1, 0, 1} and a * d - b * c == -1:
+            return a, b, c, d
+    return None
+
+
+def orient(rgb: np.ndarray, a: int, b: int, c: int, d: int) -> np.ndarray:
+    """The picture as shown under display matrix (a, b, c, d) = FFmpeg's matrix[0, 1, 3, 4]:
+    a shown pixel (x', y') = (a x + c y, b x + d y) of the stored one (the convention under
+    which FFmpeg's "rotation of k * 90 degrees" is `np.rot90(rgb, k)`)."""
+    if b == 0:  # no transpose: flips only
+        return rgb[::d, ::a]
+    turned = rgb.transpose(1, 0, 2)  # x' from y, y' from x
+    return turned[::b, ::c]
 
 
 def _check_args(start: float, fps: float, num_frames: int, height: int, width: int,
@@ -93,7 +129,11 @@ def decode_clip(path: str, start: float, fps: float, num_frames: int, height: in
     stats = stats if stats is not None else {}
     stats.update(decoded=0, converted=0, restarts=0)
     try:
-        container = av.open(path, metadata_errors="ignore")
+        # FFmpeg's own interrupt: a single read that stalls (a hung mount) ends at the budget
+        timeout = budget.seconds or None
+        container = av.open(path, metadata_errors="ignore", timeout=(timeout, timeout))
+    except av.error.ExitError:
+        raise budget.out_of_time() from None
     except av.error.FFmpegError as e:
         raise ClipError(f"cannot open the video (FFmpeg: {e.strerror}); {FIX}") from None
     with container:
@@ -146,8 +186,12 @@ class _Spending:
                             f"(decode_budget.frames); the stream is hostile or far longer "
                             f"than its header says; {FIX}")
         if time.monotonic() > self.deadline:
-            raise ClipError(f"decoding took more than {self.seconds:g} s for one clip "
-                            f"(decode_budget.seconds); {FIX}")
+            raise self.out_of_time()
+
+    def out_of_time(self) -> ClipError:
+        """Also what FFmpeg's own interrupt (av.error.ExitError, at the same deadline) means."""
+        return ClipError(f"decoding took more than {self.seconds:g} s for one clip "
+                         f"(decode_budget.seconds); {FIX}")
 
 
 def _read(container: Any, stream: Any, targets: np.ndarray, resize: _Resizer,
@@ -200,6 +244,8 @@ def _read(container: Any, stream: Any, targets: np.ndarray, resize: _Resizer,
             prev, prev_t = frame, t
             if k == T:  # the last target is reached: stop decoding
                 return out
+    except av.error.ExitError:
+        raise budget.out_of_time() from None
     except av.error.FFmpegError as e:
         where = f"{prev_t:.2f}s" if prev_t is not None else "the start"
         raise ClipError(f"decoding failed after {where} (FFmpeg: {e.strerror}): corrupt or "

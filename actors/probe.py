@@ -150,13 +150,17 @@ def sample_aspect(stream: Any) -> float:
     return value if math.isfinite(value) and 0.1 <= value <= 10.0 else 1.0
 
 
-def probe_video(path: str, max_pixels: int = 8192 * 8192, max_side: int = 16384
-                ) -> dict[str, Any]:
-    """Header facts of one video (OUTPUT_TYPES' columns), or VideoRejected with the reason."""
+def probe_video(path: str, max_pixels: int = 8192 * 8192, max_side: int = 16384,
+                seconds: float = 30.0) -> dict[str, Any]:
+    """Header facts of one video (OUTPUT_TYPES' columns), or VideoRejected with the reason.
+    seconds: how long FFmpeg may wait for data while opening (0 = no limit)."""
     _check_path(path)
     with _ffmpeg_log() as logs:
         try:
-            container = av.open(path, metadata_errors="ignore")
+            container = av.open(path, metadata_errors="ignore", timeout=seconds or None)
+        except av.error.ExitError:  # FFmpeg's interrupt callback: the time budget ran out
+            raise VideoRejected(f"reading the headers took over {seconds:g} s "
+                                f"(probe_seconds); {FIX}") from None
         except av.error.FFmpegError as e:
             detail = next((m.strip() for lvl, _, m in reversed(logs)
                            if lvl <= av.logging.ERROR), "")
@@ -212,9 +216,10 @@ class ProbeStage:
     WRITES = tuple(OUTPUT_TYPES)
 
     def __init__(self, errors_dir: str | None = None, max_pixels: int = 8192 * 8192,
-                 max_side: int = 16384):
+                 max_side: int = 16384, seconds: float = 30.0):
         self.max_pixels = max_pixels
         self.max_side = max_side
+        self.seconds = seconds
         self.errors = ErrorSink(errors_dir, "probe")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -223,7 +228,8 @@ class ProbeStage:
         facts: list[dict[str, Any]] = []
         for path in batch.column("path").to_pylist():
             try:
-                facts.append(probe_video(str(path), self.max_pixels, self.max_side))
+                facts.append(probe_video(str(path), self.max_pixels, self.max_side,
+                                         self.seconds))
                 keep.append(True)
             except VideoRejected as e:
                 self.errors.add(str(path), str(e))

@@ -1,7 +1,10 @@
 """Input listing for jobs that read videos: a directory, a glob, or a manifest file.
 
-- directory: every file below it (recursively) with a video extension; a `captions.jsonl`
-  (rows with `path` relative to its folder, and `caption`) in any folder supplies captions;
+- directory: every entry below it (recursively) with a video extension that is not a folder
+  (symlinked folders are not followed); FIFOs, sockets, dangling or looping symlinks are
+  listed too, so the probe reports each as an error row instead of it silently vanishing;
+  a `captions.jsonl` (rows with `path` relative to its folder, and `caption`) in any folder
+  supplies captions;
 - glob: `glob.glob(pattern, recursive=True)`;
 - manifest: `.jsonl`, `.csv` or `.parquet` with a `path` column and optional `caption`;
   relative paths are relative to the manifest's folder.
@@ -63,8 +66,8 @@ def list_sources(src: str | Path, extensions: tuple[str, ...] = VIDEO_EXTENSIONS
     if path.is_dir():
         captions = _captions_in(path)
         for f in sorted(path.rglob("*")):
-            if f.is_file() and f.suffix.lower() in extensions:
-                key = str(f.resolve())
+            if f.suffix.lower() in extensions and not f.is_dir():
+                key = str(f.resolve(strict=False)) if f.is_file() else str(f.absolute())
                 rows[key] = captions.get(key, "")
     elif path.is_file() and path.suffix.lower() in (".jsonl", ".csv", ".parquet"):
         table = _read_manifest(path)

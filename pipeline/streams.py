@@ -40,6 +40,9 @@ class ClipConfig:
     # what one clip may cost to decode (wall seconds, decoder frames; 0 = no limit): more is
     # an error row, so a hostile stream cannot hang the job
     decode_budget: DecodeBudget = field(default_factory=lambda: DecodeBudget(120.0, 20000))
+    # wall seconds FFmpeg may spend opening one file's headers (0 = no limit): a stalled
+    # read (a network mount, a device) becomes an error row instead of a stuck probe actor
+    probe_seconds: float = 30.0
     video_extensions: list[str] = field(default_factory=lambda: list(VIDEO_EXTENSIONS))
     probe: StageResources = field(default_factory=lambda: StageResources(0.2, batch_size=16))
     assign: StageResources = field(default_factory=lambda: StageResources(0.1, batch_size=16))
@@ -51,6 +54,9 @@ class ClipConfig:
         if self.decode_budget.seconds < 0 or self.decode_budget.frames < 0:
             raise ValueError("decode_budget.seconds and decode_budget.frames: must be >= 0 "
                              "(0 = no limit)")
+        if not self.probe_seconds >= 0:
+            raise ValueError(f"probe_seconds: must be >= 0 (0 = no limit), got "
+                             f"{self.probe_seconds}")
 
     def stages(self) -> dict[str, StageResources]:
         """The actor pools the graph runs (what `check_budget` weighs)."""
@@ -92,7 +98,8 @@ def plan_stream(cfg: ClipConfig, sources: pa.Table | str, errors_dir: str | Path
     step = cfg.probe.batch_size
     ds = ray.data.from_arrow([sources.slice(i, step) for i in range(0, sources.num_rows, step)])
     ds = ds.map_batches(ProbeStage, **cfg.probe.map_batches_kwargs(
-        errors_dir=errors, max_pixels=cfg.max_pixels, max_side=cfg.max_side))
+        errors_dir=errors, max_pixels=cfg.max_pixels, max_side=cfg.max_side,
+        seconds=cfg.probe_seconds))
     return ds.map_batches(AssignStage, **cfg.assign.map_batches_kwargs(
         buckets=cfg.buckets, errors_dir=errors, done_ids=frozenset(done_ids)))
 

@@ -21,6 +21,7 @@ from pipeline.streams import PreprocessConfig
 from pipeline.synth import SynthConfig, synthesize
 from tests.badfiles import bad_inputs
 from tests.faults import Killer
+from tests.hostile import build_corpus
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -168,6 +169,32 @@ def test_kill_9_then_rerun_gives_every_clip_once(videos, first_run, tmp_path):
     expected = read_latents(out).column("id").to_pylist()
     assert len(ids) == len(set(ids))  # exactly once
     assert sorted(ids) == sorted(expected)
+
+
+def test_the_hostile_corpus_through_preprocess(ray_local, tmp_path):
+    """tests/hostile.py's corpus as a folder (FIFO, symlink loops and a dangling link
+    included: the scan lists them, the probe refuses them without opening): the job ends,
+    every supported video is in the latent dataset, every other input is one error row of
+    the stage the corpus names, and nothing is in both or twice."""
+    corpus = build_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    summary = run_preprocess(small_config(), str(tmp_path / "corpus"), out, progress=False)
+    latents = read_latents(out).select(["id", "path"]).to_pylist()
+    ids = [r["id"] for r in latents]
+    assert len(ids) == len(set(ids))
+    errors = pds.dataset(out / "errors", format="parquet").to_table().to_pylist()
+    by_path = {}
+    for e in errors:
+        assert e["path"] not in by_path, e  # one row per input
+        by_path[e["path"]] = e["stage"]
+    clipped = {r["path"] for r in latents}
+    assert not clipped & set(by_path)
+    assert summary["inputs"] == len(corpus)
+    for name, case in corpus.items():
+        path = str(case.path.absolute())
+        got = "clip" if path in clipped else by_path.get(path, "missing")
+        assert got == case.expect or (case.expect == "any" and got != "missing"), \
+            (name, case.why, got)
 
 
 def error_paths(out: Path) -> list[str]:

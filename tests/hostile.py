@@ -1,0 +1,200 @@
+"""The hostile-video corpus: built fresh by each test run (the files are never committed).
+
+`build_corpus(root)` writes one input per way a scraped video can be odd or hostile and
+returns {name: Case}. `Case.expect` is what `preprocess` must make of it:
+  "clip"   a supported video: processed, at the bucket's size, the right way up (every frame
+           has the red marker of `tests.badfiles.frame_image` in its top-left corner)
+  "probe" / "bucket" / "decode"   one row in the errors table, from that stage
+  "any"    damaged data FFmpeg may or may not decode (flipped bytes): clips or one error row,
+           never a crash, a hang or a duplicate
+`python -m tests.hostile DIR` writes the corpus to DIR to look at or to feed `tubelet
+preprocess` by hand.
+
+Codecs and containers come from PyAV's own wheel (libx264, libx265, libvpx-vp9, libsvtav1,
+mpeg4, ffv1 in mp4 / mkv / webm / mov / avi); odd layouts are written by the encoders
+(10-bit, 4:4:4, interlaced, 17x9) or patched into headers where no encoder writes them
+(mirrored display matrix, claimed durations and sizes).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from tests.badfiles import frame_image, write_rawvideo_claiming
+
+
+@dataclass(frozen=True)
+class Case:
+    path: Path
+    expect: str  # "clip", "probe", "bucket", "decode" or "any"
+    why: str
+
+
+def encode(path: Path, codec: str, width: int = 96, height: int = 64, fps: int = 24,
+           num_frames: int = 36, pix_fmt: str = "yuv420p", options: dict | None = None,
+           fmt: str | None = None, pts: list[int] | None = None,
+           time_base: Fraction | None = None, image=frame_image,
+           matrix: tuple[int, int, int, int] | None = None) -> Path:
+    """Write `frame_image` frames with any PyAV encoder; pts/time_base: explicit timestamps
+    (variable frame rate); matrix: the (a, b, c, d) of a display matrix (FFmpeg's layout)."""
+    with av.open(str(path), "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        stream.options = options or {}
+        stream.codec_context.thread_count = 1
+        if matrix is not None:
+            a, b, c, d = (v * 65536 for v in matrix)
+            stream.set_display_matrix([a, b, 0, c, d, 0, 0, 0, 1 << 30])
+        if time_base is not None:
+            stream.codec_context.time_base = time_base
+            stream.time_base = time_base
+        for i in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(image(i, width, height), format="rgb24")
+            if pix_fmt != "rgb24":
+                frame = frame.reformat(format=pix_fmt)
+            if pts is not None:
+                frame.pts, frame.time_base = pts[i], time_base
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+# display matrices (a, b, c, d) and how the stored picture must look for the shown one to be
+# `frame_image`, the right way up: the inverse of what the matrix does to it
+LAYOUTS = {
+    "rotated90": ((0, -1, 1, 0), lambda img: np.rot90(img, -1)),
+    "rotated180": ((-1, 0, 0, -1), lambda img: np.rot90(img, 2)),
+    "rotated270": ((0, 1, -1, 0), lambda img: np.rot90(img, 1)),
+    "mirrored": ((-1, 0, 0, 1), lambda img: img[:, ::-1]),
+    "flipped_upside_down": ((1, 0, 0, -1), lambda img: img[::-1]),
+    "transposed": ((0, 1, 1, 0), lambda img: img.transpose(1, 0, 2)),
+    "transverse": ((0, -1, -1, 0), lambda img: img.transpose(1, 0, 2)[::-1, ::-1]),
+}
+
+
+def stored_as(layout: str, width: int, height: int):
+    """Frame function writing `frame_image` (shown width x height) as `layout` stores it."""
+    inverse = LAYOUTS[layout][1]
+    return lambda i, w, h: np.ascontiguousarray(inverse(frame_image(i, width, height)))
+
+
+def patch_duration(path: Path, factor: int) -> Path:
+    """Multiply the durations claimed in an mp4's `mvhd`, `tkhd` and `mdhd` (version 0) by
+    `factor`: the header claims a far longer video (and frame count) than the data holds."""
+    data = bytearray(path.read_bytes())
+    for box, offset in ((b"mvhd", 16), (b"mdhd", 16), (b"tkhd", 20)):
+        at = data.find(box)
+        if at < 0 or data[at + 4] != 0:
+            continue
+        field = at + 4 + offset
+        value = struct.unpack(">I", data[field:field + 4])[0]
+        data[field:field + 4] = struct.pack(">I", min(value * factor, 2**32 - 1))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def flip_bytes(path: Path, out: Path, every: int = 97, start: float = 0.3) -> Path:
+    """Copy `path` with one bit flipped every `every` bytes from `start` of the file on."""
+    data = bytearray(path.read_bytes())
+    for i in range(int(len(data) * start), len(data), every):
+        data[i] ^= 0x10
+    out.write_bytes(bytes(data))
+    return out
+
+
+def build_corpus(root: str | Path) -> dict[str, Case]:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    cases: dict[str, Case] = {}
+
+    def add(name: str, expect: str, why: str, path: Path | None = None) -> Path:
+        p = path or root / name
+        cases[name] = Case(p, expect, why)
+        return p
+
+    quiet_x265 = {"x265-params": "log-level=none"}
+    # codecs x containers, all supported
+    encode(add("vp9.webm", "clip", "VP9 in WebM"), "libvpx-vp9",
+           options={"deadline": "realtime", "cpu-used": "8"})
+    encode(add("hevc.mkv", "clip", "HEVC in Matroska"), "libx265", options=quiet_x265)
+    encode(add("hevc.mov", "clip", "HEVC in QuickTime"), "libx265", options=quiet_x265)
+    encode(add("av1.mp4", "clip", "AV1 (SVT) in mp4"), "libsvtav1",
+           options={"preset": "12"})
+    encode(add("mpeg4.avi", "clip", "MPEG-4 part 2 in AVI"), "mpeg4")
+    encode(add("mpeg4.mov", "clip", "MPEG-4 part 2 in QuickTime"), "mpeg4")
+    encode(add("ffv1.mkv", "clip", "FFV1 (lossless) in Matroska"), "ffv1")
+    encode(add("vp9_in.mp4", "clip", "VP9 in mp4"), "libvpx-vp9",
+           options={"deadline": "realtime", "cpu-used": "8"})
+    # pixel formats
+    encode(add("h264_10bit.mkv", "clip", "10-bit 4:2:0 H.264"), "libx264",
+           pix_fmt="yuv420p10le")
+    encode(add("h264_444.mp4", "clip", "4:4:4 H.264"), "libx264", pix_fmt="yuv444p")
+    encode(add("ffv1_444_10bit.mkv", "clip", "10-bit 4:4:4 FFV1"), "ffv1",
+           pix_fmt="yuv444p10le")
+    encode(add("hevc_10bit.mkv", "clip", "10-bit HEVC"), "libx265", pix_fmt="yuv420p10le",
+           options=quiet_x265)
+    # layouts
+    encode(add("interlaced.mp4", "clip", "interlaced H.264 (field coding)"), "libx264",
+           options={"x264-params": "interlaced=1:tff=1"})
+    for layout, ext in (("rotated90", "mp4"), ("rotated180", "mov"), ("rotated270", "mp4"),
+                        ("mirrored", "mp4"), ("flipped_upside_down", "mov"),
+                        ("transposed", "mp4"), ("transverse", "mov")):
+        turned = LAYOUTS[layout][0][0] == 0  # stored on its side: shown 64x96 is 96x64
+        w, h = (96, 64) if turned else (64, 96)
+        encode(add(f"{layout}.{ext}", "clip", f"display matrix: {layout}"), "libx264",
+               width=w, height=h, image=stored_as(layout, h if turned else w,
+                                                  w if turned else h),
+               matrix=LAYOUTS[layout][0])
+    vfr = [round(1000 * (i / 24 + (0.02 if i % 3 == 1 else 0))) for i in range(36)]
+    encode(add("vfr.mkv", "clip", "variable frame rate (irregular timestamps)"), "libx264",
+           pts=vfr, time_base=Fraction(1, 1000))
+    encode(add("odd_99x67.mkv", "clip", "odd size 99x67"), "ffv1", width=99, height=67)
+    webm = encode(root / "tmp.webm", "libvpx-vp9",
+                  options={"deadline": "realtime", "cpu-used": "8"})
+    webm.rename(add("webm_named.mp4", "clip", "a WebM file named .mp4"))
+    encode(add("long_stream.mp4", "clip", "2400 frames at 480 fps (decodes to thousands)"),
+           "libx264", fps=480, num_frames=2400, options={"preset": "ultrafast"})
+    # too small or too short for any bucket: probed, then a skip row
+    encode(add("tiny_1x1.mkv", "bucket", "1x1 picture"), "ffv1", width=1, height=1)
+    encode(add("tiny_2x2.mkv", "bucket", "2x2 picture"), "ffv1", width=2, height=2)
+    encode(add("odd_17x9.mkv", "bucket", "17x9 picture"), "ffv1", width=17, height=9)
+    encode(add("one_frame.mp4", "bucket", "one frame: zero duration"), "libx264",
+           num_frames=1)
+    # headers that lie
+    claim = encode(add("claims_long.mp4", "clip",
+                       "header claims 1000x the duration and frame count"), "libx264")
+    patch_duration(claim, 1000)
+    write_rawvideo_claiming(add("claims_huge.avi", "probe", "header claims 12000x12000"),
+                            12000, 12000)
+    # broken files
+    good = encode(root / "source.mp4", "libx264", num_frames=48)
+    data = good.read_bytes()
+    add("truncated.mp4", "probe", "cut at 40% (index at the end)").write_bytes(
+        data[:int(len(data) * 0.4)])
+    flip_bytes(good, add("flipped.mp4", "any", "a bit flipped every 97 bytes"))
+    add("empty_stream.mkv", "probe", "zero bytes").write_bytes(b"")
+    add("text.webm", "probe", "a text file named .webm").write_text("not a video\n" * 50)
+    good.unlink()
+    os.symlink(root / "no_such_file.mp4", add("dangling.mp4", "probe", "dangling symlink"))
+    # not regular files
+    loop_a = add("loop_a.mp4", "probe", "symlink loop (a -> b)")
+    loop_b = add("loop_b.mp4", "probe", "symlink loop (b -> a)")
+    os.symlink(loop_b, loop_a)
+    os.symlink(loop_a, loop_b)
+    os.mkfifo(add("fifo.mp4", "probe", "a FIFO: opening it would block forever"))
+    return cases
+
+
+if __name__ == "__main__":
+    for name, case in build_corpus(sys.argv[1]).items():
+        print(f"{case.expect:7} {name:22} {case.why}")
