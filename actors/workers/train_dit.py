@@ -189,6 +189,8 @@ def train_loop(cfg: TrainLoopConfig, backend: Backend, batches: Callable[[int], 
                            f"samples/s data {t_data / dt:.0%} mem {row['memory_mb']:.0f} MB")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 state.save(backend, step, row, resolved, fingerprint)
+                if step < cfg.steps:  # a long run can be sampled while it trains
+                    export_ema(run_dir / "export", state.ema, model, resolved, step, frozen)
         export_ema(run_dir / "export", state.ema, model, resolved, step, frozen)  # every rank
     return {"step": step, "start": start, "last": row}
 

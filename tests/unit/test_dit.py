@@ -96,8 +96,9 @@ def test_fresh_model_predicts_zero():
     assert run(model, torch.randn(2, C, 2, 4, 4)).abs().max() == 0  # adaLN-Zero
 
 
-def test_null_text_is_what_dropped_text_sees():
-    model = opened("full3d")
+@pytest.mark.parametrize("pooled_text", [False, True])
+def test_null_text_is_what_dropped_text_sees(pooled_text):
+    model = opened("full3d", pooled_text=pooled_text)
     x, text = torch.randn(2, C, 2, 4, 4), torch.randn(2, 5, 64)
     t = torch.full((2,), 0.3)
     with torch.no_grad():
@@ -108,8 +109,9 @@ def test_null_text_is_what_dropped_text_sees():
     assert (cond - uncond).abs().max() > 1e-4
 
 
-def test_text_mask_hides_padding():
-    model = opened("full3d")
+@pytest.mark.parametrize("pooled_text", [False, True])
+def test_text_mask_hides_padding(pooled_text):
+    model = opened("full3d", pooled_text=pooled_text)
     x, text = torch.randn(1, C, 2, 4, 4), torch.randn(1, 6, 64)
     mask = torch.tensor([[True, True, True, False, False, False]])
     t = torch.full((1,), 0.3)
@@ -119,6 +121,23 @@ def test_text_mask_hides_padding():
         garbage = model(x, t, text=torch.cat([text[:, :3], 100 * text[:, 3:]], 1), text_mask=mask)
     torch.testing.assert_close(padded, trimmed)
     torch.testing.assert_close(padded, garbage)
+
+
+def test_pooled_text_conditions_through_adaln():
+    """With cross-attention closed, captions still steer the output through the pooled
+    embedding (pooled_text) and not at all without it."""
+    x, t = torch.randn(2, C, 2, 4, 4), torch.full((2,), 0.3)
+    text = torch.randn(1, 5, 64).expand(2, -1, -1).clone()
+    text[1] += torch.randn(5, 64)
+    for pooled in (False, True):
+        model = opened("full3d", pooled_text=pooled)
+        with torch.no_grad():
+            for block in model.blocks:
+                block.cross_attn.proj.weight.zero_()
+                block.cross_attn.proj.bias.zero_()
+            out = model(x[:1].expand(2, -1, -1, -1, -1), t, text=text)
+        gap = (out[0] - out[1]).abs().max()
+        assert (gap > 1e-3) if pooled else (gap == 0), (pooled, gap)
 
 
 def test_fps_conditions_the_output():
