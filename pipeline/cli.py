@@ -21,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, UsageError, resolve_config, write_run_record
+from pipeline.config import (ConfigError, UsageError, resolve_config, unwritable,
+                             write_run_record)
 
 Sub = argparse._SubParsersAction
 
@@ -368,12 +369,18 @@ def main(argv: list[str] | None = None) -> int:
         kind = "config error: " if isinstance(e, ConfigError) else ""
         print(f"tubelet {args.command}: {kind}{e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
+    except Exception as e:
         from pipeline.ray_train import TrainFailed  # loaded already by whatever raised it
 
-        if not isinstance(e, TrainFailed):
+        if isinstance(e, TrainFailed):
+            print(f"tubelet {args.command}: {e}", file=sys.stderr)
+            return 1
+        full = unwritable(e)  # the disk filled up or the output went read-only mid-job
+        if full is None:
             raise
-        print(f"tubelet {args.command}: {e}", file=sys.stderr)
+        print(f"tubelet {args.command}: stopped, its output cannot be written ({full}); what "
+              "is finished is kept (files are written whole), free space or fix the output, "
+              "then rerun the same command to resume", file=sys.stderr)
         return 1
 
 

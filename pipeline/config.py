@@ -18,8 +18,11 @@ holds the whole table, so a recorded `config.yaml` still reproduces the run.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 import platform
+import re
 import sys
 import time
 import types
@@ -42,6 +45,51 @@ class UsageError(ValueError):
 
 class ConfigError(UsageError):
     """A bad config file, key or value. The message is one line meant for the user."""
+
+
+class OutputError(UsageError):
+    """An output folder this job cannot write to, found before any work starts."""
+
+
+# What a full disk, a read-only mount or a folder taken away looks like from inside a job.
+UNWRITABLE = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG,
+              errno.ENOTDIR}
+
+
+def writable_dir(path: str | Path) -> Path:
+    """Create `path` and prove a file can be written in it (then removed), or OutputError:
+    a job refuses an unwritable output before it starts Ray or writes anything."""
+    path = Path(path)
+    probe = path / f".tubelet-write-check-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"output {path} is not writable ({e.strerror or e}); choose another "
+                          "--output, or fix its permissions or free space") from None
+    return path
+
+
+def unwritable(error: BaseException) -> str | None:
+    """If `error` (or what caused it, through Ray's task-error wrappers) is an output write
+    that the disk refused (full, read-only, gone), one line saying so; else None."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in UNWRITABLE and e.filename:
+            return f"{e.strerror}: {e.filename}"
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    # Ray may hand back only the remote traceback's text
+    m = re.search(r"(PermissionError|OSError|NotADirectoryError): "
+                  r"\[Errno (\d+)\] ([^\n]*)", str(error))
+    if m and int(m.group(2)) in UNWRITABLE:
+        return m.group(3)
+    return None
 
 
 def _type_name(tp: Any) -> str:

@@ -37,7 +37,7 @@ import pyarrow.dataset as pds
 
 from actors.video_eval import CHECKS, METRICS, VideoEvalStage
 from models.video_metrics import region_features
-from pipeline.config import UsageError, write_run_record
+from pipeline.config import UsageError, writable_dir, write_run_record
 from pipeline.runtime import RayConfig, StageResources, check_budget, init_ray
 from pipeline.sources import SourceError, list_sources
 from pipeline.synth import COLORS, DIRECTIONS, SHAPES, shape_mask
@@ -198,7 +198,7 @@ def run_eval(cfg: EvalConfig, videos: str, reference: str | None = None,
     rows = [{**r, **parse_prompt(r["prompt"])} for r in rows]
     scratch = tempfile.TemporaryDirectory(prefix="tubelet-eval-") if output is None else None
     out = Path(output) if output is not None else Path(scratch.name)
-    out.mkdir(parents=True, exist_ok=True)
+    writable_dir(out)
     started = init_ray(address, cfg.ray)
     results: list[dict[str, Any]] = []
     try:

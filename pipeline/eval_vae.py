@@ -28,7 +28,7 @@ import pyarrow.dataset as pds
 
 from actors.common.vae import load_checkpoint_vae, resolve_checkpoint
 from actors.vae_eval import VAEEvalStage
-from pipeline.config import UsageError, to_dict, write_run_record
+from pipeline.config import UsageError, to_dict, writable_dir, write_run_record
 from pipeline.ray_train import keep_order, no_progress_bars
 from pipeline.report import eval_table
 from pipeline.runtime import RayConfig, StageResources, check_budget, init_ray
@@ -112,7 +112,7 @@ def run_eval_vae(cfg: EvalVAEConfig, src: str, output: str | Path | None = None,
     if output is None:
         scratch = tempfile.TemporaryDirectory(prefix="tubelet-eval-")
     out = Path(output) if output is not None else Path(scratch.name)
-    out.mkdir(parents=True, exist_ok=True)
+    writable_dir(out)
     videos_dir = out / "videos" if videos else None
     if videos_dir is not None:
         videos_dir.mkdir(exist_ok=True)

@@ -41,9 +41,9 @@ from actors.sample import SampleStage
 from actors.text_encode import TextEncodeStage
 from actors.vae_decode import VAEDecodeStage
 from actors.workers.sampler import SamplerConfig
-from pipeline.config import ConfigError, UsageError, to_dict, write_run_record
+from pipeline.config import ConfigError, UsageError, to_dict, writable_dir, write_run_record
 from pipeline.prompts import Defaults, Grid, read_prompts
-from pipeline.runtime import RayConfig, StageResources, check_budget, init_ray
+from pipeline.runtime import RayConfig, StageResources, check_budget, init_ray, local_cluster
 
 MANIFEST_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "height", "width", "frames",
                     "fps", "steps", "cfg", "checkpoint", "checkpoint_digest", "file", "sheet",
@@ -137,6 +137,15 @@ def inspect_model(checkpoint: str | Path, vae: VAEStageConfig) -> Model:
     if config.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{export}: format {config.get('format')!r}, expected "
                               f"{EXPORT_FORMAT!r} (an export of `tubelet train`)")
+    try:  # the header only: a pickle (or anything else) named model.safetensors stops here
+        from safetensors import safe_open
+
+        with safe_open(str(export / "model.safetensors"), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
+        raise CheckpointError(f"{export}/model.safetensors is not a safetensors file "
+                              f"({type(e).__name__}); exports are safetensors only, nothing "
+                              "in it was loaded or run") from None
     try:
         model = load_checkpoint_vae(vae.checkpoint)
     except VAELoadError as e:
@@ -241,17 +250,25 @@ def run_generate(cfg: GenerateConfig, checkpoint: str | Path, prompts: str | Pat
     start = time.perf_counter()
     model = inspect_model(checkpoint, cfg.vae)
     rows = read_prompts(prompts, cfg.defaults, model.grid)
+    K = cfg.sampler.sequence_parallel
+    small = min(rows, key=model.grid.tokens)
+    if K > model.grid.tokens(small):
+        raise ConfigError(f"sampler.sequence_parallel={K} is more ranks than the "
+                          f"{model.grid.tokens(small)} tokens of prompt {small['id']!r} "
+                          f"({small['frames']}x{small['height']}x{small['width']}); lower "
+                          "--sequence-parallel or make the video larger")
+    local = local_cluster(address, cfg.ray)
+    if local:  # pools and sampler ranks this machine cannot hold: refused before Ray starts
+        check_budget(cfg.stages(), total=local[0], gpus=local[1])
     for r in rows:
         r.update(checkpoint=str(model.export), checkpoint_digest=model.digest)
-    out.mkdir(parents=True, exist_ok=True)
+    writable_dir(out)
     done = read_done(out)
     todo = [r for r in rows if r["id"] not in done]
     written, arrivals = 0, []
     if todo:
         started = init_ray(address, cfg.ray)
         try:
-            if not address and started:
-                check_budget(cfg.stages())
             ctx = DataContext.get_current()
             no_progress_bars(ctx)  # one line per video instead
             # One block per batch a stage returns: a task's outputs are otherwise merged up to

@@ -23,8 +23,8 @@ import pyarrow.dataset as pds
 
 from actors.common.vae import VAELoadError, resolve_checkpoint
 from actors.write import LatentWriter, read_error_paths, read_ids
-from pipeline.config import ConfigError, to_dict, write_run_record
-from pipeline.runtime import check_budget, init_ray
+from pipeline.config import ConfigError, to_dict, writable_dir, write_run_record
+from pipeline.runtime import check_budget, init_ray, local_cluster
 from pipeline.sources import list_sources
 from pipeline.streams import PreprocessConfig, latent_stream
 
@@ -99,7 +99,10 @@ def run_preprocess(cfg: PreprocessConfig, src: str, output: str | Path,
     except VAELoadError as e:
         raise ConfigError(str(e)) from None
     cfg = replace(cfg, vae=replace(cfg.vae, checkpoint=checkpoint))
-    out.mkdir(parents=True, exist_ok=True)
+    local = local_cluster(address, cfg.ray)
+    if local:  # pools this machine cannot hold: refused before Ray starts
+        check_budget(cfg.stages(), total=local[0], gpus=local[1])
+    writable_dir(out)
     start = time.perf_counter()
     sources = list_sources(src, tuple(cfg.video_extensions))
     done_ids = set(read_ids(out / "latents"))
@@ -111,8 +114,6 @@ def run_preprocess(cfg: PreprocessConfig, src: str, output: str | Path,
     if todo.num_rows:
         started = init_ray(address, cfg.ray)
         try:
-            if not address and started:
-                check_budget(cfg.stages())
             ds = build_dataset(cfg, todo, out, done_ids)
             last = 0.0
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -79,6 +79,12 @@ class Grid:
               if self.frames_ok(g)]
         return min(ok, key=lambda g: (abs(g - f), g))
 
+    def tokens(self, row: dict[str, Any]) -> int:
+        """DiT tokens of a (checked) row's video: latent frames / pt x (H / s) x (W / s)."""
+        latent_frames = (row["frames"] - 1) // self.temporal + 1
+        return (latent_frames // self.patch_t) * (row["height"] // self.spatial) \
+            * (row["width"] // self.spatial)
+
     def check(self, row: dict[str, Any]) -> str:
         """'' if the row's size fits, else what is wrong and the nearest valid value."""
         for side in ("height", "width"):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import UsageError
+from pipeline.config import UsageError, writable_dir
 from pipeline.runtime import RayConfig
 
 
@@ -102,6 +102,7 @@ def stream_split_config():
 def prepare_run(run: Path, resume: bool) -> None:
     """A fresh run refuses a RUN that holds checkpoints (unless resuming) and clears what a
     failed start left behind (Ray's checkpoint folder, metrics)."""
+    writable_dir(run)
     if resume:
         return
     if any((run / "checkpoints").glob("step_*")):

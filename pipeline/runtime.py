@@ -12,6 +12,7 @@ log under its session folder (`full_logs()`), printed when a job starts Ray.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -115,6 +116,15 @@ def quiet_worker_logs() -> None:
     quiet_ray_data_console()  # the driver's Ray Data console lines
 
 
+class _DropAuthNotice(logging.Filter):
+    """Ray's "Token authentication is enabled for this Ray cluster" notice at every local start
+    is news only the first time; the README's cluster section explains token auth. The notice
+    that auth is *disabled* still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
 def full_logs() -> str:
     """Where Ray keeps every process's complete log for this session."""
     try:
@@ -128,6 +138,9 @@ def init_ray(address: str | None, cfg: RayConfig) -> bool:
     """Connect to `address` or start a local Ray. Returns True if this call started Ray."""
     if ray.is_initialized():
         return False
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropAuthNotice) for f in auth_log.filters):
+        auth_log.addFilter(_DropAuthNotice())
     kwargs: dict[str, Any] = {"log_to_driver": True,
                               "logging_config": ray.LoggingConfig(log_level="WARNING")}
     if address or os.environ.get("RAY_ADDRESS"):  # Ray's own variable; `ray job submit` sets it
@@ -141,9 +154,46 @@ def init_ray(address: str | None, cfg: RayConfig) -> bool:
     return True
 
 
-def check_budget(stages: dict[str, StageResources], reserve_cpus: float = 0.25) -> None:
-    """Refuse pools that would take every CPU of a fixed cluster (Ray Data would hang)."""
-    total = ray.cluster_resources().get("CPU", 0.0)
+def local_cluster(address: str | None, cfg: RayConfig) -> tuple[float, int] | None:
+    """(CPUs, GPUs) of the local Ray a job without an address will start, known before it
+    starts, so impossible requests fail before any Ray work; None when joining a cluster."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return None
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return float(cfg.num_cpus or os.cpu_count() or 1), gpus
+
+
+def check_workers(num_workers: int, num_cpus: float, num_gpus: float,
+                  cluster: tuple[float, int] | None, reserve_cpus: float = 0.0) -> None:
+    """Refuse more Train workers (or GPUs) than the cluster holds: Ray would wait forever."""
+    if cluster is None:
+        cluster = (ray.cluster_resources().get("CPU", 0.0),
+                   int(ray.cluster_resources().get("GPU", 0)))
+    cpus, gpus = cluster
+    if num_workers * num_gpus > gpus:
+        raise ConfigError(f"num_workers={num_workers} x worker.num_gpus={num_gpus:g} needs "
+                          f"{num_workers * num_gpus:g} GPUs but the cluster has {gpus}; lower "
+                          "them, or join a cluster with GPUs (--address)")
+    if num_workers * num_cpus > cpus - reserve_cpus:
+        raise ConfigError(f"num_workers={num_workers} x worker.num_cpus={num_cpus:g} needs "
+                          f"{num_workers * num_cpus + reserve_cpus:g} CPUs but the cluster has "
+                          f"{cpus:g}; lower num_workers or worker.num_cpus")
+
+
+def check_budget(stages: dict[str, StageResources], reserve_cpus: float = 0.25,
+                 total: float | None = None, gpus: int | None = None) -> None:
+    """Refuse pools that would take every CPU of a fixed cluster (Ray Data would hang).
+    `total`, `gpus`: those of a local Ray not started yet (`local_cluster`); without them the
+    running cluster's CPUs (and no GPU check)."""
+    total = ray.cluster_resources().get("CPU", 0.0) if total is None else total
+    if gpus is not None:
+        for name, s in stages.items():
+            if s.num_gpus * s.min_actors > gpus:
+                raise ConfigError(f"{name}.num_gpus={s.num_gpus:g} x {s.min_actors} actor(s) "
+                                  f"needs GPUs but the cluster has {gpus}; set {name}.num_gpus=0 "
+                                  "or join a cluster with GPUs (--address)")
     want = sum(s.num_cpus * s.max_actors for s in stages.values())
     if want > total - reserve_cpus:
         parts = ", ".join(f"{n}: {s.max_actors} x {s.num_cpus}" for n, s in stages.items())

@@ -18,7 +18,7 @@ from typing import Literal
 import pyarrow as pa
 
 from actors.assign import AssignStage
-from actors.common.buckets import BucketConfig
+from actors.common.buckets import BucketConfig, BucketTable
 from actors.common.vae import VAEStageConfig
 from actors.decode import DecodeBudget, DecodeStage
 from actors.decode_encode import DecodeEncodeStage
@@ -57,6 +57,18 @@ class ClipConfig:
         if not self.probe_seconds >= 0:
             raise ValueError(f"probe_seconds: must be >= 0 (0 = no limit), got "
                              f"{self.probe_seconds}")
+        # A bucket no video can fill: probe refuses every video large enough to cover it, or
+        # its clips cost more decoder frames than the budget allows. One line, before Ray.
+        for b in BucketTable(self.buckets).buckets.values():
+            if b.height * b.width > self.max_pixels or max(b.height, b.width) > self.max_side:
+                raise ValueError(f"buckets.resolutions.{b.resolution}: bucket {b.name} "
+                                 f"({b.width}x{b.height}) is larger than max_pixels="
+                                 f"{self.max_pixels} / max_side={self.max_side}, so no video "
+                                 "can fit it; lower its pixels or raise the limits")
+            if self.decode_budget.frames and b.num_frames > self.decode_budget.frames:
+                raise ValueError(f"buckets.resolutions.{b.resolution}: bucket {b.name} needs "
+                                 f"{b.num_frames} frames, more than decode_budget.frames="
+                                 f"{self.decode_budget.frames}; no clip could be decoded")
 
     def stages(self) -> dict[str, StageResources]:
         """The actor pools the graph runs (what `check_budget` weighs)."""

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from actors.common.video import write_mp4
+from pipeline.config import writable_dir
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -260,7 +261,7 @@ def _render_chunk(args: tuple[SynthConfig, list[int], str]) -> list[dict[str, An
 def synthesize(cfg: SynthConfig, out_dir: str | Path) -> list[dict[str, Any]]:
     """Write cfg.num_videos mp4 files and captions.jsonl to out_dir; returns the rows."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    writable_dir(out)
     workers = min(cfg.workers or os.cpu_count() or 1, cfg.num_videos)
     indices = list(range(cfg.num_videos))
     if workers <= 1:

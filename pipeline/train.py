@@ -47,7 +47,7 @@ from pipeline.ray_train import (
     torch_trainer,
 )
 from pipeline.report import plot_losses, read_metrics
-from pipeline.runtime import StageResources, init_ray
+from pipeline.runtime import StageResources, check_workers, init_ray, local_cluster
 from pipeline.streams import PreprocessConfig, latent_channels, latent_stream
 
 
@@ -140,6 +140,9 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
 
     if (data is None) == (input_src is None):
         raise TrainError("give exactly one of --data (a latent dataset) or --input (videos)")
+    local = local_cluster(address, cfg.ray)
+    if local:  # workers this machine cannot hold: refused before Ray starts
+        check_workers(cfg.num_workers, cfg.worker.num_cpus, cfg.worker.num_gpus, local)
     run = Path(output).resolve()
     prepare_run(run, resume)
     stream = input_src is not None

@@ -37,8 +37,11 @@ def write_atomic(table: pa.Table, path: Path) -> None:
     """Write Parquet to a temp name in the same folder, then rename (atomic on POSIX)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:  # a full disk leaves no half-written temp file behind
+        tmp.unlink(missing_ok=True)
 
 
 class ErrorSink:

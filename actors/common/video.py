@@ -73,6 +73,9 @@ def contact_sheet(frames: np.ndarray, path: str | Path, columns: int = 8) -> Pat
     sheet = np.concatenate([frames[i] for i in picks], axis=1)  # (H, n * W, 3)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(sheet).save(tmp, format="PNG")
-    tmp.replace(path)
+    try:
+        Image.fromarray(sheet).save(tmp, format="PNG")
+        tmp.replace(path)
+    finally:  # a full disk leaves no half-written temp file behind
+        tmp.unlink(missing_ok=True)
     return path

@@ -198,8 +198,11 @@ def export_ema(out: Path, ema: EMA, model: Denoiser, train_config: dict[str, Any
     config = {"format": EXPORT_FORMAT, "step": step, "dit": asdict(model.dit.config),
               "text_encoder": text, "train": train_config}
     tmp = out / "model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
-    tmp.replace(out / "model.safetensors")
+    try:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
+        tmp.replace(out / "model.safetensors")
+    finally:
+        tmp.unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     # JSON turns int mapping keys (bucket frame counts) into strings; the YAML copy is exact
     # and loads back with --config.

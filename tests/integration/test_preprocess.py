@@ -171,6 +171,45 @@ def test_kill_9_then_rerun_gives_every_clip_once(videos, first_run, tmp_path):
     assert sorted(ids) == sorted(expected)
 
 
+def test_output_gone_unwritable_mid_job_stops_cleanly_and_rerun_resumes(videos, first_run,
+                                                                       tmp_path):
+    """The latents folder becomes unwritable mid-job (swapped for a link into sysfs, where the
+    kernel refuses every new file, root or not): the job stops with one line saying so and
+    exit 1, leaves no temp file, every file it wrote is whole; once the folder is back, the
+    same command finishes the job with every clip exactly once."""
+    root, _ = videos
+    out, _ = first_run
+    target = tmp_path / "unwritable"
+    cmd = [sys.executable, "-m", "pipeline", "preprocess", "--input", str(root / "good"),
+           "--output", str(target), "--set", "ray.num_cpus=2", "--set", "write.batch_size=1",
+           "--set", "encode.batch_size=1", "--set", "ray.object_store_mb=300"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latents, kept = target / "latents", target / "latents.kept"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(latents.glob("part-*.parquet"))) >= 2:
+            latents.rename(kept)
+            latents.symlink_to("/sys/kernel", target_is_directory=True)
+            break
+        time.sleep(0.1)
+    assert kept.exists(), "the run finished before its output could be taken away"
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert "its output cannot be written" in last and "/sys/kernel" in last, last
+    assert not [p for p in kept.iterdir() if "tmp" in p.name]  # no half-written file
+    written = list(kept.glob("part-*.parquet"))
+    assert written and all(pds.dataset(f).count_rows() >= 1 for f in written)  # each whole
+    latents.unlink()
+    kept.rename(latents)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ids = read_latents(target).column("id").to_pylist()
+    assert len(ids) == len(set(ids))  # exactly once
+    assert sorted(ids) == sorted(read_latents(out).column("id").to_pylist())
+
+
 def test_the_hostile_corpus_through_preprocess(ray_local, tmp_path):
     """tests/hostile.py's corpus as a folder (FIFO, symlink loops and a dangling link
     included: the scan lists them, the probe refuses them without opening): the job ends,

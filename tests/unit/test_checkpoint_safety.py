@@ -86,3 +86,45 @@ def test_metadata_that_is_not_a_pickle_or_not_metadata_is_one_clear_error(tmp_pa
     bad.write_bytes(pickle.dumps({"step": 1}))
     with pytest.raises(UntrustedCheckpointError, match="holds a dict"):
         read_safe_metadata(bad)
+
+
+def test_a_pickle_named_model_safetensors_is_refused_by_generate_and_runs_nothing(tmp_path):
+    """A downloaded "export" whose weights file is a pickle payload: generate refuses it in
+    one line before Ray starts, and `load_exported` refuses it too; the payload never runs."""
+    import subprocess
+    import sys
+
+    from models.denoiser import load_exported
+    from tests.exports import write_export, write_vae
+
+    export = write_export(tmp_path / "export")
+    marker = tmp_path / "pwned"
+    (export / "model.safetensors").write_bytes(payload(marker))
+    vae = write_vae(tmp_path / "vae.safetensors")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving right\n")
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline", "generate", "--checkpoint", str(export), "--prompts",
+         str(prompts), "--output", str(tmp_path / "gen"), "--vae", str(vae), "--height", "32",
+         "--width", "32", "--frames", "5"],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not a safetensors file" in lines[0], res.stderr
+    with pytest.raises(Exception):  # noqa: B017 - safetensors' own error type
+        load_exported(export)
+    assert not marker.exists()
+
+
+def test_a_pickle_named_as_vae_weights_is_refused_and_runs_nothing(tmp_path):
+    from actors.common.vae import VAELoadError, load_checkpoint_vae
+
+    marker = tmp_path / "pwned"
+    weights = tmp_path / "vae.safetensors"
+    weights.write_bytes(payload(marker))
+    with pytest.raises(VAELoadError, match="is not a tubelet VAE checkpoint"):
+        load_checkpoint_vae(str(weights))
+    torch.save({"x": CreatesFile(marker)}, tmp_path / "vae.pt")  # torch's pickle format too
+    with pytest.raises(VAELoadError):
+        load_checkpoint_vae(str(tmp_path / "vae.pt"))
+    assert not marker.exists()

@@ -126,3 +126,18 @@ def test_shipped_configs_name_the_shared_bucket_tables():
     for path in sorted(CONFIG_DIR.glob("*/*.yaml")):
         if path.parent.name != "buckets":
             assert "resolutions:" not in path.read_text(), path
+
+
+def test_configs_cannot_name_python_objects(tmp_path):
+    """A YAML tag that would build a Python object (and run code) is not constructed: in a
+    config file it is an error naming the file, in --set it stays inert text, refused where
+    the key is typed; either way the payload's command never runs."""
+    marker = tmp_path / "pwned"
+    tag = f"!!python/object/apply:os.system ['touch {marker}']"
+    with pytest.raises(ConfigError, match="not valid YAML") as err:
+        load_config(Outer, write(tmp_path, f"name: {tag}\n"), [])
+    assert str(tmp_path / "c.yaml") in str(err.value)
+    with pytest.raises(ConfigError, match="key 'steps': expected int"):
+        load_config(Outer, None, [f"steps={tag}"])
+    assert load_config(Outer, None, [f"name={tag}"]).name == tag  # a plain string
+    assert not marker.exists()
