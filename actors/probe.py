@@ -151,9 +151,10 @@ def sample_aspect(stream: Any) -> float:
 
 
 def probe_video(path: str, max_pixels: int = 8192 * 8192, max_side: int = 16384,
-                seconds: float = 30.0) -> dict[str, Any]:
+                seconds: float = 30.0, max_frames: int = 0) -> dict[str, Any]:
     """Header facts of one video (OUTPUT_TYPES' columns), or VideoRejected with the reason.
-    seconds: how long FFmpeg may wait for data while opening (0 = no limit)."""
+    seconds: how long FFmpeg may wait for data while opening (0 = no limit); max_frames: the
+    most frames a file's header may claim (0 = no limit), checked before any decoding."""
     _check_path(path)
     with _ffmpeg_log() as logs:
         try:
@@ -199,6 +200,10 @@ def probe_video(path: str, max_pixels: int = 8192 * 8192, max_side: int = 16384,
         if not math.isfinite(duration) or duration <= 0:
             raise VideoRejected(f"unknown duration (none in the header, no frame count); {FIX}")
         num_frames = stream.frames if stream.frames > 0 else max(1, round(duration * fps))
+        if max_frames and max(num_frames, duration * fps) > max_frames:
+            raise VideoRejected(
+                f"too many frames: the header claims {max(num_frames, round(duration * fps))} "
+                f"(max_frames {max_frames}), refused before decoding; {FIX}")
         codec = stream.codec_context.name
     return {"width": width, "height": height, "fps": fps, "duration": duration,
             "rotation": rotation, "codec": codec, "num_frames": num_frames}
@@ -216,10 +221,11 @@ class ProbeStage:
     WRITES = tuple(OUTPUT_TYPES)
 
     def __init__(self, errors_dir: str | None = None, max_pixels: int = 8192 * 8192,
-                 max_side: int = 16384, seconds: float = 30.0):
+                 max_side: int = 16384, seconds: float = 30.0, max_frames: int = 0):
         self.max_pixels = max_pixels
         self.max_side = max_side
         self.seconds = seconds
+        self.max_frames = max_frames
         self.errors = ErrorSink(errors_dir, "probe")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -229,7 +235,7 @@ class ProbeStage:
         for path in batch.column("path").to_pylist():
             try:
                 facts.append(probe_video(str(path), self.max_pixels, self.max_side,
-                                         self.seconds))
+                                         self.seconds, self.max_frames))
                 keep.append(True)
             except VideoRejected as e:
                 self.errors.add(str(path), str(e))

@@ -36,6 +36,8 @@ class ClipConfig:
     buckets: BucketConfig = field(default_factory=BucketConfig)
     max_pixels: int = 8192 * 8192  # headers claiming more are refused before decoding
     max_side: int = 16384
+    # frames a file's header may claim (0 = no limit): more is refused before decoding
+    max_frames: int = 1_000_000
     decode_threads: int = 0  # FFmpeg decoder threads per decode actor; 0 = FFmpeg decides
     # what one clip may cost to decode (wall seconds, decoder frames; 0 = no limit): more is
     # an error row, so a hostile stream cannot hang the job
@@ -51,6 +53,8 @@ class ClipConfig:
     def validate(self) -> None:
         if self.max_pixels < 1 or self.max_side < 1:
             raise ValueError("max_pixels and max_side: must be >= 1")
+        if self.max_frames < 0:
+            raise ValueError(f"max_frames: must be >= 0 (0 = no limit), got {self.max_frames}")
         if self.decode_budget.seconds < 0 or self.decode_budget.frames < 0:
             raise ValueError("decode_budget.seconds and decode_budget.frames: must be >= 0 "
                              "(0 = no limit)")
@@ -111,7 +115,7 @@ def plan_stream(cfg: ClipConfig, sources: pa.Table | str, errors_dir: str | Path
     ds = ray.data.from_arrow([sources.slice(i, step) for i in range(0, sources.num_rows, step)])
     ds = ds.map_batches(ProbeStage, **cfg.probe.map_batches_kwargs(
         errors_dir=errors, max_pixels=cfg.max_pixels, max_side=cfg.max_side,
-        seconds=cfg.probe_seconds))
+        seconds=cfg.probe_seconds, max_frames=cfg.max_frames))
     return ds.map_batches(AssignStage, **cfg.assign.map_batches_kwargs(
         buckets=cfg.buckets, errors_dir=errors, done_ids=frozenset(done_ids)))
 

@@ -79,11 +79,23 @@ class StepSource(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
-        n = max(1, min(parallelism, self.end - self.start, 256))
+        n = max(1, min(parallelism, self.end - self.start, 8))  # few, lazy: see bound_read_ahead
         cuts = [self.start + (self.end - self.start) * i // n for i in range(n + 1)]
         return [ReadTask(lambda lo=lo, hi=hi: (pa.table({"step": [s]}) for s in range(lo, hi)),
                          BlockMetadata(hi - lo, 8 * (hi - lo), None, None))
                 for lo, hi in zip(cuts[:-1], cuts[1:], strict=True) if hi > lo]
+
+
+def bound_read_ahead(ctx: Any, prefetch_steps: int) -> None:
+    """Let a rank's planned stream run only a few steps ahead of training. Unbounded, Ray Data
+    reads and loads steps as far ahead as the object store allows, and the executor thread
+    inside the Train worker walks that growing backlog on every scheduling round, holding the
+    GIL: measured, a 8000-step run trained at 1.1-1.3 s/step where a 60-step run of the same
+    model took 0.45 s/step."""
+    from ray.data import ExecutionResources
+
+    ctx.execution_options.resource_limits = ExecutionResources(
+        object_store_memory=max(64, 16 * prefetch_steps) * 2**20)
 
 
 @dataclass
@@ -103,6 +115,7 @@ class RankData:
                                          num_cpus=0.01)
         keep_order(steps.context)  # PlanLoader's output must arrive step by step
         no_progress_bars(steps.context)
+        bound_read_ahead(steps.context, self.cfg.data.prefetch_steps)
         return steps.map_batches(PlanLoader, **self.cfg.loader.map_batches_kwargs(
             index=self.index, data=self.cfg.data, world_size=self.cfg.num_workers,
             rank=self.rank))
@@ -110,6 +123,12 @@ class RankData:
 
 # ---------------------------------------------------------------------------------------------
 # The job
+
+
+def absolute_files(index: pa.Table) -> pa.Table:
+    """The index with absolute file paths: Train workers run in their own working folder."""
+    files = [str(Path(f).resolve()) for f in index.column("file").to_pylist()]
+    return index.set_column(index.schema.get_field_index("file"), "file", pa.array(files))
 
 
 def data_channels(index: pa.Table, data: str | Path) -> int:
@@ -166,7 +185,8 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
               f"({', '.join(f'{b}: {n}' for b, n in counts.items())}); "
               f"{plan.steps_per_epoch} steps per epoch, {cfg.steps} steps "
               f"= {cfg.steps / plan.steps_per_epoch:.1f} epochs", flush=True)
-        datasets = {f"rank{r}": RankData(run, index, cfg, r) for r in range(cfg.num_workers)}
+        if cfg.data.loader == "ray":
+            datasets = {f"rank{r}": RankData(run, index, cfg, r) for r in range(cfg.num_workers)}
     resolved = to_dict(cfg)
     write_run_record(run, "train", cfg, data=str(data) if data else None, input=input_src,
                      resume=resume, clips=sum(counts.values()), buckets=counts)
@@ -179,7 +199,7 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
         trainer = torch_trainer(
             cfg, ray_worker, run,
             {"cfg": cfg, "run": str(run), "resolved": resolved, "fingerprint": fingerprint,
-             "stream": stream},
+             "stream": stream, "index": None if stream else absolute_files(index)},
             datasets,
             stream_split_config() if stream else DataConfig(datasets_to_split=[]))
         result = fit(trainer, cfg.max_failures, run)

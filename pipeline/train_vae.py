@@ -73,7 +73,8 @@ def decode_here(cfg: ClipConfig, sources: pa.Table, errors_dir: str | Path | Non
                 ) -> tuple[list[dict], list[np.ndarray]]:
     """The same stages called in this process (no Ray): (clip rows, uint8 clips)."""
     errors = str(errors_dir) if errors_dir is not None else None
-    table = ProbeStage(errors, cfg.max_pixels, cfg.max_side, cfg.probe_seconds)(sources)
+    table = ProbeStage(errors, cfg.max_pixels, cfg.max_side, cfg.probe_seconds,
+                       cfg.max_frames)(sources)
     table = AssignStage(cfg.buckets, errors)(table)
     table = DecodeStage(errors, cfg.decode_threads, cfg.decode_budget)(table)
     rows = table.select(["id", "path", "bucket", "start", "fps"]).to_pylist()

@@ -21,6 +21,8 @@ replicated on every worker in the DiT's compute dtype, and the export records it
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -208,13 +210,49 @@ def local_batches(loader, collate) -> Callable[[int], Iterator[StepBatch]]:
     return batches
 
 
+def prefetched(batches: Callable[[int], Iterator[StepBatch]], ahead: int, end: int
+               ) -> Callable[[int], Iterator[StepBatch]]:
+    """`batches` run `ahead` steps ahead in a thread (Parquet reads release the GIL), up to
+    step `end`; an error in the thread is raised where the batch was expected."""
+    def run(start: int) -> Iterator[StepBatch]:
+        q: queue.Queue = queue.Queue(maxsize=ahead)
+        stop = threading.Event()
+
+        def fill() -> None:
+            try:
+                for step, batch in zip(range(start, end), batches(start)):
+                    while not stop.is_set():
+                        try:
+                            q.put(batch, timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                q.put(None)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                q.put(e)
+
+        threading.Thread(target=fill, daemon=True, name="tubelet-prefetch").start()
+        try:
+            while (item := q.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+    return run
+
+
 def ray_worker(args: dict[str, Any]) -> None:
     """A Ray Train worker of `tubelet train` (pipeline/train.py passes it to the TorchTrainer).
     `args`: cfg (the TrainConfig), run, resolved, fingerprint, stream (True: one pipelined
     stream split across the workers; False: this rank's planned dataset `rank<r>`)."""
     import ray.train
 
-    from actors.workers.train_data import Collate, planned_batches, streamed_batches
+    from actors.workers.train_data import (Collate, PlanLoader, planned_batches,
+                                           streamed_batches)
 
     cfg = args["cfg"]
     with ray_backend(cfg.worker.torch_threads()) as backend:
@@ -223,6 +261,10 @@ def ray_worker(args: dict[str, Any]) -> None:
         if args["stream"]:
             batches = streamed_batches(ray.train.get_dataset_shard("train"), collate, cfg.data,
                                        r, W)
+        elif cfg.data.loader == "worker":  # this rank's planned rows, read right here
+            loader = PlanLoader(args["index"], cfg.data, W, r)
+            batches = prefetched(local_batches(loader, collate), cfg.data.prefetch_steps,
+                                 cfg.steps)
         else:
             batches = planned_batches(ray.train.get_dataset_shard(f"rank{r}"), collate,
                                       cfg.data.prefetch_steps)

@@ -101,6 +101,18 @@ def test_size_limits_are_configurable(dataset):
     assert "picture too large" in stage.errors.rows[0]["error"]
 
 
+def test_a_frame_count_over_the_budget_is_refused_before_decoding(dataset):
+    root, rows = dataset
+    row = rows[0]
+    claimed = round(row["num_frames"])
+    stage = ProbeStage(max_frames=claimed - 1)
+    assert stage(pa.table({"path": [str(root / row["path"])]})).num_rows == 0
+    assert "too many frames" in stage.errors.rows[0]["error"]
+    assert "max_frames" in stage.errors.rows[0]["error"]
+    assert ProbeStage(max_frames=claimed + 1)(pa.table({"path": [str(root / row["path"])]})
+                                              ).num_rows == 1
+
+
 def test_errors_are_written_to_errors_dir(tmp_path, bad_files):
     stage = ProbeStage(errors_dir=str(tmp_path / "errors"))
     stage(pa.table({"path": [str(bad_files["empty"]), str(bad_files["missing"])]}))
