@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -61,7 +63,42 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="ignore")  # a cut may split a multi-byte character
 
 
-# captions -> token ids (B, L) int64 and mask (B, L) bool: ByteTokenizer or PretrainedTokenizer
+class WordTokenizer:
+    """Lower-cased words (and single punctuation marks) as tokens, each hashed into
+    `vocab_size` - 3 buckets (crc32, stable across processes and machines): a word-level
+    vocabulary with no file to ship or download. ids 0..2 are PAD, BOS, EOS as for bytes.
+
+    Why: every word of a caption is one token whose embedding the model learns directly,
+    like a class label, where bytes make it first learn to spell; a jointly trained encoder
+    on short captions learns to condition on words in a fraction of the steps. Collisions are
+    possible (two words, one bucket) and harmless at a vocabulary this size for short,
+    repetitive captions."""
+
+    PAD, BOS, EOS = 0, 1, 2
+    WORDS = re.compile(r"\w+|[^\w\s]")
+
+    def __init__(self, max_len: int = 128, vocab_size: int = 4096):
+        if max_len < 3 or vocab_size < 4:
+            raise ValueError(f"max_len must be >= 3 and vocab_size >= 4, got {max_len}, "
+                             f"{vocab_size}")
+        self.max_len, self.vocab_size = max_len, vocab_size
+
+    def word_id(self, word: str) -> int:
+        return 3 + zlib.crc32(word.encode("utf-8")) % (self.vocab_size - 3)
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, L) int64 and mask (B, L) bool, padded to the longest caption (<= max_len)."""
+        rows = [[self.BOS, *[self.word_id(w) for w in self.WORDS.findall(c.lower())
+                             ][: self.max_len - 2], self.EOS] for c in captions]
+        L = max((len(r) for r in rows), default=2)
+        ids = torch.full((len(rows), L), self.PAD, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        return ids, ids != self.PAD
+
+
+# captions -> token ids (B, L) int64 and mask (B, L) bool: ByteTokenizer, WordTokenizer or
+# PretrainedTokenizer
 Tokenizer = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -72,6 +109,10 @@ class TextEncoderConfig:
     depth: int = 4
     heads: int = 8
     mlp_ratio: float = 4.0
+    # Tokens of the built-in encoder: "bytes" (UTF-8 bytes) or "words" (hashed words, a
+    # `vocab_size` table; see WordTokenizer).
+    tokenizer: Literal["bytes", "words"] = "bytes"
+    vocab_size: int = 4096  # "words" only
     # A local Hugging Face T5 / UMT5 folder (config.json, weights, tokenizer): used frozen
     # instead of the built-in encoder, whose fields above but max_len are then unused; the
     # DiT's text_dim must equal its d_model. Empty: the built-in encoder, trained jointly.
@@ -82,6 +123,9 @@ class TextEncoderConfig:
             raise ValueError(f"max_len must be >= 3 (BOS, a byte, EOS), got {self.max_len}")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if self.vocab_size < 4:
+            raise ValueError(f"vocab_size must be >= 4 (PAD, BOS, EOS, a word), got "
+                             f"{self.vocab_size}")
         if self.pretrained:
             try:
                 pretrained_config(self.pretrained)
@@ -135,8 +179,8 @@ class TextEncoder(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.tokenizer = ByteTokenizer(config.max_len)
-        self.embed = nn.Embedding(ByteTokenizer.vocab_size, config.dim)
+        self.tokenizer = builtin_tokenizer(config)
+        self.embed = nn.Embedding(self.tokenizer.vocab_size, config.dim)
         self.pos = nn.Parameter(torch.zeros(config.max_len, config.dim))
         self.blocks = nn.ModuleList(
             EncoderBlock(config.dim, config.heads, config.mlp_ratio) for _ in range(config.depth)
@@ -209,6 +253,12 @@ def caption_tokenizer(cfg: TextEncoderConfig) -> Tokenizer:
     pretrained folder's own tokenizer (padded to max_len) for a pretrained one."""
     if cfg.pretrained:
         return PretrainedTokenizer(cfg.pretrained, cfg.max_len)
+    return builtin_tokenizer(cfg)
+
+
+def builtin_tokenizer(cfg: TextEncoderConfig) -> ByteTokenizer | WordTokenizer:
+    if cfg.tokenizer == "words":
+        return WordTokenizer(cfg.max_len, cfg.vocab_size)
     return ByteTokenizer(cfg.max_len)
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,6 +127,51 @@ class _DropAuthNotice(logging.Filter):
         return not record.getMessage().startswith("Token authentication is enabled")
 
 
+# A C++ glog line: "[2026-12-04 11:41:54,869 E 2816 2816] core_worker.cc:2465: ..."
+GLOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] ")
+
+
+def divert_native_logs(path: str, force: bool = False) -> None:
+    """Ray's C++ core worker inside this (driver) process logs to file descriptor 2 (e.g. "Actor
+    with class name ... has constructor arguments in the object store", once per job). Route
+    fd 2 through a filter thread: glog lines are appended to `path` (in Ray's session logs),
+    everything else reaches the terminal unchanged. Python's own `sys.stderr` is moved to a
+    copy of the real descriptor first, so tracebacks never depend on the thread. Only where
+    fd 2 is a terminal (or `force`): piped and captured output (CI, pytest) is left alone."""
+    if getattr(divert_native_logs, "installed", False) or not (force or os.isatty(2)):
+        return
+    try:
+        sys.stderr.flush()
+        real = os.dup(2)
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+    except (OSError, ValueError, AttributeError):
+        return
+    sys.stderr = os.fdopen(os.dup(real), "w", buffering=1, errors="backslashreplace")
+
+    def pump() -> None:
+        pending = b""
+        with open(read, "rb", buffering=0) as src:
+            while chunk := src.read(65536):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if GLOG_LINE.match(line):
+                        with open(path, "ab") as log:
+                            log.write(line + b"\n")
+                    else:
+                        os.write(real, line + b"\n")
+                if pending and not pending.startswith(b"["):  # a progress bar, a prompt
+                    os.write(real, pending)
+                    pending = b""
+            if pending:
+                os.write(real, pending)
+
+    threading.Thread(target=pump, daemon=True, name="tubelet-native-logs").start()
+    divert_native_logs.installed = True
+
+
 def full_logs() -> str:
     """Where Ray keeps every process's complete log for this session."""
     try:
@@ -149,6 +196,7 @@ def init_ray(address: str | None, cfg: RayConfig) -> bool:
         ray.init(address="local", num_cpus=cfg.num_cpus or None, include_dashboard=False,
                  object_store_memory=cfg.object_store_mb * 2**20, **kwargs)
     quiet_worker_logs()
+    divert_native_logs(os.path.join(full_logs(), "driver-native.log"))
     print(f"[ray] {ray.cluster_resources().get('CPU', 0):g} CPUs; full logs in {full_logs()}",
           flush=True)
     return True

@@ -135,6 +135,13 @@ def build_corpus(root: str | Path) -> dict[str, Case]:
     encode(add("ffv1.mkv", "clip", "FFV1 (lossless) in Matroska"), "ffv1")
     encode(add("vp9_in.mp4", "clip", "VP9 in mp4"), "libvpx-vp9",
            options={"deadline": "realtime", "cpu-used": "8"})
+    encode(add("hevc.mp4", "clip", "HEVC in mp4"), "libx265", options=quiet_x265)
+    encode(add("av1.mkv", "clip", "AV1 (SVT) in Matroska"), "libsvtav1", options={"preset": "12"})
+    encode(add("av1.webm", "clip", "AV1 (SVT) in WebM"), "libsvtav1", options={"preset": "12"})
+    encode(add("mpeg4.mp4", "clip", "MPEG-4 part 2 in mp4"), "mpeg4")
+    encode(add("mpeg4.mkv", "clip", "MPEG-4 part 2 in Matroska"), "mpeg4")
+    # (FFmpeg's mov muxer does not take FFV1: FFV1 lives in mkv / avi)
+    encode(add("ffv1.avi", "clip", "FFV1 (lossless) in AVI"), "ffv1")
     # pixel formats
     encode(add("h264_10bit.mkv", "clip", "10-bit 4:2:0 H.264"), "libx264",
            pix_fmt="yuv420p10le")

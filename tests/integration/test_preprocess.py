@@ -109,6 +109,36 @@ def test_every_bad_input_is_one_error_row(videos, first_run):
     assert saved["config"]["buckets"]["target_fps"] == 8
 
 
+def test_a_hostile_manifest_writes_only_inside_the_output(videos, ray_local, tmp_path):
+    """Manifest rows are inputs, never output names: a `../` path to a good video is read (and
+    its latents land in DIR/latents under a content name), system files and a directory are
+    error rows, a caption with a NUL, newlines and a `../` is kept as data; nothing is written
+    outside the output folder."""
+    root, _ = videos
+    good = sorted((root / "good").glob("*.mp4"))[0]
+    work = tmp_path / "work"
+    work.mkdir()
+    rows = [{"path": f"../../{tmp_path.name}/../{root.name}/good/{good.name}",
+             "caption": "../../x\n\u0000 a red circle; rm -rf /"},
+            {"path": "/etc/hostname", "caption": "x"}, {"path": "/etc", "caption": "y"},
+            {"path": "/dev/zero", "caption": "z"}]
+    manifest = work / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = {p for p in tmp_path.parent.rglob("*")} - set(tmp_path.rglob("*"))
+    out = tmp_path / "out"
+    summary = run_preprocess(small_config(), str(manifest), out, progress=False)
+    after = {p for p in tmp_path.parent.rglob("*")} - set(tmp_path.rglob("*"))
+    assert after == before  # nothing new anywhere but under this test's folder
+    assert {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*")} == {"work", "out"}
+    latents = read_latents(out)
+    assert latents.num_rows >= 1
+    assert set(latents.column("caption").to_pylist()) == {rows[0]["caption"]}
+    assert all(p.name.startswith("part-") for p in (out / "latents").iterdir())
+    errors = pds.dataset(out / "errors", format="parquet").to_table().column("path").to_pylist()
+    assert sorted(errors) == ["/dev/zero", "/etc", "/etc/hostname"]
+    assert summary["errors"] == 3
+
+
 def test_rerun_resumes_without_duplicates(videos, first_run, tmp_path):
     root, _ = videos
     out, summary = first_run

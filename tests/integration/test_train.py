@@ -4,7 +4,7 @@ worker is survived exactly, `--resume` continues exactly, and `--input` trains f
 One scenario, asserted by several tests (Ray Train runs cost ~20 s each on 2 cores):
   reference  one process, no Ray, 28 steps
   run        `tubelet train` with 2 FSDP2 workers, 24 steps, rank 1 killed with SIGKILL after
-             step 10; then `--resume --workers 1` to 28 steps.
+             step 10; then `--resume --workers 1 --set data.loader=worker` to 28 steps.
 """
 
 from __future__ import annotations
@@ -81,7 +81,9 @@ def scenario(ray_cluster, tmp_path_factory):
     watcher.join(timeout=1)
     after_kill = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     refused = tubelet_train(*base, *sets, "--set", "steps=28")  # occupied, no --resume
-    second = tubelet_train(*base, *sets, "--set", "steps=28", "--workers", "1", "--resume")
+    # resumed with the other loader (data.loader: worker reads the plan in the Train worker)
+    second = tubelet_train(*base, *sets, "--set", "steps=28", "--workers", "1", "--resume",
+                           "--set", "data.loader=worker")
     return {"root": root, "run": run, "killed": killed, "codes": (first, refused, second),
             "after_kill": after_kill}
 
@@ -116,7 +118,8 @@ def test_resume_continues_exactly(scenario):
     assert refused == 2 and second == 0
     assert [m["step"] for m in metrics(run)] == list(range(1, 29))  # each step once
     ref, got = weights(scenario["root"] / "reference"), weights(run)
-    # 2 workers -> killed -> restarted -> resumed on 1 worker: the straight run's weights.
+    # 2 workers -> killed -> restarted -> resumed on 1 worker that reads its own plan: the
+    # straight run's weights.
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=2e-5, msg=k)
     assert (run / "loss.png").stat().st_size > 1000

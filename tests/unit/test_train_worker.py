@@ -222,3 +222,29 @@ def test_progress_line_every_n_steps_and_at_the_end(capsys):
     assert out[-1].endswith(" eta 0s")
     Progress("train", 0, 5, every=1, enabled=False)(1, "x")  # other ranks print nothing
     assert capsys.readouterr().out == ""
+
+
+def test_prefetched_batches_are_the_plain_ones_in_order_and_errors_surface():
+    """data.loader: worker runs the rank's plan in a prefetch thread: the same items in the
+    same order from any start, nothing past `end`, and a loader error raised in the loop."""
+    from actors.workers.train_dit import prefetched
+
+    def plain(start):
+        step = start
+        while True:
+            yield {"step": step}
+            step += 1
+
+    assert [b["step"] for b in prefetched(plain, 3, 10)(4)] == list(range(4, 10))
+    early = prefetched(plain, 2, 1000)(0)
+    assert [next(early)["step"] for _ in range(5)] == list(range(5))
+    early.close()  # stops the thread
+
+    def broken(start):
+        yield {"step": start}
+        raise OSError("latent file vanished")
+
+    it = prefetched(broken, 2, 10)(0)
+    assert next(it)["step"] == 0
+    with pytest.raises(OSError, match="vanished"):
+        next(it)
