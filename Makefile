@@ -28,7 +28,8 @@ $(STAMP): pyproject.toml
 # The main job on the embedded default dataset (synthetic captioned videos): synth ->
 # preprocess (shipped VAE) -> a short sharded training run (2 workers: the training path) ->
 # generate with the shipped demo DiT -> gallery -> eval against the training videos.
-# The shipped demo DiT when it is in weights/ (issue 12); until then the demo's own run.
+# The shipped demo DiT (weights/dit-demo: configs/train/demo.yaml, README "The demo model");
+# without it (a checkout that removed it) the demo's own short run.
 DEMO_DIT ?= $(if $(wildcard weights/dit-demo/model.safetensors),weights/dit-demo,$(DEMO)/run)
 demo: $(STAMP)
 	@echo "[demo] 1/5 synth: 24 captioned videos"
@@ -40,8 +41,8 @@ demo: $(STAMP)
 	$(VENV)/bin/tubelet train --data $(DEMO)/pre/latents --output $(DEMO)/run \
 	  --config configs/train/debug.yaml --workers 2 --set steps=100
 	@echo "[demo] 4/5 generate with $(DEMO_DIT): 8 prompts at 16:9, 9:16, 1:1, 9 and 17 frames"
-	@echo "[demo]     (weights/dit-demo, when shipped, is configs/train/demo.yaml's model; the short"
-	@echo "[demo]     run above only shows the training path and cannot draw the shapes yet)"
+	@echo "[demo]     (the shipped model of configs/train/demo.yaml, trained here on 800 videos;"
+	@echo "[demo]     the 100-step run above only shows the training path)"
 	$(VENV)/bin/tubelet generate --checkpoint $(DEMO_DIT) --prompts configs/prompts/demo.jsonl \
 	  --output $(DEMO)/generated --steps 30
 	@echo "[demo] 5/5 eval: flicker, morphing, vanishing, adherence (generated vs training videos)"

@@ -21,8 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import (ConfigError, UsageError, resolve_config, unwritable,
-                             write_run_record)
+from pipeline.config import ConfigError, UsageError, resolve_config, unwritable, write_run_record
 
 Sub = argparse._SubParsersAction
 

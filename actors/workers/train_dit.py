@@ -220,7 +220,7 @@ def prefetched(batches: Callable[[int], Iterator[StepBatch]], ahead: int, end: i
 
         def fill() -> None:
             try:
-                for step, batch in zip(range(start, end), batches(start)):
+                for _, batch in zip(range(start, end), batches(start), strict=False):
                     while not stop.is_set():
                         try:
                             q.put(batch, timeout=0.5)
@@ -251,8 +251,7 @@ def ray_worker(args: dict[str, Any]) -> None:
     stream split across the workers; False: this rank's planned dataset `rank<r>`)."""
     import ray.train
 
-    from actors.workers.train_data import (Collate, PlanLoader, planned_batches,
-                                           streamed_batches)
+    from actors.workers.train_data import Collate, PlanLoader, planned_batches, streamed_batches
 
     cfg = args["cfg"]
     with ray_backend(cfg.worker.torch_threads()) as backend:

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from models.dit import build_dit
-from models.text_encoder import ByteTokenizer, PretrainedTextEncoder, build_text_encoder
+from models.text_encoder import (
+    ByteTokenizer,
+    PretrainedTextEncoder,
+    TextEncoder,
+    TextEncoderConfig,
+    WordTokenizer,
+    build_text_encoder,
+)
 
 
 def test_byte_tokenizer_round_trips_and_pads():
@@ -16,6 +23,31 @@ def test_byte_tokenizer_round_trips_and_pads():
     assert ids[1, -1] == tok.EOS and mask[1].all()  # cut to max_len, still ends with EOS
     assert tok.decode(ids[1]) == "café au lait,"  # 14 bytes: é is two
     assert tok([""])[0].tolist() == [[tok.BOS, tok.EOS]]
+
+
+def test_word_tokenizer_hashes_words_stably_and_pads():
+    tok = WordTokenizer(max_len=6, vocab_size=64)
+    ids, mask = tok(["A red circle", "a RED square moving up-right"])
+    assert ids.shape == mask.shape == (2, 6)
+    assert ids[0].tolist()[:5] == [tok.BOS, tok.word_id("a"), tok.word_id("red"),
+                                   tok.word_id("circle"), tok.EOS]
+    assert ids[0, 1] == ids[1, 1] and ids[0, 2] == ids[1, 2]  # case folded
+    assert not mask[0, 5:].any() and mask[1].all() and ids[1, -1] == tok.EOS  # cut, EOS kept
+    assert all(3 <= tok.word_id(w) < 64 for w in ("red", "-", "up", "éclair"))
+    assert tok.word_id("red") == 3 + 4200685455 % 61  # crc32: the same in every process
+    assert tok([""])[0].tolist() == [[tok.BOS, tok.EOS]]
+
+
+def test_word_encoder_tells_captions_apart_and_its_config_round_trips():
+    cfg = TextEncoderConfig(max_len=16, dim=32, depth=1, heads=4, tokenizer="words",
+                            vocab_size=128)
+    enc = TextEncoder(cfg)
+    assert enc.embed.num_embeddings == 128
+    feats, mask = enc.encode(["a red circle", "a blue circle"])
+    assert feats.shape == (2, 5, 32) and mask.all()
+    assert (feats[0, 2] - feats[1, 2]).abs().max() > 1e-3  # the colour word
+    with pytest.raises(ValueError, match="vocab_size"):
+        TextEncoder(TextEncoderConfig(tokenizer="words", vocab_size=3))
 
 
 def test_encoder_features_ignore_padding_and_differ_by_caption():
