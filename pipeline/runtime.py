@@ -87,7 +87,8 @@ RAY_NOISE = re.compile(
     r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWE] \d+ \d+\]|Setting up process group for|"
     r"RayDeprecationWarning|DeprecationWarning|^\s+self\.\w+ = \w+$|Progress bars disabled|"
     r"Starting execution of Dataset|Execution plan of Dataset|execution finished in|"
-    r"Registered dataset logger|Full logs are in")
+    r"Registered dataset logger|Full logs are in|Checkpoint successfully created at|"
+    r"Reporting training result")
 
 
 def keep_line(actor: str, line: str) -> bool:
