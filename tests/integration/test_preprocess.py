@@ -227,7 +227,8 @@ def test_output_gone_unwritable_mid_job_stops_cleanly_and_rerun_resumes(videos, 
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1, stderr[-2000:]
     last = stderr.strip().splitlines()[-1]
-    assert "its output cannot be written" in last and "/sys/kernel" in last, last
+    assert "its output cannot be written" in last and "latents" in last, last
+    assert "Permission denied" in last or "not permitted" in last, last
     assert not [p for p in kept.iterdir() if "tmp" in p.name]  # no half-written file
     written = list(kept.glob("part-*.parquet"))
     assert written and all(pds.dataset(f).count_rows() >= 1 for f in written)  # each whole
