@@ -174,13 +174,19 @@ def test_fused_decode_encode_gives_the_same_dataset(videos, first_run, tmp_path)
     assert error_stages(fused) == error_stages(out)
 
 
+def one_clip_per_write(videos: Path, target: Path) -> list[str]:
+    """`tubelet preprocess` as a subprocess that writes one latent file per clip (so a test can
+    act between the first files and the end)."""
+    return [sys.executable, "-m", "pipeline", "preprocess", "--input", str(videos),
+            "--output", str(target), "--set", "ray.num_cpus=2", "--set", "write.batch_size=1",
+            "--set", "encode.batch_size=1", "--set", "ray.object_store_mb=300"]
+
+
 def test_kill_9_then_rerun_gives_every_clip_once(videos, first_run, tmp_path):
     root, _ = videos
     out, summary = first_run
     target = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pipeline", "preprocess", "--input", str(root / "good"),
-           "--output", str(target), "--set", "ray.num_cpus=2", "--set", "write.batch_size=1",
-           "--set", "encode.batch_size=1", "--set", "ray.object_store_mb=300"]
+    cmd = one_clip_per_write(root / "good", target)
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -210,9 +216,7 @@ def test_output_gone_unwritable_mid_job_stops_cleanly_and_rerun_resumes(videos, 
     root, _ = videos
     out, _ = first_run
     target = tmp_path / "unwritable"
-    cmd = [sys.executable, "-m", "pipeline", "preprocess", "--input", str(root / "good"),
-           "--output", str(target), "--set", "ray.num_cpus=2", "--set", "write.batch_size=1",
-           "--set", "encode.batch_size=1", "--set", "ray.object_store_mb=300"]
+    cmd = one_clip_per_write(root / "good", target)
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     latents, kept = target / "latents", target / "latents.kept"
