@@ -43,7 +43,7 @@ from actors.vae_decode import VAEDecodeStage
 from actors.workers.sampler import SamplerConfig
 from pipeline.config import ConfigError, UsageError, to_dict, writable_dir, write_run_record
 from pipeline.prompts import Defaults, Grid, read_prompts
-from pipeline.runtime import RayConfig, StageResources, check_budget, init_ray, local_cluster
+from pipeline.runtime import RayConfig, StageResources, check_local_budget, init_ray
 
 MANIFEST_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "height", "width", "frames",
                     "fps", "steps", "cfg", "checkpoint", "checkpoint_digest", "file", "sheet",
@@ -252,14 +252,12 @@ def run_generate(cfg: GenerateConfig, checkpoint: str | Path, prompts: str | Pat
     rows = read_prompts(prompts, cfg.defaults, model.grid)
     K = cfg.sampler.sequence_parallel
     small = min(rows, key=model.grid.tokens)
-    if K > model.grid.tokens(small):
+    if K > (tokens := model.grid.tokens(small)):
         raise ConfigError(f"sampler.sequence_parallel={K} is more ranks than the "
-                          f"{model.grid.tokens(small)} tokens of prompt {small['id']!r} "
+                          f"{tokens} tokens of prompt {small['id']!r} "
                           f"({small['frames']}x{small['height']}x{small['width']}); lower "
                           "--sequence-parallel or make the video larger")
-    local = local_cluster(address, cfg.ray)
-    if local:  # pools and sampler ranks this machine cannot hold: refused before Ray starts
-        check_budget(cfg.stages(), total=local[0], gpus=local[1])
+    check_local_budget(cfg.stages(), address, cfg.ray)  # pools + sampler ranks, before Ray
     for r in rows:
         r.update(checkpoint=str(model.export), checkpoint_digest=model.digest)
     writable_dir(out)

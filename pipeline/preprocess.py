@@ -24,7 +24,7 @@ import pyarrow.dataset as pds
 from actors.common.vae import VAELoadError, resolve_checkpoint
 from actors.write import LatentWriter, read_error_paths, read_ids
 from pipeline.config import ConfigError, to_dict, writable_dir, write_run_record
-from pipeline.runtime import check_budget, init_ray, local_cluster
+from pipeline.runtime import check_local_budget, init_ray
 from pipeline.sources import list_sources
 from pipeline.streams import PreprocessConfig, latent_stream
 
@@ -99,9 +99,7 @@ def run_preprocess(cfg: PreprocessConfig, src: str, output: str | Path,
     except VAELoadError as e:
         raise ConfigError(str(e)) from None
     cfg = replace(cfg, vae=replace(cfg.vae, checkpoint=checkpoint))
-    local = local_cluster(address, cfg.ray)
-    if local:  # pools this machine cannot hold: refused before Ray starts
-        check_budget(cfg.stages(), total=local[0], gpus=local[1])
+    check_local_budget(cfg.stages(), address, cfg.ray)  # before Ray starts
     writable_dir(out)
     start = time.perf_counter()
     sources = list_sources(src, tuple(cfg.video_extensions))

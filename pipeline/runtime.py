@@ -83,8 +83,10 @@ RAY_INTERNAL_ACTORS = ("PlacementGroupCleaner", "TrainController", "SplitCoordin
                        "_StatsActor", "AutoscalingCoordinator")
 # Lines Ray's libraries print from inside our workers: C++ glog lines ("[2026-12-02 19:57:50,220
 # E 3093 3123] core_worker.cc:..."), Ray Train / Data set-up INFO, deprecation notices.
+# A C++ glog line: "[2026-12-04 11:41:54,869 E 2816 2816] core_worker.cc:2465: ..."
+GLOG = r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\]"
 RAY_NOISE = re.compile(
-    r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWE] \d+ \d+\]|Setting up process group for|"
+    GLOG + r"|Setting up process group for|"
     r"RayDeprecationWarning|DeprecationWarning|^\s+self\.\w+ = \w+$|Progress bars disabled|"
     r"Starting execution of Dataset|Execution plan of Dataset|execution finished in|"
     r"Registered dataset logger|Full logs are in|Checkpoint successfully created at|"
@@ -128,8 +130,7 @@ class _DropAuthNotice(logging.Filter):
         return not record.getMessage().startswith("Token authentication is enabled")
 
 
-# A C++ glog line: "[2026-12-04 11:41:54,869 E 2816 2816] core_worker.cc:2465: ..."
-GLOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] ")
+GLOG_LINE = re.compile(GLOG.encode())
 
 
 def divert_native_logs(path: str, force: bool = False) -> None:
@@ -214,20 +215,27 @@ def local_cluster(address: str | None, cfg: RayConfig) -> tuple[float, int] | No
     return float(cfg.num_cpus or os.cpu_count() or 1), gpus
 
 
+def check_local_budget(stages: dict[str, StageResources], address: str | None,
+                       cfg: RayConfig) -> None:
+    """`check_budget` against the local Ray a job without an address will start, before it
+    starts; nothing when joining a cluster (it may grow)."""
+    local = local_cluster(address, cfg)
+    if local:
+        check_budget(stages, total=local[0], gpus=local[1])
+
+
 def check_workers(num_workers: int, num_cpus: float, num_gpus: float,
-                  cluster: tuple[float, int] | None, reserve_cpus: float = 0.0) -> None:
-    """Refuse more Train workers (or GPUs) than the cluster holds: Ray would wait forever."""
-    if cluster is None:
-        cluster = (ray.cluster_resources().get("CPU", 0.0),
-                   int(ray.cluster_resources().get("GPU", 0)))
+                  cluster: tuple[float, int]) -> None:
+    """Refuse more Train workers (or GPUs) than `cluster` (CPUs, GPUs) holds: Ray would wait
+    forever."""
     cpus, gpus = cluster
     if num_workers * num_gpus > gpus:
         raise ConfigError(f"num_workers={num_workers} x worker.num_gpus={num_gpus:g} needs "
                           f"{num_workers * num_gpus:g} GPUs but the cluster has {gpus}; lower "
                           "them, or join a cluster with GPUs (--address)")
-    if num_workers * num_cpus > cpus - reserve_cpus:
+    if num_workers * num_cpus > cpus:
         raise ConfigError(f"num_workers={num_workers} x worker.num_cpus={num_cpus:g} needs "
-                          f"{num_workers * num_cpus + reserve_cpus:g} CPUs but the cluster has "
+                          f"{num_workers * num_cpus:g} CPUs but the cluster has "
                           f"{cpus:g}; lower num_workers or worker.num_cpus")
 
 

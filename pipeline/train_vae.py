@@ -46,7 +46,7 @@ from pipeline.ray_train import (
     torch_trainer,
 )
 from pipeline.report import plot_curves, read_metrics, save_side_by_side
-from pipeline.runtime import StageResources, check_budget, init_ray, local_cluster
+from pipeline.runtime import StageResources, check_local_budget, init_ray
 from pipeline.sources import list_sources
 from pipeline.streams import ClipConfig, clip_stream
 
@@ -118,11 +118,9 @@ def run_train_vae(cfg: TrainVAEConfig, input_src: str, output: str | Path,
 
     from actors.workers.train_vae import ray_worker
 
-    local = local_cluster(address, cfg.ray)
-    if local:  # pools and workers this machine cannot hold: refused before Ray starts
-        check_budget({**cfg.preprocess.stages(), "worker": StageResources(
-            cfg.worker.num_cpus, cfg.worker.num_gpus, cfg.num_workers, cfg.num_workers)},
-            total=local[0], gpus=local[1])
+    check_local_budget({**cfg.preprocess.stages(), "worker": StageResources(  # before Ray
+        cfg.worker.num_cpus, cfg.worker.num_gpus, cfg.num_workers, cfg.num_workers)},
+        address, cfg.ray)
     run = Path(output).resolve()
     prepare_run(run, resume)
     start = time.perf_counter()
