@@ -20,11 +20,11 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-import ray
-from ray.data import ActorPoolStrategy
-
 from actors.workers.toolkit import quiet_ray_data_console
 from pipeline.config import ConfigError
+
+# Ray is imported inside the functions that start or query it: the configs here are also read
+# by the one-process runner (pipeline/local.py), which runs where Ray is not installed.
 
 
 @dataclass
@@ -66,6 +66,8 @@ class StageResources:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
 
     def map_batches_kwargs(self, **constructor_kwargs: Any) -> dict[str, Any]:
+        from ray.data import ActorPoolStrategy
+
         return dict(
             compute=ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors,
                                       max_tasks_in_flight_per_actor=self.max_tasks_in_flight),
@@ -176,6 +178,8 @@ def divert_native_logs(path: str, force: bool = False) -> None:
 
 def full_logs() -> str:
     """Where Ray keeps every process's complete log for this session."""
+    import ray
+
     try:
         return os.path.join(ray.get_runtime_context().get_node_id() and
                             ray._private.worker._global_node.get_session_dir_path(), "logs")
@@ -185,6 +189,8 @@ def full_logs() -> str:
 
 def init_ray(address: str | None, cfg: RayConfig) -> bool:
     """Connect to `address` or start a local Ray. Returns True if this call started Ray."""
+    import ray
+
     if ray.is_initialized():
         return False
     auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
@@ -244,7 +250,10 @@ def check_budget(stages: dict[str, StageResources], reserve_cpus: float = 0.25,
     """Refuse pools that would take every CPU of a fixed cluster (Ray Data would hang).
     `total`, `gpus`: those of a local Ray not started yet (`local_cluster`); without them the
     running cluster's CPUs (and no GPU check)."""
-    total = ray.cluster_resources().get("CPU", 0.0) if total is None else total
+    if total is None:
+        import ray
+
+        total = ray.cluster_resources().get("CPU", 0.0)
     if gpus is not None:
         for name, s in stages.items():
             if s.num_gpus * s.min_actors > gpus:

@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
 
 from actors.workers.train_data import BatchPlan, PlanLoader, read_index
 from actors.workers.train_dit import TrainLoopConfig
@@ -68,24 +66,6 @@ class TrainConfig(ClusterConfig, TrainLoopConfig):
 # Data for the workers
 
 
-class StepSource(Datasource):
-    """Ray Data source of the step numbers [start, end), one block per step, in order."""
-
-    def __init__(self, start: int, end: int):
-        self.start, self.end = start, end
-
-    def estimate_inmemory_data_size(self) -> int:
-        return 8 * (self.end - self.start)
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                       data_context: Any = None) -> list[ReadTask]:
-        n = max(1, min(parallelism, self.end - self.start, 8))  # few, lazy: see bound_read_ahead
-        cuts = [self.start + (self.end - self.start) * i // n for i in range(n + 1)]
-        return [ReadTask(lambda lo=lo, hi=hi: (pa.table({"step": [s]}) for s in range(lo, hi)),
-                         BlockMetadata(hi - lo, 8 * (hi - lo), None, None))
-                for lo, hi in zip(cuts[:-1], cuts[1:], strict=True) if hi > lo]
-
-
 def bound_read_ahead(ctx: Any, prefetch_steps: int) -> None:
     """Let a rank's planned stream run only a few steps ahead of training. Unbounded, Ray Data
     reads and loads steps as far ahead as the object store allows, and the executor thread
@@ -110,6 +90,8 @@ class RankData:
 
     def __call__(self):
         import ray.data
+
+        from pipeline.step_source import StepSource
 
         start = committed_step(self.run)
         steps = ray.data.read_datasource(StepSource(start, max(start + 1, self.cfg.steps)),

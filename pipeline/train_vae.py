@@ -32,8 +32,8 @@ from actors.assign import AssignStage
 from actors.common.tensors import unpack
 from actors.decode import DecodeStage
 from actors.probe import ProbeStage
-from actors.workers.train_vae import VAETrainLoopConfig, center_crops
-from pipeline.config import to_dict, write_run_record
+from actors.workers.train_vae import VAETrainLoopConfig, center_crops, with_init
+from pipeline.config import ConfigError, to_dict, write_run_record
 from pipeline.ray_train import (
     ClusterConfig,
     TrainError,
@@ -69,14 +69,19 @@ class TrainVAEConfig(ClusterConfig, VAETrainLoopConfig):
         self.check_cluster()
 
 
-def decode_here(cfg: ClipConfig, sources: pa.Table, errors_dir: str | Path | None
-                ) -> tuple[list[dict], list[np.ndarray]]:
-    """The same stages called in this process (no Ray): (clip rows, uint8 clips)."""
+def decoded(cfg: ClipConfig, sources: pa.Table, errors_dir: str | Path | None) -> pa.Table:
+    """The stream's stages called in this process (no Ray): the decode stage's clip table."""
     errors = str(errors_dir) if errors_dir is not None else None
     table = ProbeStage(errors, cfg.max_pixels, cfg.max_side, cfg.probe_seconds,
                        cfg.max_frames)(sources)
     table = AssignStage(cfg.buckets, errors)(table)
-    table = DecodeStage(errors, cfg.decode_threads, cfg.decode_budget)(table)
+    return DecodeStage(errors, cfg.decode_threads, cfg.decode_budget)(table)
+
+
+def decode_here(cfg: ClipConfig, sources: pa.Table, errors_dir: str | Path | None
+                ) -> tuple[list[dict], list[np.ndarray]]:
+    """`decoded` as (clip rows, uint8 clips)."""
+    table = decoded(cfg, sources, errors_dir)
     rows = table.select(["id", "path", "bucket", "start", "fps"]).to_pylist()
     return rows, unpack(table, "frames", np.uint8)
 
@@ -118,6 +123,10 @@ def run_train_vae(cfg: TrainVAEConfig, input_src: str, output: str | Path,
 
     from actors.workers.train_vae import ray_worker
 
+    try:
+        cfg = with_init(cfg)  # model = the init VAE's (before Ray: a bad path fails here)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     check_local_budget({**cfg.preprocess.stages(), "worker": StageResources(  # before Ray
         cfg.worker.num_cpus, cfg.worker.num_gpus, cfg.num_workers, cfg.num_workers)},
         address, cfg.ray)

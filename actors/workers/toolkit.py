@@ -161,12 +161,17 @@ def ray_backend(threads: int) -> Iterator[RayBackend]:
 
 
 @contextmanager
-def process_group() -> Iterator[None]:
+def process_group(device: torch.device | None = None) -> Iterator[None]:
     """The default process group for FSDP / DDP: Ray Train's when it made one, else a 1-rank
-    gloo group for the duration (so one process runs the same code path as a cluster)."""
+    group for the duration (so one process runs the same code path as a cluster): NCCL for a
+    CUDA `device` (FSDP2 gathers device tensors; gloo has no CUDA all-gather), else gloo."""
     own = not dist.is_initialized()
     if own:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        cuda = device is not None and device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(device.index or 0)
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
     try:
         yield
     finally:

@@ -132,7 +132,7 @@ def train_loop(cfg: TrainLoopConfig, backend: Backend, batches: Callable[[int], 
     """Train until `cfg.steps`. `batches(start)` yields this worker's StepBatch of each step from
     `start` (and ends with the data); `stream=True`: a finished pass starts a new epoch."""
     run_dir, rank, W, device = Path(run_dir), backend.rank, backend.world_size, backend.device
-    with process_group():
+    with process_group(device):
         record_worker(run_dir, backend)
         frozen = frozen_text_encoder(cfg, device)
         state = train_state(

@@ -59,7 +59,7 @@ from actors.workers.toolkit import (
     train_state,
 )
 from models.metrics import psnr_from_mse
-from models.vae import PRESETS, VAEConfig, VideoVAE, save_vae, vae_loss
+from models.vae import PRESETS, VAEConfig, VideoVAE, load_vae, save_vae, vae_loss
 
 
 @dataclass
@@ -140,10 +140,17 @@ class VAETrainLoopConfig:
     log_every: int = 10
     checkpoint_every: int = 500  # and at the end
     export_dtype: Literal["float32", "float16"] = "float32"  # of every vae.safetensors written
+    # Fine-tuning: start from a saved VAE (its config replaces `model`: architecture and latent
+    # scaling). freeze_encoder trains the decoder alone, so the latents and their scaling stay
+    # those of `init` and a DiT trained on them stays valid (the scaling is not refitted).
+    init: str = ""
+    freeze_encoder: bool = False
 
     def validate(self) -> None:
         if min(self.steps, self.log_every, self.checkpoint_every) < 1:
             raise ValueError("steps, log_every and checkpoint_every: must be >= 1")
+        if self.freeze_encoder and not self.init:
+            raise ValueError("freeze_encoder: needs init (the VAE whose encoder to keep)")
         t, s = self.model.temporal_factor, self.model.spatial_factor
         d = self.data
         for frames, size in [(d.crop_frames, d.crop_size),
@@ -233,6 +240,27 @@ class ClipBuffer:
         return to_video(torch.stack(out))  # (n, 3, T, H, W)
 
 
+def with_init(cfg: VAETrainLoopConfig) -> VAETrainLoopConfig:
+    """`cfg` with `model` read from the `init` VAE, if any (architecture and latent scaling)."""
+    if not cfg.init:
+        return cfg
+    try:
+        config = load_vae(cfg.init).config
+    except (OSError, ValueError) as e:
+        raise ValueError(f"init: {e}") from None
+    return replace(cfg, model=config)
+
+
+def initial_vae(cfg: VAETrainLoopConfig) -> VideoVAE:
+    """The model training starts from: fresh, or `init`'s weights (encoder frozen on request)."""
+    model = VideoVAE(replace(cfg.model))
+    if cfg.init:
+        model.load_state_dict(load_vae(cfg.init).state_dict())
+    if cfg.freeze_encoder:
+        model.encoder.requires_grad_(False)
+    return model
+
+
 def center_crops(clips: list[np.ndarray], crop: tuple[int, int, int]) -> torch.Tensor:
     """uint8 clips (T, H, W, 3) at least `crop` big -> float (N, 3, t, h, w) in [-1, 1]."""
     ct, ch, cw = crop
@@ -279,9 +307,10 @@ def ema_model(cfg: VAETrainLoopConfig, ema: EMA, device: torch.device) -> VideoV
 
 def export_vae(path: Path, model: VideoVAE, buffer: ClipBuffer, cfg: VAETrainLoopConfig,
                device: torch.device) -> None:
-    """Fit the latent scaling on training crops (fixed generator), then write `path` whole in
-    `export_dtype` (load_vae casts back to float32)."""
-    if len(buffer):
+    """Fit the latent scaling on training crops (fixed generator; not with a frozen encoder,
+    whose latents keep `init`'s scaling), then write `path` whole in `export_dtype` (load_vae
+    casts back to float32)."""
+    if len(buffer) and not cfg.freeze_encoder:
         g = torch.Generator().manual_seed(cfg.seed)
         crops = buffer.sample(4 * cfg.data.batch_size, False, g)
         model.fit_scaling(x.to(device) for x in crops.split(cfg.data.batch_size))
@@ -297,14 +326,15 @@ def train_vae_loop(cfg: VAETrainLoopConfig, backend: Backend,
     """Train until `cfg.steps`. `source()` starts one pass over this worker's decoded clips
     (Arrow blocks with `frames` + `frames_shape`); `val` holds the held-out crops."""
     rank, W, device, run_dir = backend.rank, backend.world_size, backend.device, Path(run_dir)
-    with process_group():
+    cfg = with_init(cfg)
+    with process_group(device):
         run_dir.mkdir(parents=True, exist_ok=True)
         def ddp(module: VideoVAE) -> DistributedDataParallel:
             return DistributedDataParallel(
                 module, device_ids=[device.index] if device.type == "cuda" else None)
 
         # the same init on every rank (DDP also broadcasts it)
-        state = train_state(lambda: VideoVAE(replace(cfg.model)).to(device), cfg.optim,
+        state = train_state(lambda: initial_vae(cfg).to(device), cfg.optim,
                             cfg.seed, backend, "train-vae", wrap=ddp)
         model, ema, start = state.model, state.ema, state.start
         log = MetricsLog(run_dir, start, rank == 0)

@@ -1,0 +1,163 @@
+"""One process, no Ray: the training loops of `tubelet train` and `tubelet train-vae` on one
+device of this machine.
+
+    python -m pipeline.local train --data RUN_PRE/latents --output RUN [--config C] [--set k=v]
+    python -m pipeline.local train-vae --input VIDEOS --output RUN [--val VIDEOS] [--config C]
+
+Ray Train workers run `actors/workers/train_dit.py:train_loop` and
+`actors/workers/train_vae.py:train_vae_loop` with a `RayBackend`; here the same functions run in
+this process with a `LocalBackend` (checkpoints straight to RUN/checkpoints/step_N), on
+`--device` (default: the GPU when there is one). For a single-GPU box, a debugger, or a machine
+without Ray installed (nothing here imports Ray). The configs, the run folder (config.yaml,
+run.json, metrics.jsonl, loss.png, export/) and `--resume` are those of the Ray jobs:
+
+- `train` reads the latent dataset's plan in this process (what `data.loader: worker` does in a
+  Train worker; one worker, so `num_workers` and the Ray sections are not used);
+- `train-vae` decodes its videos here with the preprocess stages (`decode_here`: probe, assign,
+  decode; the Ray job streams the same stages through actor pools), holds out `data.val_videos`
+  as the Ray job does and ends with the same held-out PSNR / SSIM (`finish`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, UsageError, resolve_config, to_dict, write_run_record
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this machine has no CUDA GPU (use --device cpu)")
+    return "cuda:0" if name == "cuda" else name  # DDP and NCCL want the index
+
+
+def train_local(cfg: Any, data: str, output: str, device: str, resume: bool = False
+                ) -> dict[str, Any]:
+    """`tubelet train --data` in this process (cfg: a pipeline.train.TrainConfig)."""
+    from actors.workers.toolkit import LocalBackend
+    from actors.workers.train_data import BatchPlan, Collate, PlanLoader, read_index
+    from actors.workers.train_dit import local_batches, prefetched, train_loop
+    from models.text_encoder import caption_tokenizer
+    from pipeline.ray_train import TrainError, prepare_run
+    from pipeline.report import plot_losses, read_metrics
+    from pipeline.train import data_channels, with_channels
+
+    run = Path(output).resolve()
+    prepare_run(run, resume)
+    try:
+        index = read_index(data)
+        cfg = with_channels(cfg, data_channels(index, data))
+        plan = BatchPlan(index, cfg.data, 1)
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainError(str(e)) from None
+    print(f"[train] {index.num_rows} clips; {plan.steps_per_epoch} steps per epoch, "
+          f"{cfg.steps} steps on {device} (one process, no Ray)", flush=True)
+    resolved = to_dict(cfg)
+    write_run_record(run, "train", cfg, data=str(data), resume=resume, device=device,
+                     runner="pipeline.local", clips=index.num_rows)
+    start = time.perf_counter()
+    batches = prefetched(local_batches(PlanLoader(index, cfg.data, 1, 0),
+                                       Collate(caption_tokenizer(cfg.text_encoder))),
+                         cfg.data.prefetch_steps, cfg.steps)
+    out = train_loop(cfg, LocalBackend(run, device), batches, run, resolved, plan.fingerprint)
+    rows = read_metrics(run)
+    plot_losses(rows, run / "loss.png")
+    summary = {"steps": out["step"], "wall_seconds": round(time.perf_counter() - start, 2),
+               "final_loss": rows[-1]["loss"] if rows else None, "export": str(run / "export"),
+               "clips": index.num_rows}
+    write_run_record(run, "train", cfg, data=str(data), resume=resume, device=device,
+                     runner="pipeline.local", **summary)
+    return summary
+
+
+def train_vae_local(cfg: Any, input_src: str, output: str, device: str,
+                    val_src: str | None = None, resume: bool = False) -> dict[str, Any]:
+    """`tubelet train-vae` in this process (cfg: a pipeline.train_vae.TrainVAEConfig)."""
+    from actors.workers.toolkit import LocalBackend
+    from actors.workers.train_vae import center_crops, local_source, train_vae_loop, with_init
+    from pipeline.ray_train import prepare_run
+    from pipeline.sources import list_sources
+    from pipeline.train_vae import decoded, finish, held_out, split_sources
+
+    try:
+        cfg = with_init(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    run = Path(output).resolve()
+    prepare_run(run, resume)
+    start = time.perf_counter()
+    exts = tuple(cfg.preprocess.video_extensions)
+    sources = list_sources(input_src, exts)
+    if val_src:
+        train_src, val_sources = sources, list_sources(val_src, exts)
+    else:
+        train_src, val_sources = split_sources(sources, cfg.data.val_videos, cfg.seed)
+    val_rows, val_clips = held_out(cfg, val_sources, run / "errors")
+    d = cfg.data
+    val = center_crops(val_clips, (d.crop_frames, d.crop_size, d.crop_size))
+    clips = decoded(cfg.preprocess, train_src, run / "errors")
+    print(f"[train-vae] {train_src.num_rows} training videos -> {clips.num_rows} clips "
+          f"(decoded in {time.perf_counter() - start:.0f} s), {len(val_clips)} held-out clips; "
+          f"{cfg.steps} steps on {device} (one process, no Ray)", flush=True)
+    resolved = to_dict(cfg)
+    write_run_record(run, "train-vae", cfg, input=input_src, val=val_src, resume=resume,
+                     device=device, runner="pipeline.local", train_videos=train_src.num_rows)
+    train_vae_loop(cfg, LocalBackend(run, device), local_source([clips]), run, resolved, val)
+    summary = finish(cfg, run, val_rows, val_clips)
+    summary.update(wall_seconds=round(time.perf_counter() - start, 2),
+                   train_videos=train_src.num_rows)
+    write_run_record(run, "train-vae", cfg, input=input_src, val=val_src, resume=resume,
+                     device=device, runner="pipeline.local", **summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.local", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, what in (("train", "a DiT on a latent dataset"), ("train-vae", "a video VAE")):
+        s = sub.add_parser(name, help=what)
+        if name == "train":
+            s.add_argument("--data", required=True, help="a latent dataset (preprocess output)")
+        else:
+            s.add_argument("--input", required=True, help="training videos (folder / manifest)")
+            s.add_argument("--val", help="held-out videos (default: data.val_videos of --input)")
+        s.add_argument("--output", required=True, help="the run folder")
+        s.add_argument("--config", help=f"YAML (default configs/{name}/default.yaml)")
+        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key (repeatable)")
+        s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: auto)")
+        s.add_argument("--resume", action="store_true", help="continue RUN's last checkpoint")
+    args = p.parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        if args.command == "train":
+            from pipeline.train import TrainConfig
+
+            cfg = resolve_config(TrainConfig, "train", args.config, args.set)
+            summary = train_local(cfg, args.data, args.output, device, args.resume)
+        else:
+            from pipeline.train_vae import TrainVAEConfig
+
+            cfg = resolve_config(TrainVAEConfig, "train-vae", args.config, args.set)
+            summary = train_vae_local(cfg, args.input, args.output, device, args.val,
+                                      args.resume)
+    except (ConfigError, UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in summary.items() if k != "held_out_clips"}, indent=2,
+                     default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
