@@ -30,13 +30,13 @@ start)
   common=(--input $W/vae-train --val $W/vae-heldout --device cuda
           --set init=weights/vae-dc.safetensors --set freeze_encoder=true --set "data.stages=[]"
           --set steps=1000000 --set data.batch_size=16 --set data.crop_size=96
-          --set optim.lr=3e-4 --set optim.warmup_steps=100 --set optim.ema_decay=0.999
+          --set optim.lr=0.0003 --set optim.warmup_steps=100 --set optim.ema_decay=0.999
           --set checkpoint_every=1000 --set data.val_every=1000 --set log_every=200)
   setsid nohup python3 -m pipeline.local train-vae --output $W/vae-A "${common[@]}" \
     > $W/vae-A.log 2>&1 < /dev/null &
   setsid nohup python3 -m pipeline.local train-vae --output $W/vae-B "${common[@]}" \
     --set loss.grad_weight=0.5 > $W/vae-B.log 2>&1 < /dev/null &
-  sleep 45
+  sleep 20
   tail -n 5 $W/vae-A.log $W/vae-B.log
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
   ;;
@@ -68,7 +68,7 @@ dit)
   cp $W/dit-A/export/model.safetensors $OUT/dit-A.safetensors
   cp $W/dit-B/export/model.safetensors $OUT/dit-B.safetensors
   for v in A B; do
-    last=$(ls -d $W/vae-$v/checkpoints/step_* 2>/dev/null | grep -v tmp | sort | tail -1)
+    last=$(ls -d $W/vae-$v/checkpoints/step_* 2>/dev/null | grep -v '\.tmp$' | sort | tail -1)
     [ -n "$last" ] && cp "$last/vae.safetensors" $OUT/vae-$v.safetensors && say "vae-$v: $last"
   done
   cd $W && tar czf $OUT/logs.tar.gz *.log */metrics.jsonl */export/config.json \

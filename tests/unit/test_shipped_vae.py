@@ -63,13 +63,14 @@ def test_every_moving_shape_is_in_every_reconstructed_frame(reconstructions):
                 assert min(ious) > 0.85, (row["path"], row["caption"], min(ious))
             else:
                 worst.append((min(ious), row["caption"]))
-    # Issue 11 asks for >= 0.7 in every frame; the shipped weights reach 0.59 (small stars on
-    # textured backgrounds lose their points): this guards what is reached, not the target.
-    assert min(worst)[0] >= 0.55, sorted(worst)[:3]
-    assert np.median([w for w, _ in worst]) >= 0.75, sorted(worst)
+    # Issue 11 asks for >= 0.7 in every frame; the shipped weights reach 0.63 (median 0.83;
+    # small stars on textured backgrounds lose their points; before the decoder fine-tune 0.59
+    # and 0.78): this guards what is reached, not the target.
+    assert min(worst)[0] >= 0.6, sorted(worst)[:3]
+    assert np.median([w for w, _ in worst]) >= 0.8, sorted(worst)
 
 
 def test_held_out_psnr_of_the_shipped_vae(reconstructions):
     values = [psnr(torch.from_numpy(src).float() / 127.5 - 1, torch.from_numpy(rec).float()
                    / 127.5 - 1) for _, src, rec in reconstructions]
-    assert np.mean(values) >= 28.0, values
+    assert np.mean(values) >= 30.5, values  # 31.13 dB measured (28.69 before the fine-tune)
