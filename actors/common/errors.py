@@ -11,6 +11,7 @@ no bucket fits), `error` (one line for the user).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
@@ -34,14 +35,30 @@ def error_row(path: str, stage: str, error: str | BaseException, kind: str = "er
 
 
 def write_atomic(table: pa.Table, path: Path) -> None:
-    """Write Parquet to a temp name in the same folder, then rename (atomic on POSIX)."""
+    """Write Parquet to a temp name in the same folder, then rename (atomic on POSIX).
+
+    Every step goes through one open handle on the folder (`dir_fd`), so the file ends whole
+    in the folder it was started in even if that folder is renamed or replaced meanwhile (a
+    user moving the output aside mid-job); on failure the temp file is removed from there."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:  # a full disk leaves no half-written temp file behind
-        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pq.write_table(table, f)
+            os.replace(tmp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException:  # a full disk leaves no half-written temp file behind
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=folder)
+            raise
+    except OSError as e:  # name the whole path, not the name relative to the folder handle
+        if e.filename is None or not os.path.isabs(str(e.filename)):
+            e.filename = str(path.parent / (e.filename or tmp))
+        raise
+    finally:
+        os.close(folder)
 
 
 class ErrorSink:

@@ -47,6 +47,7 @@ class SamplerConfig:
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     num_cpus_per_rank: float = 1.0  # Ray CPUs per started rank (and its torch threads, on CPU)
     timeout_s: float = 600.0  # a collective waiting longer than this fails the sample
+    rank_restarts: int = 2  # a rank actor lost mid-batch: new ranks, the batch again (x this)
 
     @property
     def world_size(self) -> int:
@@ -61,6 +62,8 @@ class SamplerConfig:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.num_cpus_per_rank <= 0 or self.timeout_s <= 0:
             raise ValueError("num_cpus_per_rank and timeout_s must be > 0")
+        if self.rank_restarts < 0:
+            raise ValueError(f"rank_restarts: must be >= 0, got {self.rank_restarts}")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -172,6 +175,24 @@ class SamplerRank:
         self.mesh = None
 
 
+class RankLost(RuntimeError):
+    """A rank actor of the group died mid-sample (SIGKILL, OOM, its node removed)."""
+
+
+def _dead(actor: Any) -> bool:
+    """Whether a rank actor is gone (a no-op call to it fails with an actor error)."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=5.0)
+        return False
+    except RayActorError:
+        return True
+    except GetTimeoutError:
+        return False
+
+
 class SamplerGroup:
     """K * (2 if cfg_parallel else 1) ranks sampling together; this process is rank 0.
 
@@ -189,29 +210,53 @@ class SamplerGroup:
             raise RuntimeError("SamplerGroup with several ranks makes this process's default "
                                "process group, and one already exists here; run it in its own "
                                "process (a Ray Data actor)")
-        if world > 1:
+        self.local = SamplerRank(model, cfg)
+        self.model, self.lost = model, False
+        self._start_ranks()
+
+    def _start_ranks(self) -> None:
+        """Start the `world_size - 1` rank actors and make the process group with them."""
+        cfg, world = self.cfg, self.cfg.world_size
+        if world == 1:
+            return
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        timeout = timedelta(seconds=cfg.timeout_s)
+        # port 0: the OS picks a free port, so concurrent groups on one node never collide
+        store = dist.TCPStore(host, 0, world, is_master=True, wait_for_workers=False,
+                              timeout=timeout)
+        gpus = 1 if cfg.torch_device().type == "cuda" else 0
+        actor = ray.remote(SamplerRank).options(num_cpus=cfg.num_cpus_per_rank, num_gpus=gpus)
+        threads = max(1, int(cfg.num_cpus_per_rank))
+        self.actors = [actor.remote(self.model, cfg, threads) for _ in range(world - 1)]
+        try:
+            joins = [a.join.remote(host, store.port, r) for r, a in enumerate(self.actors, 1)]
+            self.local.join(host, store.port, 0, store=store)
+            ray.get(joins)
+        except BaseException:
+            self._stop_ranks()
+            raise
+
+    def _stop_ranks(self) -> None:
+        """Kill the rank actors (no goodbye: one may be dead) and leave the process group."""
+        if self.actors:
             import ray
 
-            host = ray.util.get_node_ip_address()
-            timeout = timedelta(seconds=cfg.timeout_s)
-            # port 0: the OS picks a free port, so concurrent groups on one node never collide
-            store = dist.TCPStore(host, 0, world, is_master=True, wait_for_workers=False,
-                                  timeout=timeout)
-            gpus = 1 if cfg.torch_device().type == "cuda" else 0
-            actor = ray.remote(SamplerRank).options(num_cpus=cfg.num_cpus_per_rank,
-                                                    num_gpus=gpus)
-            threads = max(1, int(cfg.num_cpus_per_rank))
-            self.actors = [actor.remote(model, cfg, threads) for _ in range(world - 1)]
-        try:
-            self.local = SamplerRank(model, cfg)  # loads while the actors load
-            if world > 1:
-                joins = [a.join.remote(host, store.port, r) for r, a in enumerate(self.actors, 1)]
-                self.local.join(host, store.port, 0, store=store)
-                ray.get(joins)
-        except BaseException:
             for a in self.actors:
                 ray.kill(a)
-            raise
+            self.actors = []
+        self.local.close()
+
+    def _restart_ranks(self, why: BaseException) -> None:
+        """A rank died: a new group (fresh actors, a new store and process group), same model
+        in this process. What it was sampling is sampled again: the inputs are all in `sample`'s
+        arguments and the noise is the row's own, so the result is the one it would have been."""
+        print(f"[generate] a sampler rank was lost ({type(why).__name__}); restarting the "
+              f"{self.cfg.world_size - 1} rank actor(s) of this group", flush=True)
+        self._stop_ranks()
+        self._start_ranks()
+        self.lost = False
 
     def sample(self, noise: torch.Tensor, text: torch.Tensor | None,
                text_mask: torch.Tensor | None, fps: torch.Tensor | None, steps: int,
@@ -222,29 +267,51 @@ class SamplerGroup:
                       shift=shift, guidance=guidance, neg_text=neg_text, neg_mask=neg_mask)
         if not self.actors:
             return self.local.sample(inputs)
+        for attempt in range(self.cfg.rank_restarts + 1):
+            if self.lost:
+                self._restart_ranks(self.lost)
+            try:
+                return self._sample_on_ranks(inputs)
+            except RankLost as e:
+                self.lost = e.__cause__ or e
+                if attempt == self.cfg.rank_restarts:
+                    raise RuntimeError(f"sampler ranks lost {attempt + 1} times in one batch "
+                                       f"(sampler.rank_restarts={self.cfg.rank_restarts}): "
+                                       f"{self.lost}") from e
+        raise AssertionError("unreachable")
+
+    def _sample_on_ranks(self, inputs: dict[str, Any]) -> torch.Tensor:
         import ray
+        from ray.exceptions import RayActorError
 
         ref = ray.put(inputs)
         pending = [a.sample.remote(ref, False) for a in self.actors]
         try:
             out = self.local.sample(inputs)
-        except Exception:
-            # A failed rank breaks rank 0's collectives: raise the rank's own error if it has one.
+        except Exception as e:
+            # A failed rank breaks rank 0's collectives: raise the rank's own error if it has
+            # one; a rank that died (its process killed, its node gone) makes a RankLost.
             ready, _ = ray.wait(pending, num_returns=len(pending), timeout=5.0)
-            ray.get(ready)
+            for ref_ in ready:
+                try:
+                    ray.get(ref_)
+                except RayActorError as dead:
+                    raise RankLost(str(dead)) from dead
+            if not ready and any(_dead(a) for a in self.actors):
+                raise RankLost(str(e)) from e
             raise
-        ray.get(pending)
+        try:
+            ray.get(pending)
+        except RayActorError as dead:  # rank 0 has the latents; the group needs new ranks
+            self.lost = dead
         return out
 
     def close(self) -> None:
-        if self.actors:
+        if self.actors and not self.lost:
             import ray
 
             ray.get([a.close.remote() for a in self.actors])
-            for a in self.actors:
-                ray.kill(a)
-            self.actors = []
-        self.local.close()
+        self._stop_ranks()
 
     def __enter__(self) -> SamplerGroup:
         return self

@@ -1,14 +1,21 @@
 """`SamplerGroup` on a real local Ray (2 CPUs): ranks started as Ray actors from an export on
 disk sample the latents one process does (fp32, within 1e-4), and one process gives a row
-bitwise the same latents whether it is sampled alone or in a batch."""
+bitwise the same latents whether it is sampled alone or in a batch; a rank killed mid-sample
+is replaced and the batch sampled again."""
 
 from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
 
 from actors.workers.sampler import SamplerConfig, SamplerGroup
 from tests.exports import write_export
+from tests.faults import ray_processes
 
 pytestmark = pytest.mark.integration
 STEPS, SHIFT, GUIDANCE = 3, 2.0, 4.0
@@ -80,9 +87,49 @@ def test_sequence_and_cfg_parallel_ranks_match_one_process(exports, ray_local):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
 
 
+def test_a_killed_rank_is_replaced_and_the_batch_sampled_again(exports, ray_local):
+    """SIGKILL of a sequence-parallel rank actor mid-sample (its process, as the OOM killer or
+    a lost node would): the group starts a new rank, samples the batch again and returns what
+    an undisturbed group returns; the next call runs on the new group as usual."""
+    z = rows(seed=3)
+    steps = 40  # long enough to kill the rank while it samples
+
+    def run(group: SamplerGroup) -> torch.Tensor:
+        return group.sample(z["noise"], z["text"], z["text_mask"], z["fps"], steps=steps,
+                            shift=SHIFT, guidance=GUIDANCE)
+
+    with SamplerGroup(exports["factorized"], SamplerConfig(device="cpu")) as group:
+        ref = run(group)
+    killed: list[int] = []
+
+    def kill_busy_rank() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            busy = [pid for pid, title in ray_processes().items()
+                    if "SamplerRank.sample" in title]
+            if busy:
+                os.kill(busy[0], signal.SIGKILL)
+                killed.append(busy[0])
+            time.sleep(0.02)
+
+    cfg = SamplerConfig(sequence_parallel=2, device="cpu", num_cpus_per_rank=0.5)
+    with SamplerGroup(exports["factorized"], cfg) as group:
+        first = group.actors[0]
+        killer = threading.Thread(target=kill_busy_rank, daemon=True)
+        killer.start()
+        out = run(group)
+        killer.join(timeout=5)
+        assert killed, "no busy sampler rank was found to kill"
+        assert group.actors and group.actors[0] != first  # a new rank actor
+        again = run(group)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+    assert torch.equal(out, again)
+
+
 def test_config_errors_name_the_field():
     for bad, field in [(dict(sequence_parallel=0), "sequence_parallel"),
                        (dict(device="tpu"), "device"), (dict(dtype="int8"), "dtype"),
-                       (dict(num_cpus_per_rank=0), "num_cpus_per_rank")]:
+                       (dict(num_cpus_per_rank=0), "num_cpus_per_rank"),
+                       (dict(rank_restarts=-1), "rank_restarts")]:
         with pytest.raises(ValueError, match=field):
             SamplerConfig(**bad).validate()
