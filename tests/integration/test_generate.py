@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -165,3 +166,75 @@ def test_parallel_and_multi_actor_jobs_make_the_same_videos(tmp_path, models):
         assert videos[0].shape == videos[1].shape
         assert np.abs(videos[0] - videos[1]).mean() < 0.5  # h264 of (nearly) equal frames
         assert np.array_equal(videos[0], videos[2])  # another actor count: the same video
+
+
+def test_a_node_removed_mid_job_loses_nothing(tmp_path, models):
+    """A 3-node ray.cluster_utils.Cluster with a sampler actor on each of two nodes: once a
+    video is finished, the worker node of a busy sampler is removed (its raylet and workers
+    killed). Ray Data restarts the actor elsewhere and retries its batch; the job finishes in
+    one run with every id exactly once and every mp4 whole, and a rerun finds nothing to do."""
+    import ray
+    import ray.data
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    from tests.faults import busy_actor_pids
+
+    if ray.is_initialized():
+        ray.shutdown()
+    export, vae = models
+    rows = [{"id": f"n{i}", "prompt": f"a green circle number {i}", "seed": i, "steps": 60}
+            for i in range(10)]
+    prompts, out = prompt_file(tmp_path / "p.jsonl", rows), tmp_path / "out"
+    store = 150 * 2**20
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "object_store_memory": store, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=1, object_store_memory=store) for _ in range(2)]
+    removed: list[str] = []
+
+    def raylet_pid(node) -> int:
+        return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+
+    def remove_a_busy_sampler_node() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not removed:
+            done = list((out / "manifest").glob("*.parquet"))
+            for pid in busy_actor_pids("SampleStage") if done else []:
+                try:
+                    parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]
+                                 .split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                node = next((n for n in workers if raylet_pid(n) == parent), None)
+                if node is not None:
+                    removed.append(node.node_id)
+                    cluster.remove_node(node, allow_graceful=False)
+                    return
+            time.sleep(0.05)
+
+    job = args(export, vae, prompts, out, "--width", "64", "--height", "64", "--frames", "17",
+               "--address", cluster.address, "--set", "sample.min_actors=2",
+               "--set", "sample.max_actors=2", "--set", "sample.num_cpus=0.4",
+               "--set", "sample.batch_size=1", "--set", "decode.num_cpus=0.1",
+               "--set", "decode.min_actors=1", "--set", "text.num_cpus=0.05",
+               "--set", "encode.num_cpus=0.05")
+    try:
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        # Both sampler actors must be up before work is handed out.
+        ray.data.DataContext.get_current().wait_for_min_actors_s = 120
+        remover = threading.Thread(target=remove_a_busy_sampler_node, daemon=True)
+        remover.start()
+        assert main(job) == 0
+        remover.join(timeout=5)
+        assert removed, "no busy sampler on a worker node was found to remove"
+        got = manifest(out)
+        assert sorted(r["id"] for r in got) == sorted(r["id"] for r in rows)  # each once
+        for r in got:
+            with av.open(str(out / r["file"])) as f:
+                assert sum(1 for _ in f.decode(video=0)) == 17
+        assert not [p for p in (out / "videos").iterdir() if p.name.startswith(".")]
+        assert main(job) == 0 and len(manifest(out)) == len(rows)  # nothing left to do
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

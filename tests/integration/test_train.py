@@ -147,6 +147,24 @@ def test_input_streams_videos_into_training(ray_cluster, tmp_path):
     assert len(videos) == 4
 
 
+def test_killed_decode_and_encode_actors_feeding_training_lose_nothing(ray_cluster, tmp_path):
+    """--input with a busy decode actor, then a busy VAE encode actor SIGKILLed mid-run: Ray
+    Data restarts them and retries their batches; training runs every step exactly once."""
+    from pipeline.synth import SynthConfig, synthesize
+    from tests.faults import Killer
+
+    synthesize(SynthConfig(num_videos=8, seed=4, workers=1), tmp_path / "videos")
+    cfg = load_config(TrainConfig, CONFIGS / "debug.yaml",
+                      [*SETS, "steps=8", "data.batch_size=2", "worker.num_cpus=0.3",
+                       "preprocess.decode.batch_size=1", "preprocess.encode.batch_size=1"])
+    with Killer([("DecodeStage", lambda: True), ("VAEEncodeStage", lambda: True)]) as killer:
+        summary = run_train(cfg, tmp_path / "run", input_src=str(tmp_path / "videos"))
+    assert sorted(killer.killed) == ["DecodeStage", "VAEEncodeStage"], killer.killed
+    rows = metrics(tmp_path / "run")
+    assert summary["steps"] == 8 and [r["step"] for r in rows] == list(range(1, 9))
+    assert all(r["samples"] >= 1 and r["loss"] > 0 for r in rows)
+
+
 def test_preprocess_then_train_with_the_shipped_defaults(ray_cluster, tmp_path, capsys):
     """`tubelet preprocess` then `tubelet train` with every default (only fewer steps): the
     model takes the 16 channels of the shipped VAE's latents from the dataset."""
