@@ -70,7 +70,7 @@ class VAEEncodeStage:
                 latents[i], seconds[i] = z[j], took
         self.errors.flush()
         keep = [i for i, z in enumerate(latents) if z is not None]
-        out = batch.drop_columns(["frames", "frames_shape"]).take(keep)
+        out = batch.drop_columns(["frames", "frames_shape"]).take(pa.array(keep, pa.int64()))
         flat = np.concatenate([latents[i].astype(self.latent_dtype).ravel() for i in keep]) \
             if keep else np.zeros(0, self.latent_dtype)
         offsets = np.concatenate([[0], np.cumsum([latents[i].size for i in keep])]).astype(np.int32)

@@ -47,7 +47,8 @@ class Killer(threading.Thread):
         super().__init__(daemon=True)
         self.plan = plan
         self.deadline = time.time() + timeout
-        self.killed: dict[str, int] = {}  # stage -> pid killed
+        self.killed: dict[str, int] = {}  # stage -> pid killed (the last, if listed twice)
+        self.kills = 0  # kills done, in all
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -60,6 +61,7 @@ class Killer(threading.Thread):
                     except ProcessLookupError:  # it finished and exited meanwhile
                         continue
                     self.killed[stage] = pids[0]
+                    self.kills += 1
                     break
                 time.sleep(0.05)
 

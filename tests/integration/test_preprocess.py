@@ -296,6 +296,23 @@ def test_killed_decode_and_encode_actors_lose_nothing(videos, first_run, tmp_pat
     assert error_paths(target) == error_paths(out)  # each bad input once, as before
 
 
+def test_a_killed_fused_decode_encode_actor_loses_nothing(videos, first_run, tmp_path):
+    """fuse_decode: one actor decodes and encodes; SIGKILL it mid-job: Ray Data restarts it and
+    retries its batch; the job finishes with the same clips and error rows, each once."""
+    root, _ = videos
+    out, summary = first_run
+    target = tmp_path / "fused_faults"
+    cfg = small_config("fuse_decode=true", "write.batch_size=1", "encode.batch_size=1",
+                       "decode.batch_size=1")
+    with Killer([("DecodeEncodeStage", lambda: True)]) as killer:
+        got = run_preprocess(cfg, str(root / "manifest.jsonl"), target, progress=False)
+    assert killer.kills == 1, killer.killed
+    ids = read_latents(target).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == summary["clips_written"] == got["clips_written"]
+    assert sorted(ids) == sorted(read_latents(out).column("id").to_pylist())
+    assert error_paths(target) == error_paths(out)
+
+
 def test_a_node_removed_mid_job_loses_nothing(tmp_path):
     """A 3-node ray.cluster_utils.Cluster, decode actors on two nodes: once both decoders
     worked and a latent file exists, the worker node of a busy decoder is removed (its raylet

@@ -59,3 +59,17 @@ def test_a_clip_the_vae_refuses_is_an_error_row_and_the_rest_go_on(dataset, tmp_
     errors = pds.dataset(tmp_path, format="parquet").to_table().to_pylist()
     assert [(e["stage"], e["kind"]) for e in errors] == [("encode", "error")]
     assert clips.column("id")[0].as_py() in errors[0]["error"]
+
+
+def test_a_batch_with_no_clip_left_gives_an_empty_table(dataset, tmp_path):
+    """A batch whose every clip fails (or that holds none: a fused decode + encode actor after a
+    video with no decodable clip) is an empty table with the output columns, not a crash."""
+    clips = decoded(dataset, 1)
+    first = np.frombuffer(clips.column("frames")[0].as_py(), np.uint8).reshape(
+        clips.column("frames_shape")[0].as_py())
+    table = with_columns(clips.drop_columns(["frames", "frames_shape"]),
+                         pack("frames", [first[:6]]))  # 6 frames: refused
+    stage = VAEEncodeStage(VAE, BUCKETS, str(tmp_path))
+    out = stage(table)
+    assert out.num_rows == 0 and {"id", "latent", "latent_shape"} <= set(out.column_names)
+    assert stage(table.slice(0, 0)).num_rows == 0
