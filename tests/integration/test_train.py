@@ -181,3 +181,65 @@ def test_preprocess_then_train_with_the_shipped_defaults(ray_cluster, tmp_path, 
     assert dit.config.in_channels == 16 and config["step"] == 2
     resolved = load_config(TrainConfig, run / "config.yaml")  # the run records what it used
     assert resolved.model.in_channels == 16
+
+
+def test_a_node_removed_mid_run_is_survived_exactly(tmp_path):
+    """2 FSDP workers on two nodes of a ray.cluster_utils.Cluster (head without CPUs, three
+    1-CPU nodes): after step 8 the node of rank 1 is removed (raylet and workers killed). Ray
+    Train restarts the group from the last checkpoint on the nodes left; every step is logged
+    once and the run ends at a one-process run's weights."""
+    import ray
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    latents = write_latents(tmp_path / "latents")
+    sets = [*SETS, "steps=24", "worker.num_cpus=0.6", "data.loader=worker", "num_workers=2"]
+    torch.set_num_threads(1)
+    train(load_config(TrainConfig, CONFIGS / "debug.yaml", sets), latents, tmp_path / "ref")
+    store = 150 * 2**20
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "object_store_memory": store, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1, object_store_memory=store) for _ in range(3)]
+    run, removed, seen = tmp_path / "run", [], []
+
+    def remove_rank1_node() -> None:
+        deadline = time.time() + 300
+        record = run / "workers" / "rank1.json"
+        while time.time() < deadline and not removed:
+            try:  # metrics.jsonl may end in a line being written; the worker may be gone
+                step = metrics(run)[-1]["step"] if (run / "metrics.jsonl").exists() else 0
+                pid = json.loads(record.read_text())["pid"] if record.exists() else None
+                stat = Path(f"/proc/{pid}/stat").read_text() if pid else ""
+            except (ValueError, IndexError, OSError):
+                step, stat = 0, ""
+            if step >= 8 and stat:
+                parent = int(stat.rsplit(")", 1)[1].split()[1])
+                raylets = {n.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid: n
+                           for n in nodes}
+                if parent in raylets:
+                    removed.append(pid)
+                    cluster.remove_node(raylets[parent], allow_graceful=False)
+                    return
+                seen.append((parent, sorted(raylets)))
+            time.sleep(0.05)
+
+    try:
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        watcher = threading.Thread(target=remove_rank1_node, daemon=True)
+        watcher.start()
+        cfg = load_config(TrainConfig, CONFIGS / "debug.yaml", sets)
+        summary = run_train(cfg, run, data=str(latents), address=cluster.address)
+        watcher.join(timeout=5)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert removed, f"rank 1's node was not found to remove {seen[-3:]}"
+    assert json.loads((run / "workers" / "rank1.json").read_text())["pid"] != removed[0]
+    assert summary["steps"] == 24
+    assert [m["step"] for m in metrics(run)] == list(range(1, 25))  # each step once
+    ref, got = weights(tmp_path / "ref"), weights(run)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=2e-5, msg=k)
