@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -240,6 +241,47 @@ def test_output_gone_unwritable_mid_job_stops_cleanly_and_rerun_resumes(videos, 
     assert written and all(pds.dataset(f).count_rows() >= 1 for f in written)  # each whole
     latents.unlink()
     kept.rename(latents)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ids = read_latents(target).column("id").to_pylist()
+    assert len(ids) == len(set(ids))  # exactly once
+    assert sorted(ids) == sorted(read_latents(out).column("id").to_pylist())
+
+
+def test_a_full_disk_mid_job_stops_cleanly_and_rerun_resumes(videos, first_run, tmp_path):
+    """A real ENOSPC: the latents folder is a 64 KiB tmpfs, mounted in a user + mount namespace
+    (`unshare -rm`: no privilege needed where unprivileged user namespaces are allowed; skipped
+    where they are not). The job fills it, stops with one line naming the full disk and exit 1,
+    leaves no temp file and only whole files; the rerun, with room again, gives every clip once."""
+    mount = ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=8k tmpfs {tmp_path}"]
+    probe = subprocess.run(mount, capture_output=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("no unprivileged user + mount namespace (unshare -rm) to mount a tmpfs in")
+    root, _ = videos
+    out, _ = first_run
+    target, kept = tmp_path / "full", tmp_path / "kept"
+    latents = target / "latents"
+    latents.mkdir(parents=True)
+    kept.mkdir()
+    cmd = one_clip_per_write(root / "good", target)
+    script = (f"mount -t tmpfs -o size=64k tmpfs {latents} || exit 99; "
+              f"{shlex.join(cmd)} 2> {tmp_path / 'stderr'}; echo $? > {tmp_path / 'rc'}; "
+              f"ls -a {latents} > {tmp_path / 'listing'}; "
+              f"for f in {latents}/part-*.parquet; do [ -e \"$f\" ] && cp \"$f\" {kept}/; done; "
+              "true")
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, timeout=400)
+    assert done.returncode == 0, done
+    stderr = (tmp_path / "stderr").read_text()
+    assert (tmp_path / "rc").read_text().strip() == "1", stderr[-3000:]
+    ours = [ln for ln in stderr.splitlines() if ln.startswith("tubelet preprocess: stopped")]
+    assert len(ours) == 1 and "No space left on device" in ours[0], stderr[-3000:]
+    listing = (tmp_path / "listing").read_text().split()
+    assert not [n for n in listing if "tmp" in n], listing  # no half-written file
+    for f in kept.glob("part-*.parquet"):
+        assert pds.dataset(f).count_rows() >= 1  # each whole
+    assert not list(latents.iterdir())  # outside the namespace: the folder under the mount
+    for f in kept.iterdir():
+        shutil.copy(f, latents / f.name)
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-2000:]
     ids = read_latents(target).column("id").to_pylist()

@@ -67,7 +67,10 @@ def test_each_hostile_input_is_processed_right_or_one_error_row(corpus, buckets,
         clips = decode(planned)
         outcome, errors = ("decode", decode.errors.rows) if decode.errors.rows else ("clip", [])
         assert clips.num_rows + len(decode.errors.rows) == planned.num_rows
-    assert len(errors) <= 1 and all("\n" not in e["error"] for e in errors), errors
+    # one row per input at probe / bucket; at decode one per failed clip of the input (its
+    # bytes differ per build: the mp4 muxer stamps the file, so where flips land varies)
+    assert len(errors) <= (planned.num_rows if outcome == "decode" else 1), errors
+    assert all("\n" not in e["error"] and e["path"] == str(case.path) for e in errors), errors
     if case.expect == "any":
         return
     assert outcome == case.expect, (case.why, errors)
