@@ -128,28 +128,11 @@ def test_resume_continues_exactly(scenario):
     assert (run / "checkpoints" / "step_00000028" / "config.yaml").is_file()
 
 
-def test_input_streams_videos_into_training(ray_cluster, tmp_path):
-    """--input: decode + VAE actors feed the trainer; no latent dataset is written."""
+def test_input_streams_videos_into_training_through_killed_actors(ray_cluster, tmp_path):
+    """--input: decode + VAE actors feed the trainer, no latent dataset is written; a busy
+    decode actor, then a busy VAE encode actor, SIGKILLed mid-run: Ray Data restarts them and
+    retries their batches, and training runs every step exactly once."""
     from models.denoiser import load_exported
-    from pipeline.synth import SynthConfig, synthesize
-
-    videos = synthesize(SynthConfig(num_videos=4, seed=3, workers=1), tmp_path / "videos")
-    cfg = load_config(TrainConfig, CONFIGS / "debug.yaml",
-                      [*SETS, "steps=3", "data.batch_size=2", "worker.num_cpus=0.3"])
-    summary = run_train(cfg, tmp_path / "run", input_src=str(tmp_path / "videos"))
-    rows = metrics(tmp_path / "run")
-    assert summary["steps"] == 3 and [r["step"] for r in rows] == [1, 2, 3]
-    assert sum(r["samples"] for r in rows) >= 3 and all(r["loss"] > 0 for r in rows)
-    assert not list((tmp_path / "run").rglob("*.parquet"))  # nothing materialised
-    dit, _, config = load_exported(tmp_path / "run" / "export")
-    assert config["step"] == 3 and dit.config.in_channels == 4
-    assert load_config(TrainConfig, tmp_path / "run" / "export" / "train.yaml") == cfg
-    assert len(videos) == 4
-
-
-def test_killed_decode_and_encode_actors_feeding_training_lose_nothing(ray_cluster, tmp_path):
-    """--input with a busy decode actor, then a busy VAE encode actor SIGKILLed mid-run: Ray
-    Data restarts them and retries their batches; training runs every step exactly once."""
     from pipeline.synth import SynthConfig, synthesize
     from tests.faults import Killer
 
@@ -163,6 +146,10 @@ def test_killed_decode_and_encode_actors_feeding_training_lose_nothing(ray_clust
     rows = metrics(tmp_path / "run")
     assert summary["steps"] == 8 and [r["step"] for r in rows] == list(range(1, 9))
     assert all(r["samples"] >= 1 and r["loss"] > 0 for r in rows)
+    assert not list((tmp_path / "run").rglob("*.parquet"))  # nothing materialised
+    dit, _, config = load_exported(tmp_path / "run" / "export")
+    assert config["step"] == 8 and dit.config.in_channels == 4
+    assert load_config(TrainConfig, tmp_path / "run" / "export" / "train.yaml") == cfg
 
 
 def test_preprocess_then_train_with_the_shipped_defaults(ray_cluster, tmp_path, capsys):
