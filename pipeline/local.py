@@ -83,10 +83,9 @@ def train_vae_local(cfg: Any, input_src: str, output: str, device: str,
                     val_src: str | None = None, resume: bool = False) -> dict[str, Any]:
     """`tubelet train-vae` in this process (cfg: a pipeline.train_vae.TrainVAEConfig)."""
     from actors.workers.toolkit import LocalBackend
-    from actors.workers.train_vae import center_crops, local_source, train_vae_loop, with_init
+    from actors.workers.train_vae import local_source, train_vae_loop, with_init
     from pipeline.ray_train import prepare_run
-    from pipeline.sources import list_sources
-    from pipeline.train_vae import decoded, finish, held_out, split_sources
+    from pipeline.train_vae import decoded, finish, sources_and_held_out
 
     try:
         cfg = with_init(cfg)
@@ -95,15 +94,7 @@ def train_vae_local(cfg: Any, input_src: str, output: str, device: str,
     run = Path(output).resolve()
     prepare_run(run, resume)
     start = time.perf_counter()
-    exts = tuple(cfg.preprocess.video_extensions)
-    sources = list_sources(input_src, exts)
-    if val_src:
-        train_src, val_sources = sources, list_sources(val_src, exts)
-    else:
-        train_src, val_sources = split_sources(sources, cfg.data.val_videos, cfg.seed)
-    val_rows, val_clips = held_out(cfg, val_sources, run / "errors")
-    d = cfg.data
-    val = center_crops(val_clips, (d.crop_frames, d.crop_size, d.crop_size))
+    train_src, _, val_rows, val_clips, val = sources_and_held_out(cfg, input_src, val_src, run)
     clips = decoded(cfg.preprocess, train_src, run / "errors")
     print(f"[train-vae] {train_src.num_rows} training videos -> {clips.num_rows} clips "
           f"(decoded in {time.perf_counter() - start:.0f} s), {len(val_clips)} held-out clips; "

@@ -115,6 +115,22 @@ def held_out(cfg: TrainVAEConfig, sources: pa.Table, errors_dir: Path
     return [rows[i] for i in keep], [clips[i] for i in keep]
 
 
+def sources_and_held_out(cfg: TrainVAEConfig, input_src: str, val_src: str | None, run: Path
+                         ) -> tuple[pa.Table, pa.Table, list[dict], list[np.ndarray], Any]:
+    """(training videos, held-out videos, their clip rows, their clips, the held-out crops):
+    `--val`'s videos, else `data.val_videos` of `--input` (`split_sources`)."""
+    exts = tuple(cfg.preprocess.video_extensions)
+    sources = list_sources(input_src, exts)
+    if val_src:
+        train_src, val_sources = sources, list_sources(val_src, exts)
+    else:
+        train_src, val_sources = split_sources(sources, cfg.data.val_videos, cfg.seed)
+    val_rows, val_clips = held_out(cfg, val_sources, run / "errors")
+    d = cfg.data
+    val = center_crops(val_clips, (d.crop_frames, d.crop_size, d.crop_size))
+    return train_src, val_sources, val_rows, val_clips, val
+
+
 def run_train_vae(cfg: TrainVAEConfig, input_src: str, output: str | Path,
                   val_src: str | None = None, resume: bool = False,
                   address: str | None = None) -> dict[str, Any]:
@@ -133,15 +149,9 @@ def run_train_vae(cfg: TrainVAEConfig, input_src: str, output: str | Path,
     run = Path(output).resolve()
     prepare_run(run, resume)
     start = time.perf_counter()
-    exts = tuple(cfg.preprocess.video_extensions)
-    sources = list_sources(input_src, exts)
-    if val_src:
-        train_src, val_sources = sources, list_sources(val_src, exts)
-    else:
-        train_src, val_sources = split_sources(sources, cfg.data.val_videos, cfg.seed)
-    val_rows, val_clips = held_out(cfg, val_sources, run / "errors")
+    train_src, val_sources, val_rows, val_clips, val = sources_and_held_out(
+        cfg, input_src, val_src, run)
     d = cfg.data
-    val = center_crops(val_clips, (d.crop_frames, d.crop_size, d.crop_size))
     print(f"[train-vae] {train_src.num_rows} training videos, {len(val_clips)} held-out clips "
           f"from {val_sources.num_rows} videos; {cfg.steps} steps of {d.batch_size} crops "
           f"({d.crop_frames}x{d.crop_size}x{d.crop_size}) x {cfg.num_workers} worker(s)",

@@ -72,3 +72,42 @@ class Killer(threading.Thread):
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.join(timeout=10)
+
+
+def parent_pid(pid: int) -> int | None:
+    """The parent of process `pid` (a Ray worker's is its node's raylet), or None if gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def raylet_pid(node) -> int:
+    """The raylet process of a `ray.cluster_utils.Cluster` node."""
+    from ray._private import ray_constants
+
+    return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+
+
+class NodeRemover(threading.Thread):
+    """Remove (`allow_graceful=False`: raylet and workers killed) the worker node of `cluster`
+    that runs a busy actor of Ray Data stage `stage`, once `when()` holds; `removed` holds the
+    node id (empty if no busy actor of that stage ran on one of `workers` in time)."""
+
+    def __init__(self, cluster, workers: list, stage: str, when: Callable[[], bool],
+                 timeout: float = 300):
+        super().__init__(daemon=True)
+        self.cluster, self.workers, self.stage, self.when = cluster, workers, stage, when
+        self.deadline = time.time() + timeout
+        self.removed: list[str] = []
+
+    def run(self) -> None:
+        while time.time() < self.deadline and not self.removed:
+            for pid in busy_actor_pids(self.stage) if self.when() else []:
+                parent = parent_pid(pid)
+                node = next((n for n in self.workers if raylet_pid(n) == parent), None)
+                if node is not None:
+                    self.removed.append(node.node_id)
+                    self.cluster.remove_node(node, allow_graceful=False)
+                    return
+            time.sleep(0.05)

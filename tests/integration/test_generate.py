@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -175,10 +174,9 @@ def test_a_node_removed_mid_job_loses_nothing(tmp_path, models):
     one run with every id exactly once and every mp4 whole, and a rerun finds nothing to do."""
     import ray
     import ray.data
-    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
-    from tests.faults import busy_actor_pids
+    from tests.faults import NodeRemover
 
     if ray.is_initialized():
         ray.shutdown()
@@ -190,28 +188,6 @@ def test_a_node_removed_mid_job_loses_nothing(tmp_path, models):
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "object_store_memory": store, "include_dashboard": False})
     workers = [cluster.add_node(num_cpus=1, object_store_memory=store) for _ in range(2)]
-    removed: list[str] = []
-
-    def raylet_pid(node) -> int:
-        return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
-
-    def remove_a_busy_sampler_node() -> None:
-        deadline = time.time() + 300
-        while time.time() < deadline and not removed:
-            done = list((out / "manifest").glob("*.parquet"))
-            for pid in busy_actor_pids("SampleStage") if done else []:
-                try:
-                    parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]
-                                 .split()[1])
-                except (OSError, IndexError, ValueError):
-                    continue
-                node = next((n for n in workers if raylet_pid(n) == parent), None)
-                if node is not None:
-                    removed.append(node.node_id)
-                    cluster.remove_node(node, allow_graceful=False)
-                    return
-            time.sleep(0.05)
-
     job = args(export, vae, prompts, out, "--width", "64", "--height", "64", "--frames", "17",
                "--address", cluster.address, "--set", "sample.min_actors=2",
                "--set", "sample.max_actors=2", "--set", "sample.num_cpus=0.4",
@@ -223,11 +199,12 @@ def test_a_node_removed_mid_job_loses_nothing(tmp_path, models):
         ray.init(address=cluster.address)
         # Both sampler actors must be up before work is handed out.
         ray.data.DataContext.get_current().wait_for_min_actors_s = 120
-        remover = threading.Thread(target=remove_a_busy_sampler_node, daemon=True)
+        remover = NodeRemover(cluster, workers, "SampleStage",
+                              lambda: any((out / "manifest").glob("*.parquet")))
         remover.start()
         assert main(job) == 0
         remover.join(timeout=5)
-        assert removed, "no busy sampler on a worker node was found to remove"
+        assert remover.removed, "no busy sampler on a worker node was found to remove"
         got = manifest(out)
         assert sorted(r["id"] for r in got) == sorted(r["id"] for r in rows)  # each once
         for r in got:

@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -363,10 +362,9 @@ def test_a_node_removed_mid_job_loses_nothing(tmp_path):
     to do), and the removed node had decoded clips before it went."""
     import ray
     import ray.data
-    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
-    from tests.faults import busy_actor_pids
+    from tests.faults import NodeRemover
 
     if ray.is_initialized():
         ray.shutdown()
@@ -379,28 +377,6 @@ def test_a_node_removed_mid_job_loses_nothing(tmp_path):
         "num_cpus": 1, "object_store_memory": store, "include_dashboard": False})
     workers = [cluster.add_node(num_cpus=1, object_store_memory=store) for _ in range(2)]
     out = tmp_path / "multi"
-    removed: list[str] = []
-
-    def raylet_pid(node) -> int:
-        return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
-
-    def remove_a_busy_decoder_node() -> None:
-        deadline = time.time() + 300
-        while time.time() < deadline and not removed:
-            done = list((out / "latents").glob("part-*.parquet"))
-            for pid in busy_actor_pids("DecodeStage") if done else []:
-                try:
-                    parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]
-                                 .split()[1])
-                except (OSError, IndexError, ValueError):
-                    continue
-                node = next((n for n in workers if raylet_pid(n) == parent), None)
-                if node is not None:
-                    removed.append(node.node_id)
-                    cluster.remove_node(node, allow_graceful=False)
-                    return
-            time.sleep(0.05)
-
     try:
         cluster.wait_for_nodes()
         ray.init(address=cluster.address)
@@ -411,10 +387,12 @@ def test_a_node_removed_mid_job_loses_nothing(tmp_path):
                            "probe.batch_size=1", "assign.batch_size=1", "encode.num_cpus=0.2",
                            "probe.num_cpus=0.1", "assign.num_cpus=0.05", "write.num_cpus=0.05",
                            "write.batch_size=1", "encode.batch_size=1")
-        remover = threading.Thread(target=remove_a_busy_decoder_node, daemon=True)
+        remover = NodeRemover(cluster, workers, "DecodeStage",
+                              lambda: any((out / "latents").glob("part-*.parquet")))
         remover.start()
         summary = run_preprocess(cfg, str(src), out, address=cluster.address, progress=False)
         remover.join(timeout=5)
+        removed = remover.removed
         assert removed, "no busy decoder on a worker node was found to remove"
         assert summary["decode_nodes"].get(removed[0], 0) > 0, summary["decode_nodes"]
         assert len(summary["decode_nodes"]) >= 2, summary["decode_nodes"]  # spread out

@@ -176,8 +176,9 @@ def test_a_node_removed_mid_run_is_survived_exactly(tmp_path):
     Train restarts the group from the last checkpoint on the nodes left; every step is logged
     once and the run ends at a one-process run's weights."""
     import ray
-    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
+
+    from tests.faults import parent_pid, raylet_pid
 
     if ray.is_initialized():
         ray.shutdown()
@@ -198,13 +199,11 @@ def test_a_node_removed_mid_run_is_survived_exactly(tmp_path):
             try:  # metrics.jsonl may end in a line being written; the worker may be gone
                 step = metrics(run)[-1]["step"] if (run / "metrics.jsonl").exists() else 0
                 pid = json.loads(record.read_text())["pid"] if record.exists() else None
-                stat = Path(f"/proc/{pid}/stat").read_text() if pid else ""
             except (ValueError, IndexError, OSError):
-                step, stat = 0, ""
-            if step >= 8 and stat:
-                parent = int(stat.rsplit(")", 1)[1].split()[1])
-                raylets = {n.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid: n
-                           for n in nodes}
+                step, pid = 0, None
+            parent = parent_pid(pid) if step >= 8 and pid else None
+            if parent is not None:
+                raylets = {raylet_pid(n): n for n in nodes}
                 if parent in raylets:
                     removed.append(pid)
                     cluster.remove_node(raylets[parent], allow_graceful=False)
