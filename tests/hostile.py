@@ -175,6 +175,8 @@ def build_corpus(root: str | Path) -> dict[str, Case]:
     encode(add("tiny_1x1.mkv", "bucket", "1x1 picture"), "ffv1", width=1, height=1)
     encode(add("tiny_2x2.mkv", "bucket", "2x2 picture"), "ffv1", width=2, height=2)
     encode(add("odd_17x9.mkv", "bucket", "17x9 picture"), "ffv1", width=17, height=9)
+    patch_duration(encode(add("claims_zero.mp4", "clip", "header claims zero duration"),
+                          "libx264"), 0)
     encode(add("one_frame.mp4", "bucket", "one frame: zero duration"), "libx264",
            num_frames=1)
     # headers that lie

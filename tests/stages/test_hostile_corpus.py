@@ -18,7 +18,8 @@ from pipeline.config import load_config
 from pipeline.streams import PreprocessConfig
 from tests.hostile import build_corpus
 
-CASES = ("vp9.webm hevc.mkv hevc.mov av1.mp4 mpeg4.avi mpeg4.mov ffv1.mkv vp9_in.mp4 "
+CASES = ("claims_zero.mp4 vp9.webm hevc.mkv hevc.mov av1.mp4 mpeg4.avi mpeg4.mov ffv1.mkv "
+         "vp9_in.mp4 "
          "hevc.mp4 av1.mkv av1.webm mpeg4.mp4 mpeg4.mkv ffv1.avi "
          "h264_10bit.mkv h264_444.mp4 ffv1_444_10bit.mkv hevc_10bit.mkv interlaced.mp4 "
          "rotated90.mp4 rotated180.mov rotated270.mp4 mirrored.mp4 flipped_upside_down.mov "
