@@ -433,19 +433,26 @@ def save_vae(model: VideoVAE, path: str | Path) -> None:
     save_file(state, str(path), metadata=metadata)
 
 
-def load_vae(path: str | Path, device: str | torch.device = "cpu") -> VideoVAE:
-    """Load a `save_vae` file (safetensors: tensors and JSON only, no code runs)."""
+def read_vae_config(path: str | Path) -> VAEConfig:
+    """The VAEConfig of a `save_vae` file, from its header alone (no tensor is read)."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VAE checkpoint {path} does not exist")
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
+    with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-        if metadata.get("format") != CHECKPOINT_FORMAT or "config" not in metadata:
-            raise ValueError(f"{path} is not a tubelet VAE checkpoint (written by save_vae)")
-        config = VAEConfig.from_dict(json.loads(metadata["config"]))
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    if metadata.get("format") != CHECKPOINT_FORMAT or "config" not in metadata:
+        raise ValueError(f"{path} is not a tubelet VAE checkpoint (written by save_vae)")
+    return VAEConfig.from_dict(json.loads(metadata["config"]))
+
+
+def load_vae(path: str | Path, device: str | torch.device = "cpu") -> VideoVAE:
+    """Load a `save_vae` file (safetensors: tensors and JSON only, no code runs)."""
+    from safetensors.torch import load_file
+
+    config = read_vae_config(path)
+    state = load_file(str(path), device=str(device))
     model = VideoVAE(config).to(device)
     model.load_state_dict(state)
     return model.eval()

@@ -81,26 +81,15 @@ def unwritable(error: BaseException) -> str | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, OSError) and e.filename and (e.errno in UNWRITABLE or gone(e)):
+        if isinstance(e, OSError) and e.errno in UNWRITABLE and e.filename:
             return f"{e.strerror}: {e.filename}"
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
     # Ray may hand back only the remote traceback's text
-    m = re.search(r"(PermissionError|OSError|NotADirectoryError|FileNotFoundError): "
+    m = re.search(r"(PermissionError|OSError|NotADirectoryError): "
                   r"\[Errno (\d+)\] ([^\n]*)", str(error))
-    if m and (int(m.group(2)) in UNWRITABLE
-              or int(m.group(2)) == errno.ENOENT and TEMP_FILE.search(m.group(3))):
+    if m and int(m.group(2)) in UNWRITABLE:
         return m.group(3)
     return None
-
-
-# the temp files our writers write then rename (actors/common/errors.py `write_atomic`, ...)
-TEMP_FILE = re.compile(r"\.tmp(-[0-9a-f]+)?\b")
-
-
-def gone(e: OSError) -> bool:
-    """ENOENT on one of our own temp files: the folder it was written in went away."""
-    return e.errno == errno.ENOENT and any(
-        TEMP_FILE.search(os.path.basename(str(f))) for f in (e.filename, e.filename2) if f)
 
 
 def _type_name(tp: Any) -> str:

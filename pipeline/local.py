@@ -13,7 +13,7 @@ run.json, metrics.jsonl, loss.png, export/) and `--resume` are those of the Ray 
 
 - `train` reads the latent dataset's plan in this process (what `data.loader: worker` does in a
   Train worker; one worker, so `num_workers` and the Ray sections are not used);
-- `train-vae` decodes its videos here with the preprocess stages (`decode_here`: probe, assign,
+- `train-vae` decodes its videos here with the preprocess stages (`decoded`: probe, assign,
   decode; the Ray job streams the same stages through actor pools), holds out `data.val_videos`
   as the Ray job does and ends with the same held-out PSNR / SSIM (`finish`).
 """
@@ -44,21 +44,16 @@ def train_local(cfg: Any, data: str, output: str, device: str, resume: bool = Fa
                 ) -> dict[str, Any]:
     """`tubelet train --data` in this process (cfg: a pipeline.train.TrainConfig)."""
     from actors.workers.toolkit import LocalBackend
-    from actors.workers.train_data import BatchPlan, Collate, PlanLoader, read_index
+    from actors.workers.train_data import Collate, PlanLoader
     from actors.workers.train_dit import local_batches, prefetched, train_loop
     from models.text_encoder import caption_tokenizer
-    from pipeline.ray_train import TrainError, prepare_run
+    from pipeline.ray_train import prepare_run
     from pipeline.report import plot_losses, read_metrics
-    from pipeline.train import data_channels, with_channels
+    from pipeline.train import planned_data
 
     run = Path(output).resolve()
     prepare_run(run, resume)
-    try:
-        index = read_index(data)
-        cfg = with_channels(cfg, data_channels(index, data))
-        plan = BatchPlan(index, cfg.data, 1)
-    except (ValueError, FileNotFoundError) as e:
-        raise TrainError(str(e)) from None
+    cfg, index, plan = planned_data(cfg, data, 1)
     print(f"[train] {index.num_rows} clips; {plan.steps_per_epoch} steps per epoch, "
           f"{cfg.steps} steps on {device} (one process, no Ray)", flush=True)
     resolved = to_dict(cfg)

@@ -131,6 +131,18 @@ def with_channels(cfg: TrainConfig, channels: int) -> TrainConfig:
     return replace(cfg, model=replace(cfg.model, in_channels=channels))
 
 
+def planned_data(cfg: TrainConfig, data: str | Path, world_size: int
+                 ) -> tuple[TrainConfig, pa.Table, BatchPlan]:
+    """(cfg with the data's channels, the dataset's index, its plan over `world_size` workers);
+    an unusable dataset is a TrainError naming it."""
+    try:
+        index = read_index(data)
+        cfg = with_channels(cfg, data_channels(index, data))
+        return cfg, index, BatchPlan(index, cfg.data, world_size)
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainError(str(e)) from None
+
+
 def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = None,
               input_src: str | None = None, resume: bool = False,
               address: str | None = None) -> dict[str, Any]:
@@ -156,12 +168,7 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
         except ValueError as e:  # no such VAE checkpoint, not a VAE, unknown preset
             raise TrainError(f"preprocess.vae: {e}") from None
     else:
-        try:
-            index = read_index(data)
-            cfg = with_channels(cfg, data_channels(index, data))
-            plan = BatchPlan(index, cfg.data, cfg.num_workers)
-        except (ValueError, FileNotFoundError) as e:
-            raise TrainError(str(e)) from None
+        cfg, index, plan = planned_data(cfg, data, cfg.num_workers)
         counts = dict(sorted(Counter(index.column("bucket").to_pylist()).items()))
         fingerprint = plan.fingerprint
         print(f"[train] {index.num_rows} clips in {len(counts)} buckets "

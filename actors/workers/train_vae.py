@@ -59,7 +59,7 @@ from actors.workers.toolkit import (
     train_state,
 )
 from models.metrics import psnr_from_mse
-from models.vae import PRESETS, VAEConfig, VideoVAE, load_vae, save_vae, vae_loss
+from models.vae import PRESETS, VAEConfig, VideoVAE, load_vae, read_vae_config, save_vae, vae_loss
 
 
 @dataclass
@@ -245,7 +245,7 @@ def with_init(cfg: VAETrainLoopConfig) -> VAETrainLoopConfig:
     if not cfg.init:
         return cfg
     try:
-        config = load_vae(cfg.init).config
+        config = read_vae_config(cfg.init)  # the header: no tensor is read
     except (OSError, ValueError) as e:
         raise ValueError(f"init: {e}") from None
     return replace(cfg, model=config)
@@ -326,7 +326,7 @@ def train_vae_loop(cfg: VAETrainLoopConfig, backend: Backend,
     """Train until `cfg.steps`. `source()` starts one pass over this worker's decoded clips
     (Arrow blocks with `frames` + `frames_shape`); `val` holds the held-out crops."""
     rank, W, device, run_dir = backend.rank, backend.world_size, backend.device, Path(run_dir)
-    cfg = with_init(cfg)
+    cfg = with_init(cfg)  # drivers did it already (for the resolved config); a header read
     with process_group(device):
         run_dir.mkdir(parents=True, exist_ok=True)
         def ddp(module: VideoVAE) -> DistributedDataParallel:
