@@ -5,8 +5,9 @@ returns {name: Case}. `Case.expect` is what `preprocess` must make of it:
   "clip"   a supported video: processed, at the bucket's size, the right way up (every frame
            has the red marker of `tests.badfiles.frame_image` in its top-left corner)
   "probe" / "bucket" / "decode"   one row in the errors table, from that stage
-  "any"    damaged data FFmpeg may or may not decode (flipped bytes): clips or one error row,
-           never a crash, a hang or a duplicate
+  "any"    damaged data FFmpeg may or may not decode (flipped bytes): clips, one probe error
+           row, or decode error rows for the clips that fail (others may decode); never a
+           crash, a hang or a duplicate clip
 `python -m tests.hostile DIR` writes the corpus to DIR to look at or to feed `tubelet
 preprocess` by hand.
 
