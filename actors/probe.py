@@ -66,6 +66,18 @@ def _ffmpeg_log(level: int = av.logging.INFO) -> Iterator[list]:
         av.logging.set_level(previous)
 
 
+_REFUSED = re.compile(r"Picture size (\d+)x(\d+) (?:exceeds|is invalid)")
+
+
+def _refused_size(logs: list) -> tuple[int, int] | None:
+    """The picture size FFmpeg's decoder refused while opening (over `max_pixels`, or past its
+    own limit), from its log; None when it logged none."""
+    for _, _, message in reversed(logs):
+        if found := _REFUSED.search(message):
+            return int(found[1]), int(found[2])
+    return None
+
+
 def _check_path(path: str) -> None:
     try:
         st = os.stat(path)
@@ -158,7 +170,11 @@ def probe_video(path: str, max_pixels: int = 8192 * 8192, max_side: int = 16384,
     _check_path(path)
     with _ffmpeg_log() as logs:
         try:
-            container = av.open(path, metadata_errors="ignore", timeout=seconds or None)
+            # max_pixels also reaches the decoder FFmpeg runs while opening (to learn the
+            # pixel format): a bitstream whose parameter set claims a huge picture is not
+            # allocated there (an H.264 SPS claiming 12000x8000 cost 250 MB without it)
+            container = av.open(path, metadata_errors="ignore", timeout=seconds or None,
+                                options={"max_pixels": str(max_pixels)})
         except av.error.ExitError:  # FFmpeg's interrupt callback: the time budget ran out
             raise VideoRejected(f"reading the headers took over {seconds:g} s "
                                 f"(probe_seconds); {FIX}") from None
@@ -173,6 +189,8 @@ def probe_video(path: str, max_pixels: int = 8192 * 8192, max_side: int = 16384,
     with container:
         stream = video_stream(container)
         coded_w, coded_h = stream.codec_context.width, stream.codec_context.height
+        if coded_w <= 0 or coded_h <= 0:  # FFmpeg drops a size it refused to allocate
+            coded_w, coded_h = _refused_size(logs) or (coded_w, coded_h)
         if coded_w <= 0 or coded_h <= 0:
             raise VideoRejected(
                 f"no usable picture size in the header ({coded_w}x{coded_h}; FFmpeg drops "

@@ -27,7 +27,7 @@ BAD_INPUT_STAGE: dict[str, str] = {
     "truncated": "probe",  # first 40% of an mp4 whose index (moov) is at the end
     "huge_dims": "probe",  # header claims 12000x12000 (over max_pixels)
     "huge_side": "probe",  # header claims 20000x64 (over max_side)
-    "absurd_dims": "probe",  # header claims 40000x40000; FFmpeg itself reports 0x0
+    "absurd_dims": "probe",  # header claims 40000x40000; FFmpeg reports 0x0, logs the size
     "truncated_faststart": "decode",  # cut 40% into the frames of an mp4 indexed up front
     "corrupt": "decode",  # 25-60% of the h264 data zeroed, index intact
 }

@@ -4,7 +4,8 @@
 returns {name: Case}. `Case.expect` is what `preprocess` must make of it:
   "clip"   a supported video: processed, at the bucket's size, the right way up (every frame
            has the red marker of `tests.badfiles.frame_image` in its top-left corner)
-  "probe" / "bucket" / "decode"   one row in the errors table, from that stage
+  "probe" / "bucket"   one row in the errors table, from that stage
+  "decode" one row per planned clip, from decode (none of its clips decodes)
   "any"    damaged data FFmpeg may or may not decode (flipped bytes): clips, one probe error
            row, or decode error rows for the clips that fail (others may decode); never a
            crash, a hang or a duplicate clip
@@ -14,7 +15,7 @@ preprocess` by hand.
 Codecs and containers come from PyAV's own wheel (libx264, libx265, libvpx-vp9, libsvtav1,
 mpeg4, ffv1 in mp4 / mkv / webm / mov / avi); odd layouts are written by the encoders
 (10-bit, 4:4:4, interlaced, 17x9) or patched into headers where no encoder writes them
-(mirrored display matrix, claimed durations and sizes).
+(mirrored display matrix, claimed durations and sizes, an H.264 SPS's picture size).
 """
 
 from __future__ import annotations
@@ -113,6 +114,90 @@ def flip_bytes(path: Path, out: Path, every: int = 97, start: float = 0.3) -> Pa
     return out
 
 
+# H.264 profiles whose SPS carries chroma format and bit depths (ITU-T H.264 7.3.2.1.1)
+_HIGH_PROFILES = {100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135}
+
+
+def _read_ue(bits: str, i: int) -> tuple[int, int]:
+    """One unsigned exp-Golomb value of a bit string at `i`: (value, position after it)."""
+    zeros = 0
+    while bits[i + zeros] == "0":
+        zeros += 1
+    return int(bits[i + zeros:i + 2 * zeros + 1], 2) - 1, i + 2 * zeros + 1
+
+
+def _ue(value: int) -> str:
+    code = bin(value + 1)[2:]
+    return "0" * (len(code) - 1) + code
+
+
+def _emulation(data: bytes, add: bool) -> bytes:
+    """Insert (add) or remove H.264's emulation-prevention bytes (00 00 03)."""
+    out, zeros = bytearray(), 0
+    for byte in data:
+        if zeros >= 2 and (byte <= 3 if add else byte == 3):
+            zeros = 0
+            if add:
+                out.append(3)
+            else:
+                continue
+        out.append(byte)
+        zeros = zeros + 1 if byte == 0 else 0
+    return bytes(out)
+
+
+def sps_claiming(sps: bytes, width: int, height: int) -> bytes:
+    """An H.264 SPS NAL unit (progressive, no scaling matrices, as libx264 writes it) with its
+    picture size rewritten to width x height (multiples of 16); every other field kept."""
+    rbsp = _emulation(sps[1:], add=False)
+    bits = "".join(f"{b:08b}" for b in rbsp)
+    bits = bits[:bits.rindex("1")]  # without the stop bit and its alignment
+    _, i = _read_ue(bits, 24)  # after profile, constraint flags, level: seq_parameter_set_id
+    if rbsp[0] in _HIGH_PROFILES:
+        chroma, i = _read_ue(bits, i)
+        i += chroma == 3  # separate_colour_plane_flag
+        i = _read_ue(bits, _read_ue(bits, i)[1])[1] + 1  # bit depths, transform bypass
+        assert bits[i] == "0", "SPS with scaling matrices"
+        i += 1
+    i = _read_ue(bits, i)[1]  # log2_max_frame_num_minus4
+    poc_type, i = _read_ue(bits, i)
+    assert poc_type in (0, 2), "SPS with pic_order_cnt_type 1"
+    if poc_type == 0:
+        i = _read_ue(bits, i)[1]
+    i = _read_ue(bits, i)[1] + 1  # max_num_ref_frames, gaps_in_frame_num_allowed_flag
+    size_at = i
+    i = _read_ue(bits, _read_ue(bits, i)[1])[1]  # pic_width_in_mbs, pic_height_in_map_units
+    new = bits[:size_at] + _ue(width // 16 - 1) + _ue(height // 16 - 1) + bits[i:] + "1"
+    new += "0" * (-len(new) % 8)
+    return sps[:1] + _emulation(int(new, 2).to_bytes(len(new) // 8, "big"), add=True)
+
+
+def patch_sps_size(path: Path, width: int, height: int) -> Path:
+    """Rewrite the picture size inside the H.264 bitstream of an mp4 (the SPS in `avcC`), the
+    container's own boxes still claiming the encoded size: the box sizes on the way to `avcC`
+    grow with it (the index sits after `mdat`, so no chunk offset moves)."""
+    data = bytearray(path.read_bytes())
+    header = {b"stsd": 16, b"avc1": 86}  # full box / visual sample entry before children
+    chain, start, end = [], 0, len(data)
+    for kind in (b"moov", b"trak", b"mdia", b"minf", b"stbl", b"stsd", b"avc1", b"avcC"):
+        while data[start + 4:start + 8] != kind:
+            start += struct.unpack(">I", data[start:start + 4])[0]
+            assert start < end, f"no {kind} box"
+        chain.append(start)
+        size = struct.unpack(">I", data[start:start + 4])[0]
+        start, end = start + header.get(kind, 8), start + size
+    assert data.find(b"mdat") < chain[0], "moov before mdat"
+    avcc = chain[-1]
+    length = struct.unpack(">H", data[avcc + 14:avcc + 16])[0]  # the first SPS
+    sps = sps_claiming(bytes(data[avcc + 16:avcc + 16 + length]), width, height)
+    data[avcc + 14:avcc + 16 + length] = struct.pack(">H", len(sps)) + sps
+    for at in chain:
+        size = struct.unpack(">I", data[at:at + 4])[0]
+        data[at:at + 4] = struct.pack(">I", size + len(sps) - length)
+    path.write_bytes(bytes(data))
+    return path
+
+
 def build_corpus(root: str | Path) -> dict[str, Case]:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -186,6 +271,17 @@ def build_corpus(root: str | Path) -> dict[str, Case]:
     patch_duration(claim, 1000)
     write_rawvideo_claiming(add("claims_huge.avi", "probe", "header claims 12000x12000"),
                             12000, 12000)
+    # the H.264 bitstream's own SPS lies (the mp4 boxes still say 96x64): FFmpeg takes the SPS
+    patch_sps_size(encode(add("sps_claims_huge.mp4", "probe",
+                              "H.264 SPS claims 12000x8000, over the pixel budget"), "libx264"),
+                   12000, 8000)
+    patch_sps_size(encode(add("sps_claims_wide.mp4", "bucket",
+                              "H.264 SPS claims 8000x16: no bucket's aspect ratio"), "libx264"),
+                   8000, 16)
+    patch_sps_size(encode(add("sps_claims_impossible.mp4", "decode",
+                              "H.264 SPS claims 20000x20000: FFmpeg refuses the SPS, probe "
+                              "sees the mp4's 96x64, every clip fails to decode"), "libx264"),
+                   20000, 20000)
     # broken files
     good = encode(root / "source.mp4", "libx264", num_frames=48)
     data = good.read_bytes()

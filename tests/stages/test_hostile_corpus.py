@@ -25,7 +25,8 @@ CASES = ("claims_zero.mp4 vp9.webm hevc.mkv hevc.mov av1.mp4 mpeg4.avi mpeg4.mov
          "rotated90.mp4 rotated180.mov rotated270.mp4 mirrored.mp4 flipped_upside_down.mov "
          "transposed.mp4 transverse.mov vfr.mkv odd_99x67.mkv webm_named.mp4 long_stream.mp4 "
          "tiny_1x1.mkv tiny_2x2.mkv odd_17x9.mkv one_frame.mp4 claims_long.mp4 "
-         "claims_huge.avi truncated.mp4 flipped.mp4 empty_stream.mkv text.webm loop_a.mp4 "
+         "claims_huge.avi sps_claims_huge.mp4 sps_claims_wide.mp4 sps_claims_impossible.mp4 "
+         "truncated.mp4 flipped.mp4 empty_stream.mkv text.webm loop_a.mp4 "
          "loop_b.mp4 dangling.mp4 fifo.mp4").split()
 RED = np.array([255.0, 0.0, 0.0])
 
@@ -94,3 +95,22 @@ def test_a_probe_over_its_time_budget_is_an_error_row(corpus):
     out = stage(pa.table({"path": [str(corpus["hevc.mkv"].path)]}))
     assert out.num_rows == 0
     assert "probe_seconds" in stage.errors.rows[0]["error"]
+
+
+def test_the_sps_rewrite_keeps_every_other_field(tmp_path):
+    """patch_sps_size back to the encoded 96x64 rewrites the SPS bit by bit (sizes, boxes,
+    emulation bytes) and must leave a file that decodes to the very same frames: the three
+    sps_claims_* cases differ from a good file only in the size they claim."""
+    import av
+
+    from tests.hostile import encode, patch_sps_size
+
+    def frames(path):
+        with av.open(str(path)) as c:
+            return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+    good = encode(tmp_path / "good.mp4", "libx264")
+    same = patch_sps_size(encode(tmp_path / "same.mp4", "libx264"), 96, 64)
+    assert np.array_equal(frames(good), frames(same))
+    wide = patch_sps_size(encode(tmp_path / "wide.mp4", "libx264"), 8000, 16)
+    assert frames(wide).shape[1:3] == (16, 8000)  # FFmpeg takes the SPS's size

@@ -23,7 +23,7 @@ REASONS = {
     "truncated": "truncated mp4: no index",
     "huge_dims": "picture too large: the header claims 12000x12000",
     "huge_side": "picture too large: the header claims 20000x64",
-    "absurd_dims": "no usable picture size in the header (0x0",
+    "absurd_dims": "picture too large: the header claims 40000x40000",
 }
 
 
