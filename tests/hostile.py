@@ -6,9 +6,9 @@ returns {name: Case}. `Case.expect` is what `preprocess` must make of it:
            has the red marker of `tests.badfiles.frame_image` in its top-left corner)
   "probe" / "bucket"   one row in the errors table, from that stage
   "decode" one row per planned clip, from decode (none of its clips decodes)
-  "any"    damaged data FFmpeg may or may not decode (flipped bytes): clips, one probe error
-           row, or decode error rows for the clips that fail (others may decode); never a
-           crash, a hang or a duplicate clip
+  "any"    damaged data FFmpeg may or may not decode (flipped bytes): clips, one probe or
+           bucket row (a damaged header), or decode rows for the clips that fail (others may
+           decode); never a crash, a hang or a duplicate clip
 `python -m tests.hostile DIR` writes the corpus to DIR to look at or to feed `tubelet
 preprocess` by hand.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,13 +19,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
-    """An empty videos folder, a prompt file, an output folder that does not exist yet."""
+    """An empty videos folder, a prompt file, the base of the output folders (none exists)."""
     base = tmp_path_factory.mktemp("bad-params")
     videos = base / "videos"
     videos.mkdir()
     prompts = base / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "a red circle moving right"}) + "\n")
-    return {"videos": videos, "prompts": prompts, "out": base / "out"}
+    return {"videos": videos, "prompts": prompts, "base": base}
 
 
 CASES = [
@@ -73,16 +74,34 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("line, needle", CASES, ids=[c[0].split(" --set ")[-1] if "--set" in c[0]
-                                                      else c[0].split(" ")[0] + " "
-                                                      + c[0].split(" ")[-2]
-                                                      for c in CASES])
-def test_impossible_value_fails_fast_with_one_line(inputs, line, needle):
-    args = line.format(dit=ROOT / "weights" / "dit-demo", **inputs).split()
-    res = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True,
-                         text=True, timeout=120, cwd=ROOT)
+def command(line: str, inputs: dict[str, Path], index: int) -> list[str]:
+    out = inputs["base"] / f"out{index}"  # its own output folder, which must stay empty
+    return line.format(dit=ROOT / "weights" / "dit-demo", out=out, videos=inputs["videos"],
+                       prompts=inputs["prompts"]).split()
+
+
+@pytest.fixture(scope="module")
+def refusals(inputs) -> list[subprocess.CompletedProcess]:
+    """Every row's command, each in its own process as a user runs it, four at a time (most of
+    a refusal's 2-3 s is the interpreter importing torch: a queue of 33 took 80 s)."""
+    def run(index: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline",
+                               *command(CASES[index][0], inputs, index)],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(run, range(len(CASES))))
+
+
+@pytest.mark.parametrize("index", range(len(CASES)),
+                         ids=[c[0].split(" --set ")[-1] if "--set" in c[0]
+                              else c[0].split(" ")[0] + " " + c[0].split(" ")[-2]
+                              for c in CASES])
+def test_impossible_value_fails_fast_with_one_line(inputs, refusals, index):
+    needle, res = CASES[index][1], refusals[index]
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
     assert len(lines) == 1 and needle in lines[0], res.stderr
     assert "[ray]" not in res.stdout  # refused before Ray started
-    assert not inputs["out"].exists() or not any(inputs["out"].iterdir())
+    out = inputs["base"] / f"out{index}"
+    assert not out.exists() or not any(out.iterdir())
