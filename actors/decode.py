@@ -143,6 +143,8 @@ def decode_clip(path: str, start: float, fps: float, num_frames: int, height: in
             raise ClipError(str(e)) from None
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = threads
+        if budget.pixels:  # the decoder refuses a larger picture rather than allocating it
+            stream.codec_context.options = {"max_pixels": str(budget.pixels)}
         targets = start + np.arange(num_frames) / fps
         resize = _Resizer(height, width, rotation, sample_aspect(stream))
         clip = _read(container, stream, targets, resize, stats, budget, seek=start > 0)
@@ -156,10 +158,13 @@ def decode_clip(path: str, start: float, fps: float, num_frames: int, height: in
 
 @dataclass
 class DecodeBudget:
-    """What one clip may cost: wall seconds and frames out of the decoder (0 = no limit)."""
+    """What one clip may cost: wall seconds, frames out of the decoder, and the largest picture
+    the decoder may allocate (pixels; a stream whose parameter sets grow past it mid-way,
+    after the probe read its header, fails there instead of allocating it) (0 = no limit)."""
 
     seconds: float = 0.0
     frames: int = 0
+    pixels: int = 0
 
     def start(self) -> _Spending:
         return _Spending(self, time.monotonic() + self.seconds if self.seconds > 0 else math.inf)
@@ -179,6 +184,10 @@ class _Spending:
     @property
     def frames(self) -> int:
         return self.budget.frames
+
+    @property
+    def pixels(self) -> int:
+        return self.budget.pixels
 
     def check(self, decoded: int) -> None:
         if self.frames and decoded > self.frames:
@@ -248,8 +257,10 @@ def _read(container: Any, stream: Any, targets: np.ndarray, resize: _Resizer,
         raise budget.out_of_time() from None
     except av.error.FFmpegError as e:
         where = f"{prev_t:.2f}s" if prev_t is not None else "the start"
+        over = (f", or a picture larger than decode_budget.pixels={budget.pixels}"
+                if budget.pixels else "")
         raise ClipError(f"decoding failed after {where} (FFmpeg: {e.strerror}): corrupt or "
-                        f"truncated data; {FIX}") from None
+                        f"truncated data{over}; {FIX}") from None
 
     # the video ended: the last frame covers targets until it would be replaced
     end = 0.0

@@ -39,9 +39,11 @@ class ClipConfig:
     # frames a file's header may claim (0 = no limit): more is refused before decoding
     max_frames: int = 1_000_000
     decode_threads: int = 0  # FFmpeg decoder threads per decode actor; 0 = FFmpeg decides
-    # what one clip may cost to decode (wall seconds, decoder frames; 0 = no limit): more is
-    # an error row, so a hostile stream cannot hang the job
-    decode_budget: DecodeBudget = field(default_factory=lambda: DecodeBudget(120.0, 20000))
+    # what one clip may cost to decode (wall seconds, decoder frames, the largest picture the
+    # decoder may allocate; 0 = no limit): more is an error row, so a hostile stream cannot
+    # hang the job, nor grow past the probe's size limit mid-way to exhaust memory
+    decode_budget: DecodeBudget = field(
+        default_factory=lambda: DecodeBudget(120.0, 20000, 8192 * 8192))
     # wall seconds FFmpeg may spend opening one file's headers (0 = no limit): a stalled
     # read (a network mount, a device) becomes an error row instead of a stuck probe actor
     probe_seconds: float = 30.0
@@ -55,8 +57,9 @@ class ClipConfig:
             raise ValueError("max_pixels and max_side: must be >= 1")
         if self.max_frames < 0:
             raise ValueError(f"max_frames: must be >= 0 (0 = no limit), got {self.max_frames}")
-        if self.decode_budget.seconds < 0 or self.decode_budget.frames < 0:
-            raise ValueError("decode_budget.seconds and decode_budget.frames: must be >= 0 "
+        if min(self.decode_budget.seconds, self.decode_budget.frames,
+               self.decode_budget.pixels) < 0:
+            raise ValueError("decode_budget.seconds, .frames and .pixels: must be >= 0 "
                              "(0 = no limit)")
         if not self.probe_seconds >= 0:
             raise ValueError(f"probe_seconds: must be >= 0 (0 = no limit), got "
@@ -69,6 +72,11 @@ class ClipConfig:
                                  f"({b.width}x{b.height}) is larger than max_pixels="
                                  f"{self.max_pixels} / max_side={self.max_side}, so no video "
                                  "can fit it; lower its pixels or raise the limits")
+            if self.decode_budget.pixels and b.height * b.width > self.decode_budget.pixels:
+                raise ValueError(f"buckets.resolutions.{b.resolution}: bucket {b.name} "
+                                 f"({b.width}x{b.height}) is larger than decode_budget.pixels="
+                                 f"{self.decode_budget.pixels}, so no video can fit it; lower "
+                                 "its pixels or raise the budget")
             if self.decode_budget.frames and b.num_frames > self.decode_budget.frames:
                 raise ValueError(f"buckets.resolutions.{b.resolution}: bucket {b.name} needs "
                                  f"{b.num_frames} frames, more than decode_budget.frames="

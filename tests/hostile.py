@@ -198,6 +198,37 @@ def patch_sps_size(path: Path, width: int, height: int) -> Path:
     return path
 
 
+def grows_midstream(path: Path, width: int, height: int, before: int = 2,
+                    after: int = 34) -> Path:
+    """An H.264 stream in Matroska whose first `before` frames are 96x64 and whose second IDR
+    carries an SPS claiming width x height: the header (and so the probe) says 96x64, the
+    decoder meets the huge size only mid-way. Two Annex B streams, the second's SPS patched,
+    joined and remuxed (stream copy, one frame per packet, 24 fps)."""
+    parts = []
+    for name, frames in (("head", before), ("tail", after)):
+        raw = encode(path.with_suffix(f".{name}.h264"), "libx264", fmt="h264",
+                     num_frames=frames, options={"bframes": "0"})
+        parts.append(raw.read_bytes())
+        raw.unlink()
+    start = parts[1].find(b"\x00\x00\x01\x67") + 3  # the tail's SPS NAL unit
+    end = parts[1].find(b"\x00\x00\x01", start)
+    end -= parts[1][end - 1] == 0  # a 4-byte start code: its leading zero
+    parts[1] = (parts[1][:start] + sps_claiming(parts[1][start:end], width, height)
+                + parts[1][end:])
+    joined = path.with_suffix(".h264")
+    joined.write_bytes(b"".join(parts))
+    tick = Fraction(1, 24)
+    with av.open(str(joined), format="h264") as src, av.open(str(path), "w") as dst:
+        out = dst.add_stream_from_template(src.streams.video[0])
+        for i, packet in enumerate(p for p in src.demux(video=0) if p.size):
+            packet.stream, packet.time_base = out, tick
+            packet.pts = packet.dts = i
+            packet.duration = 1
+            dst.mux(packet)
+    joined.unlink()
+    return path
+
+
 def build_corpus(root: str | Path) -> dict[str, Case]:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -282,6 +313,10 @@ def build_corpus(root: str | Path) -> dict[str, Case]:
                               "H.264 SPS claims 20000x20000: FFmpeg refuses the SPS, probe "
                               "sees the mp4's 96x64, every clip fails to decode"), "libx264"),
                    20000, 20000)
+    grows_midstream(add("sps_grows_midstream.mkv", "decode",
+                        "96x64 for 2 frames, then an IDR whose SPS claims 12000x8000: over "
+                        "decode_budget.pixels, every clip fails instead of allocating it"),
+                    12000, 8000)
     # broken files
     good = encode(root / "source.mp4", "libx264", num_frames=48)
     data = good.read_bytes()

@@ -26,6 +26,7 @@ CASES = ("claims_zero.mp4 vp9.webm hevc.mkv hevc.mov av1.mp4 mpeg4.avi mpeg4.mov
          "transposed.mp4 transverse.mov vfr.mkv odd_99x67.mkv webm_named.mp4 long_stream.mp4 "
          "tiny_1x1.mkv tiny_2x2.mkv odd_17x9.mkv one_frame.mp4 claims_long.mp4 "
          "claims_huge.avi sps_claims_huge.mp4 sps_claims_wide.mp4 sps_claims_impossible.mp4 "
+         "sps_grows_midstream.mkv "
          "truncated.mp4 flipped.mp4 empty_stream.mkv text.webm loop_a.mp4 "
          "loop_b.mp4 dangling.mp4 fifo.mp4").split()
 RED = np.array([255.0, 0.0, 0.0])
@@ -65,7 +66,8 @@ def test_each_hostile_input_is_processed_right_or_one_error_row(corpus, buckets,
         planned = assign(probed)
         outcome, errors = "bucket", assign.errors.rows
     if not errors:
-        decode = DecodeStage(threads=1, budget=DecodeBudget(seconds=30, frames=20000))
+        decode = DecodeStage(threads=1, budget=DecodeBudget(seconds=30, frames=20000,
+                                                                   pixels=8192 * 8192))
         clips = decode(planned)
         outcome, errors = ("decode", decode.errors.rows) if decode.errors.rows else ("clip", [])
         assert clips.num_rows + len(decode.errors.rows) == planned.num_rows

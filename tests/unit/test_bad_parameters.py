@@ -52,6 +52,8 @@ CASES = [
     ("preprocess --input {videos} --output {out} --set max_side=64", "max_side"),
     ("preprocess --input {videos} --output {out} --set decode_budget.frames=5",
      "decode_budget.frames"),
+    ("preprocess --input {videos} --output {out} --set decode_budget.pixels=100",
+     "decode_budget.pixels"),
     ("train-vae --input {videos} --output {out} --set steps=0", "steps"),
     ("train-vae --input {videos} --output {out} --workers 64", "worker: 64"),
     ("generate --checkpoint {dit} --prompts {prompts} --output {out} --frames -4", "frames"),
