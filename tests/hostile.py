@@ -146,14 +146,11 @@ def _emulation(data: bytes, add: bool) -> bytes:
     return bytes(out)
 
 
-def sps_claiming(sps: bytes, width: int, height: int) -> bytes:
-    """An H.264 SPS NAL unit (progressive, no scaling matrices, as libx264 writes it) with its
-    picture size rewritten to width x height (multiples of 16); every other field kept."""
-    rbsp = _emulation(sps[1:], add=False)
-    bits = "".join(f"{b:08b}" for b in rbsp)
-    bits = bits[:bits.rindex("1")]  # without the stop bit and its alignment
+def _h264_size(bits: str, profile: int) -> tuple[int, int]:
+    """Bit span of pic_width_in_mbs_minus1 .. pic_height_in_map_units_minus1 in an H.264 SPS
+    RBSP (progressive, no scaling matrices, as libx264 writes it; H.264 7.3.2.1.1)."""
     _, i = _read_ue(bits, 24)  # after profile, constraint flags, level: seq_parameter_set_id
-    if rbsp[0] in _HIGH_PROFILES:
+    if profile in _HIGH_PROFILES:
         chroma, i = _read_ue(bits, i)
         i += chroma == 3  # separate_colour_plane_flag
         i = _read_ue(bits, _read_ue(bits, i)[1])[1] + 1  # bit depths, transform bypass
@@ -165,35 +162,80 @@ def sps_claiming(sps: bytes, width: int, height: int) -> bytes:
     if poc_type == 0:
         i = _read_ue(bits, i)[1]
     i = _read_ue(bits, i)[1] + 1  # max_num_ref_frames, gaps_in_frame_num_allowed_flag
-    size_at = i
-    i = _read_ue(bits, _read_ue(bits, i)[1])[1]  # pic_width_in_mbs, pic_height_in_map_units
-    new = bits[:size_at] + _ue(width // 16 - 1) + _ue(height // 16 - 1) + bits[i:] + "1"
+    return i, _read_ue(bits, _read_ue(bits, i)[1])[1]
+
+
+def _hevc_size(bits: str) -> tuple[int, int]:
+    """Bit span of pic_width_in_luma_samples .. pic_height_in_luma_samples in an HEVC SPS RBSP
+    (H.265 7.3.2.2.1; profile_tier_level with its sub-layers skipped)."""
+    sub_layers = int(bits[4:7], 2)  # sps_max_sub_layers_minus1
+    i = 8 + 96  # vps id, sub layers, nesting flag; the general profile, tier and level
+    present = bits[i:i + 2 * sub_layers]
+    i += 2 * sub_layers + (2 * (8 - sub_layers) if sub_layers else 0)
+    for k in range(sub_layers):
+        i += 88 * (present[2 * k] == "1") + 8 * (present[2 * k + 1] == "1")
+    i = _read_ue(bits, i)[1]  # sps_seq_parameter_set_id
+    chroma, i = _read_ue(bits, i)
+    i += chroma == 3  # separate_colour_plane_flag
+    return i, _read_ue(bits, _read_ue(bits, i)[1])[1]
+
+
+def sps_claiming(sps: bytes, width: int, height: int) -> bytes:
+    """An H.264 or HEVC SPS NAL unit with its picture size rewritten to width x height
+    (multiples of 16), every other field kept bit for bit."""
+    hevc = (sps[0] >> 1) & 0x3F == 33  # H.264's SPS header byte is 0x67 (type 7)
+    header = 2 if hevc else 1
+    rbsp = _emulation(sps[header:], add=False)
+    bits = "".join(f"{b:08b}" for b in rbsp)
+    bits = bits[:bits.rindex("1")]  # without the stop bit and its alignment
+    if hevc:
+        (at, end), size = _hevc_size(bits), _ue(width) + _ue(height)
+    else:
+        (at, end), size = _h264_size(bits, rbsp[0]), _ue(width // 16 - 1) + _ue(height // 16 - 1)
+    new = bits[:at] + size + bits[end:] + "1"
     new += "0" * (-len(new) % 8)
-    return sps[:1] + _emulation(int(new, 2).to_bytes(len(new) // 8, "big"), add=True)
+    return sps[:header] + _emulation(int(new, 2).to_bytes(len(new) // 8, "big"), add=True)
+
+
+def _sps_span(data: bytearray, config: int) -> tuple[int, int]:
+    """(offset, length) of the first SPS in an mp4 `avcC` or `hvcC` box at `config`."""
+    if data[config + 4:config + 8] == b"avcC":
+        return config + 16, struct.unpack(">H", data[config + 14:config + 16])[0]
+    at = config + 8 + 22  # hvcC: the fixed part, then arrays of NAL units by type
+    arrays, at = data[at], at + 1
+    for _ in range(arrays):
+        kind, count = data[at] & 0x3F, struct.unpack(">H", data[at + 1:at + 3])[0]
+        at += 3
+        for _ in range(count):
+            length = struct.unpack(">H", data[at:at + 2])[0]
+            if kind == 33:
+                return at + 2, length
+            at += 2 + length
+    raise AssertionError("no SPS in hvcC")
 
 
 def patch_sps_size(path: Path, width: int, height: int) -> Path:
-    """Rewrite the picture size inside the H.264 bitstream of an mp4 (the SPS in `avcC`), the
-    container's own boxes still claiming the encoded size: the box sizes on the way to `avcC`
-    grow with it (the index sits after `mdat`, so no chunk offset moves)."""
+    """Rewrite the picture size inside the H.264 / HEVC bitstream of an mp4 (the SPS in `avcC`
+    / `hvcC`), the container's own boxes still claiming the encoded size: the box sizes on the
+    way there grow with it (the index sits after `mdat`, so no chunk offset moves)."""
     data = bytearray(path.read_bytes())
-    header = {b"stsd": 16, b"avc1": 86}  # full box / visual sample entry before children
+    header = {b"stsd": 16, b"avc1": 86, b"hev1": 86, b"hvc1": 86}  # bytes before children
     chain, start, end = [], 0, len(data)
-    for kind in (b"moov", b"trak", b"mdia", b"minf", b"stbl", b"stsd", b"avc1", b"avcC"):
-        while data[start + 4:start + 8] != kind:
+    for kinds in ((b"moov",), (b"trak",), (b"mdia",), (b"minf",), (b"stbl",), (b"stsd",),
+                  (b"avc1", b"hev1", b"hvc1"), (b"avcC", b"hvcC")):
+        while bytes(data[start + 4:start + 8]) not in kinds:
             start += struct.unpack(">I", data[start:start + 4])[0]
-            assert start < end, f"no {kind} box"
+            assert start < end, f"no {kinds} box"
         chain.append(start)
         size = struct.unpack(">I", data[start:start + 4])[0]
-        start, end = start + header.get(kind, 8), start + size
+        start, end = start + header.get(bytes(data[start + 4:start + 8]), 8), start + size
     assert data.find(b"mdat") < chain[0], "moov before mdat"
-    avcc = chain[-1]
-    length = struct.unpack(">H", data[avcc + 14:avcc + 16])[0]  # the first SPS
-    sps = sps_claiming(bytes(data[avcc + 16:avcc + 16 + length]), width, height)
-    data[avcc + 14:avcc + 16 + length] = struct.pack(">H", len(sps)) + sps
-    for at in chain:
-        size = struct.unpack(">I", data[at:at + 4])[0]
-        data[at:at + 4] = struct.pack(">I", size + len(sps) - length)
+    at, length = _sps_span(data, chain[-1])
+    sps = sps_claiming(bytes(data[at:at + length]), width, height)
+    data[at - 2:at + length] = struct.pack(">H", len(sps)) + sps
+    for box in chain:
+        size = struct.unpack(">I", data[box:box + 4])[0]
+        data[box:box + 4] = struct.pack(">I", size + len(sps) - length)
     path.write_bytes(bytes(data))
     return path
 
@@ -313,6 +355,9 @@ def build_corpus(root: str | Path) -> dict[str, Case]:
                               "H.264 SPS claims 20000x20000: FFmpeg refuses the SPS, probe "
                               "sees the mp4's 96x64, every clip fails to decode"), "libx264"),
                    20000, 20000)
+    patch_sps_size(encode(add("hevc_sps_claims_huge.mp4", "probe",
+                              "HEVC SPS claims 12000x8000, over the pixel budget"), "libx265",
+                          options=quiet_x265), 12000, 8000)
     grows_midstream(add("sps_grows_midstream.mkv", "decode",
                         "96x64 for 2 frames, then an IDR whose SPS claims 12000x8000: over "
                         "decode_budget.pixels, every clip fails instead of allocating it"),
