@@ -32,7 +32,7 @@ from av.video.reformatter import Interpolation, VideoReformatter
 from actors.common.errors import ErrorSink
 from actors.common.schema import require_columns
 from actors.common.tensors import pack, with_columns
-from actors.probe import FIX, VideoRejected, sample_aspect, video_stream
+from actors.probe import FIX, VideoRejected, pixel_limit, sample_aspect, video_stream
 
 
 class ClipError(ValueError):
@@ -144,7 +144,7 @@ def decode_clip(path: str, start: float, fps: float, num_frames: int, height: in
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = threads
         if budget.pixels:  # the decoder refuses a larger picture rather than allocating it
-            stream.codec_context.options = {"max_pixels": str(budget.pixels)}
+            stream.codec_context.options = pixel_limit(budget.pixels)
         targets = start + np.arange(num_frames) / fps
         resize = _Resizer(height, width, rotation, sample_aspect(stream))
         clip = _read(container, stream, targets, resize, stats, budget, seek=start > 0)

@@ -66,6 +66,13 @@ def _ffmpeg_log(level: int = av.logging.INFO) -> Iterator[list]:
         av.logging.set_level(previous)
 
 
+def pixel_limit(pixels: int) -> dict[str, str]:
+    """FFmpeg decoder options that refuse a picture over `pixels` instead of allocating it.
+    FFmpeg counts the picture with its width rounded up to its alignment (96x64 counts as
+    128x64), and its `max_pixels` is an int: a larger budget means FFmpeg's own limit."""
+    return {"max_pixels": str(min(pixels, 2**31 - 1))}
+
+
 _REFUSED = re.compile(r"Picture size (\d+)x(\d+) (?:exceeds|is invalid)")
 
 
@@ -174,7 +181,7 @@ def probe_video(path: str, max_pixels: int = 8192 * 8192, max_side: int = 16384,
             # pixel format): a bitstream whose parameter set claims a huge picture is not
             # allocated there (an H.264 SPS claiming 12000x8000 cost 250 MB without it)
             container = av.open(path, metadata_errors="ignore", timeout=seconds or None,
-                                options={"max_pixels": str(max_pixels)})
+                                options=pixel_limit(max_pixels))
         except av.error.ExitError:  # FFmpeg's interrupt callback: the time budget ran out
             raise VideoRejected(f"reading the headers took over {seconds:g} s "
                                 f"(probe_seconds); {FIX}") from None

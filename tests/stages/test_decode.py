@@ -234,3 +234,16 @@ def test_a_clip_over_its_decode_budget_is_an_error_row(gop_video):
     assert out.column("id").to_pylist() == ["short"]
     (error,) = stage.errors.rows
     assert error["path"] == str(gop_video) and "decode_budget.frames" in error["error"]
+
+
+def test_the_pixel_budget_reaches_the_decoder(gop_video):
+    """decode_budget.pixels is the decoder's own limit: a picture over it is an error naming
+    the key (the 96x64 stream under a 96*64-1 budget), one well within it decodes (FFmpeg
+    counts the picture with its width rounded up to its alignment: 128x64 here), and a budget
+    past FFmpeg's int (which would make FFmpeg refuse the option itself) means FFmpeg's limit."""
+    args = (str(gop_video), 0.0, 10.0, 5, 32, 48)
+    with pytest.raises(ClipError, match=r"decode_budget\.pixels=6143"):
+        decode_clip(*args, threads=1, budget=DecodeBudget(pixels=96 * 64 - 1))
+    for pixels in (128 * 64, 10**10):
+        assert decode_clip(*args, threads=1, budget=DecodeBudget(pixels=pixels)).shape == \
+            (5, 32, 48, 3)

@@ -101,6 +101,15 @@ def test_size_limits_are_configurable(dataset):
     assert "picture too large" in stage.errors.rows[0]["error"]
 
 
+def test_a_pixel_limit_past_ffmpegs_int_still_probes(dataset):
+    """max_pixels also goes to FFmpeg's decoder as an int option (pixel_limit clamps it): a
+    limit past FFmpeg's int still probes a good file, with no error row."""
+    root, rows = dataset
+    stage = ProbeStage(max_pixels=10**10)
+    assert stage(pa.table({"path": [str(root / rows[0]["path"])]})).num_rows == 1
+    assert not stage.errors.rows
+
+
 def test_a_frame_count_over_the_budget_is_refused_before_decoding(dataset):
     root, rows = dataset
     row = rows[0]
