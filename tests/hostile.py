@@ -132,7 +132,7 @@ def _ue(value: int) -> str:
 
 
 def _emulation(data: bytes, add: bool) -> bytes:
-    """Insert (add) or remove H.264's emulation-prevention bytes (00 00 03)."""
+    """Insert (add) or remove the emulation-prevention bytes (00 00 03) of H.264 / HEVC."""
     out, zeros = bytearray(), 0
     for byte in data:
         if zeros >= 2 and (byte <= 3 if add else byte == 3):
