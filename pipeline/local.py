@@ -78,14 +78,11 @@ def train_vae_local(cfg: Any, input_src: str, output: str, device: str,
                     val_src: str | None = None, resume: bool = False) -> dict[str, Any]:
     """`tubelet train-vae` in this process (cfg: a pipeline.train_vae.TrainVAEConfig)."""
     from actors.workers.toolkit import LocalBackend
-    from actors.workers.train_vae import local_source, train_vae_loop, with_init
+    from actors.workers.train_vae import local_source, train_vae_loop
     from pipeline.ray_train import prepare_run
-    from pipeline.train_vae import decoded, finish, sources_and_held_out
+    from pipeline.train_vae import decoded, finish, resolve_init, sources_and_held_out
 
-    try:
-        cfg = with_init(cfg)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    cfg = resolve_init(cfg)
     run = Path(output).resolve()
     prepare_run(run, resume)
     start = time.perf_counter()

@@ -131,6 +131,15 @@ def sources_and_held_out(cfg: TrainVAEConfig, input_src: str, val_src: str | Non
     return train_src, val_sources, val_rows, val_clips, val
 
 
+def resolve_init(cfg: TrainVAEConfig) -> TrainVAEConfig:
+    """`cfg` with `model` the `init` VAE's (with_init; what the training loop and the resolved
+    config take), for both runners; an unusable init is a ConfigError naming it."""
+    try:
+        return with_init(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def run_train_vae(cfg: TrainVAEConfig, input_src: str, output: str | Path,
                   val_src: str | None = None, resume: bool = False,
                   address: str | None = None) -> dict[str, Any]:
@@ -139,10 +148,7 @@ def run_train_vae(cfg: TrainVAEConfig, input_src: str, output: str | Path,
 
     from actors.workers.train_vae import ray_worker
 
-    try:
-        cfg = with_init(cfg)  # model = the init VAE's (before Ray: a bad path fails here)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    cfg = resolve_init(cfg)  # before Ray: a bad init path fails here
     check_local_budget({**cfg.preprocess.stages(), "worker": StageResources(  # before Ray
         cfg.worker.num_cpus, cfg.worker.num_gpus, cfg.num_workers, cfg.num_workers)},
         address, cfg.ray)

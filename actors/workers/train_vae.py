@@ -59,7 +59,7 @@ from actors.workers.toolkit import (
     train_state,
 )
 from models.metrics import psnr_from_mse
-from models.vae import PRESETS, VAEConfig, VideoVAE, load_vae, read_vae_config, save_vae, vae_loss
+from models.vae import PRESETS, VAEConfig, VideoVAE, read_vae_config, save_vae, vae_loss
 
 
 @dataclass
@@ -254,8 +254,10 @@ def with_init(cfg: VAETrainLoopConfig) -> VAETrainLoopConfig:
 def initial_vae(cfg: VAETrainLoopConfig) -> VideoVAE:
     """The model training starts from: fresh, or `init`'s weights (encoder frozen on request)."""
     model = VideoVAE(replace(cfg.model))
-    if cfg.init:
-        model.load_state_dict(load_vae(cfg.init).state_dict())
+    if cfg.init:  # cfg.model is init's own config (with_init, in the drivers)
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(cfg.init))
     if cfg.freeze_encoder:
         model.encoder.requires_grad_(False)
     return model
@@ -326,7 +328,6 @@ def train_vae_loop(cfg: VAETrainLoopConfig, backend: Backend,
     """Train until `cfg.steps`. `source()` starts one pass over this worker's decoded clips
     (Arrow blocks with `frames` + `frames_shape`); `val` holds the held-out crops."""
     rank, W, device, run_dir = backend.rank, backend.world_size, backend.device, Path(run_dir)
-    cfg = with_init(cfg)  # drivers did it already (for the resolved config); a header read
     with process_group(device):
         run_dir.mkdir(parents=True, exist_ok=True)
         def ddp(module: VideoVAE) -> DistributedDataParallel:
