@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 # The main job on the embedded default dataset (synthetic captioned videos): synth ->
 # preprocess (shipped VAE) -> a short sharded training run (2 workers: the training path) ->
 # generate with the shipped demo DiT -> gallery -> eval against the training videos.
-# The shipped demo DiT (weights/dit-demo: configs/train/demo.yaml, README "The demo model");
+# The shipped demo DiT (weights/dit-demo: configs/train/demo.yaml, weights/README.md);
 # without it (a checkout that removed it) the demo's own short run.
 DEMO_DIT ?= $(if $(wildcard weights/dit-demo/model.safetensors),weights/dit-demo,$(DEMO)/run)
 demo: $(STAMP)

@@ -8,11 +8,14 @@ Resources: pure Python; the `assign` entry of the job config (a fraction of a CP
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
 
 from actors.common.buckets import BucketConfig, BucketTable
 from actors.common.errors import ErrorSink
 from actors.common.schema import require_columns
+from actors.common.stage import StageSpec
 
 CLIP_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -34,6 +37,14 @@ CLIP_SCHEMA = pa.schema([
 class AssignStage:
     READS = ("path", "width", "height", "fps", "duration", "rotation")  # + optional caption
     WRITES = tuple(CLIP_SCHEMA.names)
+
+    @classmethod
+    def spec(cls, cfg: Any, errors_dir: str | None,
+             done_ids: frozenset[str] | set[str] = frozenset()) -> StageSpec:
+        """From a clip config (`ClipConfig`): its `buckets` and its `assign` pool; clips in
+        `done_ids` (written by an earlier run) are left out."""
+        return StageSpec("assign", cls, dict(buckets=cfg.buckets, errors_dir=errors_dir,
+                                             done_ids=frozenset(done_ids)), cfg.assign)
 
     def __init__(self, buckets: BucketConfig, errors_dir: str | None = None,
                  done_ids: frozenset[str] | set[str] = frozenset()):

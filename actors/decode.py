@@ -31,6 +31,7 @@ from av.video.reformatter import Interpolation, VideoReformatter
 
 from actors.common.errors import ErrorSink
 from actors.common.schema import require_columns
+from actors.common.stage import StageSpec
 from actors.common.tensors import pack, with_columns
 from actors.probe import FIX, VideoRejected, pixel_limit, sample_aspect, video_stream
 
@@ -298,6 +299,13 @@ class DecodeStage:
     # every input column passes through; decode_node: where the clip was decoded (the
     # summary counts clips per node; "local" outside Ray)
     WRITES = ("frames", "frames_shape", "decode_seconds", "decode_node")
+
+    @classmethod
+    def spec(cls, cfg: Any, errors_dir: str | None) -> StageSpec:
+        """From a clip config (`ClipConfig`): decoder threads, the decode budget, its
+        `decode` pool."""
+        return StageSpec("decode", cls, dict(errors_dir=errors_dir, threads=cfg.decode_threads,
+                                             budget=cfg.decode_budget), cfg.decode)
 
     def __init__(self, errors_dir: str | None = None, threads: int = 0,
                  budget: DecodeBudget | None = None):

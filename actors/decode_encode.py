@@ -1,6 +1,6 @@
 """Decode + VAE encode in one actor: clip plan rows in, latents out; frames never leave it.
 
-DESIGN.md: decoded frames are ~100x the bytes of the mp4 they come from (a 65-frame 720p
+docs/design.md: decoded frames are ~100x the bytes of the mp4 they come from (a 65-frame 720p
 clip: ~1 MB of h264, ~180 MB of uint8 frames, ~8 MB of latent), so between nodes move encoded
 bytes or latents, not frames. With separate decode and encode pools, Ray Data puts every
 decoded clip in the object store, and when the two pools sit on different nodes (CPU decode
@@ -19,9 +19,12 @@ forward one at "encode"; the other rows of the batch go on.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
 
 from actors.common.buckets import BucketConfig
+from actors.common.stage import StageSpec
 from actors.common.vae import VAEStageConfig
 from actors.decode import DecodeBudget, DecodeStage
 from actors.vae_encode import VAEEncodeStage
@@ -36,6 +39,14 @@ class DecodeEncodeStage:
 
     READS = DecodeStage.READS  # every other input column passes through
     WRITES = ("decode_seconds", "decode_node", *VAEEncodeStage.WRITES)
+
+    @classmethod
+    def spec(cls, cfg: Any, errors_dir: str | None) -> StageSpec:
+        """From a preprocess config: the VAE encode stage's settings and `encode` pool, plus
+        the decode stage's threads and budget (its `decode` pool is not used)."""
+        encode = VAEEncodeStage.spec(cfg, errors_dir)
+        return StageSpec("encode", cls, dict(**encode.kwargs, threads=cfg.decode_threads,
+                                             budget=cfg.decode_budget), cfg.encode)
 
     def __init__(self, vae: VAEStageConfig, buckets: BucketConfig,
                  errors_dir: str | None = None, latent_dtype: str = "float16",

@@ -11,17 +11,28 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from actors.common.schema import require_columns
+from actors.common.stage import StageSpec
 from actors.common.tensors import unpack, with_columns
 from actors.common.video import contact_sheet, write_mp4
 
 
 class Mp4EncodeStage:
     READS = ("id", "name", "fps", "video", "video_shape")
+    WRITES = ("file", "sheet", "encode_seconds")
+    DROPS = ("video", "video_shape")
+
+    @classmethod
+    def spec(cls, cfg: Any, output: str) -> StageSpec:
+        """From a generate config: its mp4 settings and `encode` pool, writing under
+        `output`."""
+        return StageSpec("encode", cls, dict(output=output, codec=cfg.codec, crf=cfg.crf,
+                                             preset=cfg.preset), cfg.encode)
 
     def __init__(self, output: str, codec: str = "libx264", crf: int = 18,
                  preset: str = "veryfast", threads: int = 1):
@@ -44,6 +55,6 @@ class Mp4EncodeStage:
             files.append(file)
             sheets.append(sheet)
             seconds.append(time.perf_counter() - t0)
-        batch = batch.drop_columns(["video", "video_shape"])
+        batch = batch.drop_columns(list(self.DROPS))
         return with_columns(batch, {"file": pa.array(files), "sheet": pa.array(sheets),
                                     "encode_seconds": pa.array(seconds, pa.float64())})

@@ -35,6 +35,7 @@ import pyarrow as pa
 
 from actors.common.errors import ErrorSink
 from actors.common.schema import require_columns
+from actors.common.stage import StageSpec
 from actors.common.tensors import with_columns
 
 FIX = "remove it from the input or fix the file"
@@ -244,6 +245,14 @@ class ProbeStage:
 
     READS = ("path",)  # every other input column (caption, ...) passes through
     WRITES = tuple(OUTPUT_TYPES)
+
+    @classmethod
+    def spec(cls, cfg: Any, errors_dir: str | None) -> StageSpec:
+        """From a clip config (pipeline/streams.py `ClipConfig`): its header limits and its
+        `probe` pool."""
+        return StageSpec("probe", cls, dict(
+            errors_dir=errors_dir, max_pixels=cfg.max_pixels, max_side=cfg.max_side,
+            seconds=cfg.probe_seconds, max_frames=cfg.max_frames), cfg.probe)
 
     def __init__(self, errors_dir: str | None = None, max_pixels: int = 8192 * 8192,
                  max_side: int = 16384, seconds: float = 30.0, max_frames: int = 0):

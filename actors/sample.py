@@ -16,18 +16,18 @@ Reads the prompt row's settings and the text stage's features; writes `latent` (
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
-from pathlib import Path
+from dataclasses import asdict, replace
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from actors.common.schema import require_columns
+from actors.common.stage import StageResources, StageSpec
 from actors.common.tensors import pack, unpack, with_columns
-from models.flow import FlowConfig
 
 TEXT_COLUMNS = ("text", "text_shape", "text_len", "neg_text", "neg_text_shape", "neg_len")
 
@@ -46,16 +46,37 @@ class SampleStage:
     SETTINGS = ("id", "seed", "height", "width", "frames", "fps", "steps", "cfg", "text_len",
                 "neg_len")
     READS = SETTINGS + ("text", "text_shape", "neg_text", "neg_text_shape")
+    WRITES = ("latent", "latent_shape", "sample_seconds")
+    DROPS = TEXT_COLUMNS
+
+    @classmethod
+    def spec(cls, cfg: Any, export: str, temporal: int, spatial: int, gpus: bool
+             ) -> StageSpec:
+        """From a generate config: its `sampler:` section, `max_batch` and `sample` pool
+        (one GPU per actor when the cluster has GPUs and the sampler may use them). A
+        sequence-parallel sampler starts `world_size - 1` rank actors of its own per pool
+        actor: the spec declares them, so the budget check counts them."""
+        sample = cfg.sample
+        if gpus and cfg.sampler.device in ("auto", "cuda") and sample.num_gpus == 0:
+            sample = replace(sample, num_gpus=1)
+        ranks = cfg.sampler.world_size - 1
+        extra = {"sampler ranks": StageResources(
+            num_cpus=cfg.sampler.num_cpus_per_rank, min_actors=ranks,
+            max_actors=ranks * sample.max_actors)} if ranks else {}
+        return StageSpec("sample", cls, dict(
+            export=export, sampler=asdict(cfg.sampler), temporal=temporal, spatial=spatial,
+            max_batch=cfg.max_batch), sample, extra)
 
     def __init__(self, export: str, sampler: dict, temporal: int, spatial: int,
                  max_batch: int = 4):
         from actors.workers.sampler import SamplerConfig, SamplerGroup
+        from models.export import read_export
 
         self.group = SamplerGroup(export, SamplerConfig(**sampler))
-        config = json.loads((Path(export) / "config.json").read_text())
-        self.channels = int(config["dit"]["in_channels"])
-        self.patch = tuple(config["dit"]["patch"])
-        self.flow = FlowConfig(**config["train"]["flow"])
+        record = read_export(export)
+        self.channels = record.dit.in_channels
+        self.patch = tuple(record.dit.patch)
+        self.flow = record.flow
         self.temporal, self.spatial, self.max_batch = temporal, spatial, max_batch
 
     def __del__(self):

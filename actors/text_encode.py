@@ -13,14 +13,16 @@ depend on which other prompts share its batch (the same latents whatever the bat
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from actors.common.schema import require_columns
+from actors.common.stage import StageSpec
 from actors.common.tensors import pack, with_columns
-from actors.common.vae import pick_device
+from models.device import pick_device
 
 
 def text_length(encoder: torch.nn.Module) -> int:
@@ -31,12 +33,22 @@ def text_length(encoder: torch.nn.Module) -> int:
 
 class TextEncodeStage:
     READS = ("id", "prompt", "negative_prompt")
+    WRITES = ("text", "text_shape", "text_len", "neg_text", "neg_text_shape", "neg_len",
+              "text_seconds")
+
+    @classmethod
+    def spec(cls, cfg: Any, export: str) -> StageSpec:
+        """From a generate config (pipeline/generate.py `GenerateConfig`): its `text` pool
+        (on the CPU: the encoder is small next to the sampler's DiT)."""
+        return StageSpec("text", cls, dict(export=export, device="cpu",
+                                           num_cpus=cfg.text.num_cpus), cfg.text)
 
     def __init__(self, export: str, device: str = "cpu", num_cpus: float = 0.25):
-        from models.denoiser import load_exported
+        from models.export import load_text_encoder, read_export
 
         self.device = pick_device(device, num_cpus)
-        _, self.encoder, _ = load_exported(export, device=self.device)
+        # the text encoder alone: the DiT's tensors are the sampler's, not read here
+        self.encoder = load_text_encoder(read_export(export), device=self.device)
         self.length = text_length(self.encoder)
 
     @torch.no_grad()

@@ -12,23 +12,35 @@ a generation batch may differ in shape).
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from actors.common.schema import require_columns
+from actors.common.stage import StageSpec
 from actors.common.tensors import pack, unpack, with_columns
-from actors.common.vae import VAEStageConfig, load_stage_vae, pick_device
+from actors.common.vae import VAEStageConfig, load_stage_vae
 from actors.common.video import to_uint8
+from models.device import pick_device, torch_dtype
 
 
 class VAEDecodeStage:
     READS = ("id", "latent", "latent_shape")
+    WRITES = ("video", "video_shape", "decode_seconds")
+    DROPS = ("latent", "latent_shape")
+
+    @classmethod
+    def spec(cls, cfg: Any) -> StageSpec:
+        """From a generate config: its `vae:` section, `chunk_frames` and `decode` pool (whose
+        CPU share is also torch's thread count)."""
+        return StageSpec("decode", cls, dict(vae=cfg.vae, num_cpus=cfg.decode.num_cpus,
+                                             chunk_frames=cfg.chunk_frames), cfg.decode)
 
     def __init__(self, vae: VAEStageConfig, num_cpus: float = 1.0, chunk_frames: int = 16):
         self.device = pick_device(vae.device, num_cpus)
-        self.dtype = getattr(torch, vae.dtype)
+        self.dtype = torch_dtype(vae.dtype)
         self.model = load_stage_vae(vae, self.device)
         self.tile_px, self.chunk_frames = vae.tile_px, chunk_frames
 
@@ -51,6 +63,6 @@ class VAEDecodeStage:
             t0 = time.perf_counter()
             frames.append(self.decode(z))
             seconds.append(time.perf_counter() - t0)
-        batch = batch.drop_columns(["latent", "latent_shape"])
+        batch = batch.drop_columns(list(self.DROPS))
         return with_columns(batch, {**pack("video", frames),
                                     "decode_seconds": pa.array(seconds, pa.float64())})

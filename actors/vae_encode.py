@@ -10,6 +10,7 @@ otherwise a CPU share (torch threads follow the share, at least 1).
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,20 +19,30 @@ import torch
 from actors.common.buckets import BucketConfig, BucketTable, shape_chunks
 from actors.common.errors import ErrorSink
 from actors.common.schema import require_columns
+from actors.common.stage import StageSpec
 from actors.common.tensors import unpack
-from actors.common.vae import VAEStageConfig, load_stage_vae, pick_device
+from actors.common.vae import VAEStageConfig, load_stage_vae
 from actors.common.video import frames_to_video
+from models.device import pick_device, torch_dtype
 
 
 class VAEEncodeStage:
     READS = ("id", "path", "bucket", "frames", "frames_shape")
     WRITES = ("latent", "latent_shape", "encode_seconds")
 
+    @classmethod
+    def spec(cls, cfg: Any, errors_dir: str | None) -> StageSpec:
+        """From a preprocess config (pipeline/streams.py `PreprocessConfig`): its VAE, buckets,
+        latent dtype and `encode` pool (whose CPU share is also torch's thread count)."""
+        return StageSpec("encode", cls, dict(
+            vae=cfg.vae, buckets=cfg.buckets, errors_dir=errors_dir,
+            latent_dtype=cfg.latent_dtype, num_cpus=cfg.encode.num_cpus), cfg.encode)
+
     def __init__(self, vae: VAEStageConfig, buckets: BucketConfig,
                  errors_dir: str | None = None, latent_dtype: str = "float16",
                  num_cpus: float = 1.0):
         self.device = pick_device(vae.device, num_cpus)
-        self.dtype = getattr(torch, vae.dtype)
+        self.dtype = torch_dtype(vae.dtype)
         self.model = load_stage_vae(vae, self.device)
         self.tile_px = vae.tile_px
         self.batch_sizes = {b.name: b.batch_size for b in BucketTable(buckets).buckets.values()}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,15 +23,28 @@ import torch
 from actors.common.buckets import BucketConfig, BucketTable, shape_chunks
 from actors.common.errors import ErrorSink
 from actors.common.schema import require_columns
+from actors.common.stage import StageSpec
 from actors.common.tensors import unpack
-from actors.common.vae import load_checkpoint_vae, pick_device
+from actors.common.vae import load_checkpoint_vae
 from actors.common.video import frames_to_video, to_uint8, write_mp4
+from models.device import pick_device
 from models.metrics import clip_metrics
 
 
 class VAEEvalStage:
     READS = ("id", "path", "bucket", "start", "fps", "frames", "frames_shape")
     WRITES = ("num_frames", "height", "width", "mse", "psnr", "ssim", "eval_seconds", "video")
+
+    @classmethod
+    def spec(cls, cfg: Any, checkpoint: str, errors_dir: str | None, videos_dir: str = ""
+             ) -> StageSpec:
+        """From an eval-vae config (pipeline/eval_vae.py `EvalVAEConfig`): its buckets, its
+        `eval:` section's settings and pool; reconstructions into `videos_dir` ("" = none)."""
+        e = cfg.eval
+        return StageSpec("eval", cls, dict(
+            checkpoint=checkpoint, buckets=cfg.preprocess.buckets, errors_dir=errors_dir,
+            device=e.device, tile_px=e.tile_px, videos_dir=videos_dir, crf=e.crf,
+            num_cpus=e.stage.num_cpus), e.stage)
 
     def __init__(self, checkpoint: str, buckets: BucketConfig, errors_dir: str | None = None,
                  device: str = "auto", tile_px: int = 0, videos_dir: str = "", crf: int = 18,

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from actors.common.errors import ErrorSink
 from actors.common.schema import require_columns
+from actors.common.stage import StageSpec
 from models.video_metrics import Palette, consistency, direction_of, shape_of, track_object
 
 METRICS = ("vanish", "color_flicker", "hist_flicker", "vbench_flicker", "area_cv",
@@ -54,6 +55,22 @@ def evaluate(frames: np.ndarray, palette: Palette, shapes: dict[str, tuple[float
 
 
 class VideoEvalStage:
+    READS = ("path", "set", *CHECKS)  # + the prompt's other columns, passed through
+    WRITES = (*(f"detected_{k}" for k in CHECKS), "frames", *METRICS,
+              *(f"{k}_ok" for k in CHECKS))
+
+    @classmethod
+    def spec(cls, cfg: Any, errors_dir: str | None, palette: Palette,
+             shapes: dict[str, tuple[float, float, float]],
+             directions: dict[str, tuple[float, float]]) -> StageSpec:
+        """From an eval config (pipeline/eval.py `EvalConfig`): its measuring settings and
+        `stage` pool; what the videos are measured against (the synth palette, shapes and
+        directions) comes from the command."""
+        return StageSpec("eval", cls, dict(
+            palette=palette, shapes=shapes, directions=directions, errors_dir=errors_dir,
+            tol=cfg.tol, direction_frames=cfg.direction_frames, max_frames=cfg.max_frames,
+            fps=cfg.fps), cfg.stage)
+
     def __init__(self, palette: Palette, shapes: dict[str, tuple[float, float, float]],
                  directions: dict[str, tuple[float, float]], errors_dir: str | None = None,
                  tol: float = 80.0, direction_frames: int = 4, max_frames: int = 0,
@@ -64,7 +81,7 @@ class VideoEvalStage:
         self.errors = ErrorSink(errors_dir, "eval")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        require_columns(batch, ["path", "set", *CHECKS], "eval")
+        require_columns(batch, self.READS, "eval")
         out = []
         for row in batch.to_pylist():
             try:

@@ -1,6 +1,6 @@
 """Write stage: latent rows in, one Parquet file per batch in the latent dataset out.
 
-Reads the data-contract columns (DESIGN.md) and writes them to
+Reads the data-contract columns (docs/design.md) and writes them to
 `LATENTS_DIR/part-<hash of the batch's ids>.parquet`, written to a temp name and renamed, so a
 file is either whole or absent: after a `kill -9`, a rerun finds exactly the clips of whole
 files and redoes the rest (every clip exactly once). Returns one small stats row per bucket
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,6 +20,7 @@ import pyarrow.dataset as pds
 
 from actors.common.errors import write_atomic
 from actors.common.schema import LATENT_COLUMNS, require_columns
+from actors.common.stage import StageSpec
 
 STATS_SCHEMA = pa.schema([
     ("bucket", pa.string()),
@@ -34,6 +36,11 @@ STATS_SCHEMA = pa.schema([
 class LatentWriter:
     READS = LATENT_COLUMNS + ("decode_node", "decode_seconds", "encode_seconds")
     WRITES = tuple(STATS_SCHEMA.names)
+
+    @classmethod
+    def spec(cls, cfg: Any, latents_dir: str) -> StageSpec:
+        """From a preprocess config: its `write` pool, writing into `latents_dir`."""
+        return StageSpec("write", cls, dict(latents_dir=latents_dir), cfg.write)
 
     def __init__(self, latents_dir: str):
         self.dir = Path(latents_dir)

@@ -1,4 +1,4 @@
-"""Attention-layout study (issue 12): the same data and the same number of steps for each
+"""Attention-layout study: the same data and the same number of steps for each
 layout, over several seeds; final loss, training time, sampling time per video and the
 `tubelet eval` metrics of generated videos, as a table with the spread over seeds.
 

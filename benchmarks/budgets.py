@@ -1,5 +1,5 @@
 """Pixel budgets benchmark: what `max_pixels` / `decode_budget.pixels` (handed to FFmpeg's own
-decoders, issue 13) cost on good videos and save on hostile ones (not part of the tests).
+decoders) cost on good videos and save on hostile ones (not part of the tests).
 
   python benchmarks/budgets.py [--videos 16] [--repeats 11]
 

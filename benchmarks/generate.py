@@ -40,12 +40,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere
 
-from actors.mp4_encode import Mp4EncodeStage  # noqa: E402
-from actors.sample import SampleStage, row_noise  # noqa: E402
-from actors.text_encode import TextEncodeStage  # noqa: E402
-from actors.vae_decode import VAEDecodeStage  # noqa: E402
+from actors.common.stage import run_here  # noqa: E402
+from actors.sample import row_noise  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.generate import GenerateConfig, inspect_model, run_generate  # noqa: E402
+from pipeline.generate import (  # noqa: E402
+    GenerateConfig,
+    generate_stages,
+    inspect_model,
+    run_generate,
+)
 from pipeline.prompts import read_prompts  # noqa: E402
 from tests.exports import write_export  # noqa: E402
 
@@ -65,13 +68,7 @@ def sequential(cfg: GenerateConfig, export: Path, prompts: Path, out: Path) -> f
     model = inspect_model(export, cfg.vae)
     rows = read_prompts(prompts, cfg.defaults, model.grid)
     t0 = time.perf_counter()
-    table = pa.Table.from_pylist(rows)
-    table = TextEncodeStage(str(export), num_cpus=cfg.text.num_cpus)(table)
-    table = SampleStage(str(export), cfg.sampler.__dict__, model.temporal, model.spatial,
-                        cfg.max_batch)(table)
-    table = VAEDecodeStage(cfg.vae, num_cpus=cfg.decode.num_cpus,
-                           chunk_frames=cfg.chunk_frames)(table)
-    table = Mp4EncodeStage(str(out), cfg.codec, cfg.crf, cfg.preset)(table)
+    run_here(pa.Table.from_pylist(rows), generate_stages(cfg, model, out, gpus=False))
     return time.perf_counter() - t0
 
 
@@ -89,17 +86,14 @@ def bench_pipeline(args, root: Path) -> None:
                        f"defaults.frames={args.frames}", f"defaults.steps={args.steps}"],
                       {"vae.checkpoint": VAE})
     seq = sequential(cfg, export, prompts, root / "seq")
-    import ray
 
-    from pipeline.runtime import init_ray
+    from pipeline.runtime import ray_session
 
     t0 = time.perf_counter()
-    init_ray(None, cfg.ray)  # a running cluster, as under `ray job submit`; timed apart
-    ray_start = time.perf_counter() - t0
-    try:
+    # a running cluster, as under `ray job submit`; its start is timed apart
+    with ray_session(None, cfg.ray):
+        ray_start = time.perf_counter() - t0
         pipe = pipelined(cfg, export, prompts, root / "pipe")
-    finally:
-        ray.shutdown()
     n = args.videos
     print(f"end to end, {n} videos of {args.size}x{args.size}x{args.frames}, {args.steps} "
           f"steps, CFG {cfg.defaults.cfg}:")

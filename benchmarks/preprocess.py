@@ -24,14 +24,13 @@ import psutil
 import pyarrow as pa
 import ray
 
-from actors.assign import AssignStage
+from actors.common.stage import run_here
 from actors.decode import DecodeStage, decode_clip
-from actors.probe import ProbeStage
 from actors.vae_encode import VAEEncodeStage
 from pipeline.config import load_config
-from pipeline.preprocess import build_dataset, run_preprocess
+from pipeline.preprocess import preprocess_stages, run_preprocess
 from pipeline.sources import list_sources
-from pipeline.streams import PreprocessConfig
+from pipeline.streams import PreprocessConfig, plan_stages, stream
 from pipeline.synth import SynthConfig, synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +42,7 @@ def config(*overrides: str) -> PreprocessConfig:
 
 
 def plan_clips(cfg: PreprocessConfig, src: Path) -> pa.Table:
-    probed = ProbeStage()(list_sources(src))
-    return AssignStage(cfg.buckets)(probed)
+    return run_here(list_sources(src), plan_stages(cfg, None))
 
 
 def plain_loop(clips: pa.Table) -> tuple[float, int]:
@@ -74,15 +72,13 @@ def stage_alone(cfg: PreprocessConfig, clips: pa.Table, stage: str) -> tuple[flo
     """Seconds for one stage over pre-computed inputs held in the object store."""
     import ray.data
 
+    decode = DecodeStage.spec(replace(cfg, decode_threads=1), None)
     if stage == "decode":
         ds = ray.data.from_arrow([clips.slice(i, 2) for i in range(0, clips.num_rows, 2)])
-        ds = ds.map_batches(DecodeStage, **cfg.decode.map_batches_kwargs(threads=1))
-        return timed(ds)
-    decoded = DecodeStage(threads=1)(clips)
+        return timed(decode.apply(ds))
+    decoded = decode.build()(clips)
     ds = ray.data.from_arrow([decoded.slice(i, 2) for i in range(0, decoded.num_rows, 2)])
-    ds = ds.map_batches(VAEEncodeStage, **cfg.encode.map_batches_kwargs(
-        vae=cfg.vae, buckets=cfg.buckets, num_cpus=cfg.encode.num_cpus))
-    return timed(ds)
+    return timed(VAEEncodeStage.spec(cfg, None).apply(ds))
 
 
 class PeakRSS:
@@ -144,10 +140,10 @@ def main() -> None:
     ray.init(num_cpus=2, object_store_memory=400 * 2**20, include_dashboard=False)
     decode_s = stage_alone(cfg, clips, "decode")
     encode_s = stage_alone(cfg, clips, "encode")
-    e2e_ds = build_dataset(cfg, list_sources(small), tmp / "e2e", set())
+    e2e_ds = stream(cfg, list_sources(small), preprocess_stages(cfg, tmp / "e2e"))
     e2e_s = timed(e2e_ds, frames_of=lambda b: int(sum(b.column("frames").to_pylist())))
     fused_cfg = replace(cfg, fuse_decode=True)
-    fused_ds = build_dataset(fused_cfg, list_sources(small), tmp / "fused", set())
+    fused_ds = stream(fused_cfg, list_sources(small), preprocess_stages(fused_cfg, tmp / "fused"))
     fused_s = timed(fused_ds, frames_of=lambda b: int(sum(b.column("frames").to_pylist())))
     ray.shutdown()
     plain = frames / plain_s

@@ -105,7 +105,7 @@ def ours_seconds(latent: tuple[int, int, int, int], text_len: int, text_dim: int
                  guidance: float, repeats: int = 3) -> dict:
     """The same for our SamplerGroup on a debug full3d DiT export (on CPU, one rank)."""
     from actors.workers.sampler import SamplerConfig, SamplerGroup
-    from models.denoiser import load_exported
+    from models.export import load_exported
     from tests.exports import write_export
 
     with tempfile.TemporaryDirectory() as tmp:

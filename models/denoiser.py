@@ -6,32 +6,22 @@
   the DiT only: the frozen encoder runs outside it and its features come in as `text`, so it
   is not optimised, not in the EMA, checkpoints or exported weights, and not sharded (frozen,
   it needs no gradients or optimizer state; each worker keeps a copy in the compute dtype).
-- `load_exported`: an export folder written by training (`model.safetensors` with `dit.*` and,
-  for the built-in encoder, `text.*` EMA weights, plus `config.json`) -> the eval-mode DiT,
-  the text encoder (a pretrained one loaded from the folder its record names, checked
-  against its file digests) and the config.
+Its exported weights (`dit.*`, `text.*`) and config are models/export.py's format.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
 
 from models.dit import DiT, DiTConfig
 from models.text_encoder import (
-    PretrainedTextEncoder,
     TextEncoder,
     TextEncoderConfig,
-    load_recorded,
     text_width,
 )
-
-EXPORT_FORMAT = "tubelet-dit-v1"
 
 
 class FrozenTextSlot(nn.Module):
@@ -69,36 +59,3 @@ class Denoiser(nn.Module):
         if text is None:
             text = self.text(text_ids, text_mask)  # (B, L, text_dim)
         return self.dit(x, t, text=text, text_mask=text_mask, fps=fps, drop_text=drop_text)
-
-
-def load_exported(path: str | Path, device: str | torch.device = "cpu"
-                  ) -> tuple[DiT, TextEncoder | PretrainedTextEncoder, dict[str, Any]]:
-    """An exported model folder (or its model.safetensors) -> (dit, text_encoder, config).
-    Both encoders have `encode(captions, device) -> (features (B, L, text_dim), mask (B, L))`."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    folder = path.parent if path.suffix == ".safetensors" else path
-    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
-    if not config_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{folder}: not an exported model (needs config.json and "
-                                "model.safetensors, written by `tubelet train` in RUN/export)")
-    config = json.loads(config_path.read_text())
-    if config.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{config_path}: format {config.get('format')!r}, expected "
-                         f"{EXPORT_FORMAT!r}")
-    # Exports written before activation checkpointing moved out of the model carry its old
-    # switch (always false in an export); it is not a model field any more.
-    dit_cfg = DiTConfig(**{k: v for k, v in config["dit"].items() if k != "grad_checkpointing"})
-    record = config["text_encoder"]
-    pretrained = None
-    if record.get("pretrained"):  # older exports have no such key: the built-in encoder
-        pretrained = load_recorded(record)  # checks the folder is the one training used
-        text_cfg = TextEncoderConfig(max_len=record["max_len"], pretrained=record["pretrained"])
-    else:
-        text_cfg = TextEncoderConfig(**record)
-    model = Denoiser(dit_cfg, text_cfg)
-    model.load_state_dict(load_file(str(weights_path)), strict=True)
-    model.to(device).eval()
-    encoder = model.text if pretrained is None else pretrained.to(device)
-    return model.dit, encoder, config

@@ -16,7 +16,9 @@ applied from outside (actors/workers/parallelize.py, torchtitan style).
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -25,15 +27,69 @@ import torch.nn.functional as F
 from models.patching import patchify, unpatchify
 from models.rope import apply_rope, rope_freqs
 
-# Which attentions each block runs, per layout:
+
+def known(table: dict, name: str, what: str) -> Any:
+    """table[name], or a ValueError naming `name` and the known names (a typo in a config)."""
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(table)}")
+    return table[name]
+
+
+# Attention modes: how one self-attention groups a sample's N tokens, t-major (nt frames x
+# S = h*w positions), into independent attention problems; `ATTENTION_MODES` is the one place
+# that says so. `group` puts each problem on the batch dim and `ungroup` inverts it. `unit` is
+# what one problem holds; sequence parallelism (actors/workers/sequence_parallel.py) shards by
+# it, so no problem straddles ranks except full attention's single one (which Ulysses gathers).
+
+
+@dataclass(frozen=True)
+class AttentionMode:
+    unit: str  # "tokens" (all N in one problem), "frames" (S each) or "positions" (nt each)
+    group: Callable[[torch.Tensor, int], torch.Tensor]  # (B, N, ...), nt -> (B', S', ...)
+    ungroup: Callable[[torch.Tensor, int, int], torch.Tensor]  # (B', S', ...), B, nt -> (B, N, ...)
+
+
+def _per_frame(x: torch.Tensor, nt: int) -> torch.Tensor:
+    return x.reshape(x.shape[0] * nt, -1, *x.shape[2:])  # (B*nt, S, ...)
+
+
+def _per_frame_back(x: torch.Tensor, B: int, nt: int) -> torch.Tensor:
+    return x.reshape(B, -1, *x.shape[2:])  # (B, N, ...)
+
+
+def _per_position(x: torch.Tensor, nt: int) -> torch.Tensor:
+    B, N, *rest = x.shape
+    x = x.reshape(B, nt, N // nt, *rest).transpose(1, 2)  # (B, S, nt, ...)
+    return x.reshape(B * (N // nt), nt, *rest)  # (B*S, nt, ...)
+
+
+def _per_position_back(x: torch.Tensor, B: int, nt: int) -> torch.Tensor:
+    x = x.reshape(B, -1, nt, *x.shape[2:]).transpose(1, 2)  # (B, nt, S, ...)
+    return x.reshape(B, -1, *x.shape[3:])  # (B, N, ...)
+
+
+ATTENTION_MODES = {
+    "full": AttentionMode("tokens", lambda x, nt: x, lambda x, B, nt: x),  # one: all N
+    "spatial": AttentionMode("frames", _per_frame, _per_frame_back),  # within each frame
+    "temporal": AttentionMode("positions", _per_position, _per_position_back),  # across frames
+}
+
+# Which self-attention modes each block runs, per layout (the config's `layout`); the pattern
+# repeats down the depth:
 #   spatial     - within each frame (image DiT applied per frame)
 #   temporal    - across frames at one spatial position
 #   full3d      - all tokens of the clip (Wan / HunyuanVideo / Open-Sora 2)
 #   factorized  - spatial then temporal inside every block (STDiT / Open-Sora 1.x)
 #   interleaved - spatial and temporal blocks alternating (Latte)
-# A layout only decides how tokens are grouped into attention problems (`SelfAttention.group`);
+# A layout only decides how tokens are grouped into attention problems (`ATTENTION_MODES`);
 # each problem is then solved by the one `Attention` module, whatever the layout.
-LAYOUTS = ("spatial", "temporal", "full3d", "factorized", "interleaved")
+LAYOUTS = {
+    "spatial": (("spatial",),),
+    "temporal": (("temporal",),),
+    "full3d": (("full",),),
+    "factorized": (("spatial", "temporal"),),
+    "interleaved": (("spatial",), ("temporal",)),
+}
 
 
 @dataclass
@@ -62,14 +118,13 @@ class DiTConfig:
         """Raise ValueError naming the bad field (the config loader adds file and key)."""
         if len(self.patch) != 3 or min(self.patch) < 1:
             raise ValueError(f"patch must be three positive ints (pt, ph, pw), got {self.patch}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        known(LAYOUTS, self.layout, "layout")
         if self.heads < 1 or self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         head_dim = self.hidden // self.heads
         if head_dim % 2 or head_dim < 6:  # 3D RoPE rotates pairs, at least one per axis
             raise ValueError(f"hidden / heads must be even and >= 6, got {head_dim}")
-        if self.depth < (2 if self.layout == "interleaved" else 1):
+        if self.depth < len(LAYOUTS[self.layout]):  # one whole pattern
             raise ValueError(f"depth must be >= 2 for interleaved, >= 1 otherwise: {self.depth}")
         if not 0.0 <= self.text_dropout < 1.0:
             raise ValueError(f"text_dropout must be in [0, 1), got {self.text_dropout}")
@@ -78,10 +133,8 @@ class DiTConfig:
 
     def block_modes(self) -> list[tuple[str, ...]]:
         """The self-attention modes of each block, in order."""
-        if self.layout == "interleaved":
-            return [("spatial",) if i % 2 == 0 else ("temporal",) for i in range(self.depth)]
-        modes = {"factorized": ("spatial", "temporal"), "full3d": ("full",)}
-        return [modes.get(self.layout, (self.layout,))] * self.depth
+        pattern = known(LAYOUTS, self.layout, "layout")
+        return [pattern[i % len(pattern)] for i in range(self.depth)]
 
     def block_cross_attends(self) -> list[bool]:
         """Whether each block attends to the text. Latte's temporal blocks do not (the text
@@ -161,44 +214,30 @@ class Attention(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over one grouping of the (t, h, w) token grid."""
+    """Multi-head self-attention over the grouping its `mode` names in `ATTENTION_MODES`."""
 
     def __init__(self, dim: int, heads: int, qk_norm: bool, mode: str):
         super().__init__()
         self.heads, self.head_dim, self.mode = heads, dim // heads, mode
+        self.grouping = known(ATTENTION_MODES, mode, "attention mode")
         self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.attention = Attention()
 
-    def group(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """(B, N, heads, hd) -> (B', heads, S, hd): one attention problem per group."""
-        B, N, h, d = x.shape
-        nt, S = grid[0], N // grid[0]
-        if self.mode == "spatial":
-            x = x.reshape(B * nt, S, h, d)  # each frame attends within itself
-        elif self.mode == "temporal":
-            x = x.reshape(B, nt, S, h, d).transpose(1, 2).reshape(B * S, nt, h, d)
-        return x.transpose(1, 2)
-
-    def ungroup(self, x: torch.Tensor, B: int, grid: tuple[int, int, int]) -> torch.Tensor:
-        """(B', heads, S, hd) -> (B, N, D), inverting `group`."""
-        x = x.transpose(1, 2)  # (B', S, heads, hd)
-        if self.mode == "temporal":
-            nt = grid[0]
-            x = x.reshape(B, -1, nt, self.heads * self.head_dim).transpose(1, 2)  # (B, nt, S, D)
-        return x.reshape(B, -1, self.heads * self.head_dim)  # (B, N, D)
-
     def forward(
         self, x: torch.Tensor, rope: torch.Tensor, grid: tuple[int, int, int]
     ) -> torch.Tensor:
         B, N, D = x.shape
+        nt, group = grid[0], self.grouping.group
         q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).unbind(2)
         # RoPE on the full token order, before regrouping: relative angles are what matter.
         q, k = apply_rope(self.q_norm(q), rope), apply_rope(self.k_norm(k), rope)
-        q, k, v = (self.group(z, grid) for z in (q, k, v))  # (B', heads, S, hd)
-        return self.proj(self.ungroup(self.attention(q, k, v), B, grid))
+        q, k, v = (group(z, nt).transpose(1, 2) for z in (q, k, v))  # (B', heads, S', hd)
+        out = self.attention(q, k, v).transpose(1, 2)  # (B', S', heads, hd)
+        out = self.grouping.ungroup(out.reshape(*out.shape[:2], D), B, nt)  # (B, N, D)
+        return self.proj(out)
 
 
 class CrossAttention(nn.Module):
@@ -328,35 +367,22 @@ class DiT(nn.Module):
         text; when None, training mode drops with p = config.text_dropout.
         """
         tokens, grid = patchify(x, self.config.patch)  # (B, N, pt*ph*pw*C)
-        h = self.x_embedder(tokens)  # (B, N, D)
-        rope = self.rope(grid.positions(x.device))
-        c, text, text_mask = self.condition(x.shape[0], t, text, text_mask, fps, drop_text,
-                                            x.device)
-        for block in self.blocks:
-            h = block(h, c, text, text_mask, rope, grid.shape)
-        out = self.final_layer(h, c)  # (B, N, pt*ph*pw*C)
-        return unpatchify(out, grid)
+        h, c, text, text_mask = self.embed(tokens, t, text, text_mask, fps, drop_text)
+        h = self.run_blocks(h, c, text, text_mask, self.rope(grid.positions(x.device)),
+                            grid.shape)  # (B, N, D)
+        return unpatchify(self.head(h, c), grid)  # (B, C, T, H, W)
 
-    # The pieces of `forward` that sequence parallelism (actors/workers/sequence_parallel.py)
-    # reuses around its sharded token stream: all but the blocks are per sample or per token.
+    # `forward` in three steps, which sequence parallelism (actors/workers/sequence_parallel.py)
+    # also calls, on its shard of the tokens: `embed` and `head` are per token or per sample,
+    # so any shard will do; `run_blocks` takes the shard's rope and grid, and a `relayout` hook.
 
-    def rope(self, positions: torch.Tensor) -> torch.Tensor:
-        """Rotary angles for token positions (N, 3): (N, head_dim // 2, 2)."""
-        cfg = self.config
-        return rope_freqs(positions, cfg.hidden // cfg.heads, cfg.rope_theta)
-
-    def condition(
-        self,
-        B: int,
-        t: torch.Tensor,
-        text: torch.Tensor | None,
-        text_mask: torch.Tensor | None,
-        fps: torch.Tensor | None,
-        drop_text: torch.Tensor | None,
-        device: torch.device,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What every token of a sample sees: adaLN input c (B, D), text (B, L, D), mask (B, L)."""
-        cfg = self.config
+    def embed(
+        self, tokens: torch.Tensor, t: torch.Tensor, text: torch.Tensor | None,
+        text_mask: torch.Tensor | None, fps: torch.Tensor | None, drop_text: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Patch tokens (B, n, P) -> the blocks' inputs: tokens h (B, n, D) and what every
+        token of a sample sees, adaLN input c (B, D), text (B, L, D) and its mask (B, L)."""
+        cfg, (B, device) = self.config, (tokens.shape[0], tokens.device)
         # (B, D); the sinusoids are tuned for t in [0, 1000], as in SD3
         c = self.t_embedder(torch.as_tensor(t, device=device).expand(B) * 1000)
         if fps is not None:
@@ -368,7 +394,25 @@ class DiT(nn.Module):
             weights = text_mask.to(text.dtype)[..., None]  # (B, L, 1)
             pooled = (text * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D)
             c = c + self.pooled_embedder(pooled)
-        return c, text, text_mask
+        return self.x_embedder(tokens), c, text, text_mask
+
+    def rope(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rotary angles for token positions (N, 3): (N, head_dim // 2, 2)."""
+        cfg = self.config
+        return rope_freqs(positions, cfg.hidden // cfg.heads, cfg.rope_theta)
+
+    def run_blocks(
+        self, h: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+        rope: torch.Tensor, grid: tuple[int, int, int], relayout: Callable | None = None,
+    ) -> torch.Tensor:
+        """Tokens h (B, n, D) through every block; `relayout`: see `DiTBlock.forward`."""
+        for block in self.blocks:
+            h = block(h, c, text, text_mask, rope, grid, relayout=relayout)
+        return h
+
+    def head(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Tokens h (B, n, D) -> patch values (B, n, pt*ph*pw*C), per token."""
+        return self.final_layer(h, c)
 
 
 #################################################################################

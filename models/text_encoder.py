@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.device import torch_dtype
 from models.safety import require_safetensors
 
 
@@ -359,7 +360,7 @@ def load_recorded(record: dict[str, Any]) -> PretrainedTextEncoder:
             f"pretrained text encoder {path} changed since the export was written: "
             f"changed {changed or '-'}, missing {sorted(set(then) - set(now)) or '-'}, "
             f"new {sorted(set(now) - set(then)) or '-'}; restore the folder training used")
-    return PretrainedTextEncoder(path, record["max_len"], getattr(torch, record["dtype"]))
+    return PretrainedTextEncoder(path, record["max_len"], torch_dtype(record["dtype"]))
 
 
 def text_encoder_debug() -> TextEncoderConfig:

@@ -127,7 +127,7 @@ def _default() -> VAEConfig:
 
 
 def _dc() -> VAEConfig:
-    """The residual-autoencoding design (issue 11): a 4x4 patchify input (LTX: the energy of
+    """The residual-autoencoding design: a 4x4 patchify input (LTX: the energy of
     each 4x4 block moves into channels before any conv), one space+time and one time-only
     down step wrapped in DC-AE's parameter-free shortcuts, factorized 1x3x3 + 3x1x1 convs."""
     return VAEConfig(latent_channels=16, patch_size=4, channels=(64, 128, 128),

@@ -35,10 +35,11 @@ from typing import Any
 import numpy as np
 import pyarrow.dataset as pds
 
+from actors.common.stage import StageResources, StageSpec, apply_all, pools
 from actors.video_eval import CHECKS, METRICS, VideoEvalStage
 from models.video_metrics import region_features
 from pipeline.config import UsageError, writable_dir, write_run_record
-from pipeline.runtime import RayConfig, StageResources, check_budget, init_ray
+from pipeline.runtime import RayConfig, check_budget, ray_session
 from pipeline.sources import SourceError, list_sources
 from pipeline.synth import COLORS, DIRECTIONS, SHAPES, shape_mask
 
@@ -63,6 +64,13 @@ class EvalConfig:
     def validate(self) -> None:
         if self.tol <= 0 or self.direction_frames < 1 or self.max_frames < 0 or self.fps < 0:
             raise ValueError("tol: must be > 0; direction_frames: >= 1; max_frames, fps: >= 0")
+
+
+def eval_stages(cfg: EvalConfig, out: Path) -> list[StageSpec]:
+    """The eval graph: one stage that decodes each video and measures it against the synth
+    palette, shapes and directions its prompt names."""
+    return [VideoEvalStage.spec(cfg, str(out / "errors"), COLORS, shape_references(),
+                                DIRECTIONS)]
 
 
 class EvalInputError(UsageError):
@@ -199,21 +207,14 @@ def run_eval(cfg: EvalConfig, videos: str, reference: str | None = None,
     scratch = tempfile.TemporaryDirectory(prefix="tubelet-eval-") if output is None else None
     out = Path(output) if output is not None else Path(scratch.name)
     writable_dir(out)
-    started = init_ray(address, cfg.ray)
+    specs = eval_stages(cfg, out)
     results: list[dict[str, Any]] = []
-    try:
+    with ray_session(address, cfg.ray) as started:
         if started and not address:
-            check_budget({"eval": cfg.stage})
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-        ds = ds.map_batches(VideoEvalStage, **cfg.stage.map_batches_kwargs(
-            palette=COLORS, shapes=shape_references(), directions=DIRECTIONS,
-            errors_dir=str(out / "errors"), tol=cfg.tol, direction_frames=cfg.direction_frames,
-            max_frames=cfg.max_frames, fps=cfg.fps))
+            check_budget(pools(specs))
+        ds = apply_all(ray.data.from_items(rows, override_num_blocks=max(1, len(rows))), specs)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             results.extend(batch.to_pylist())
-    finally:
-        if started:
-            ray.shutdown()
     results.sort(key=lambda r: (r["set"], r["path"]))
     sets = [s for s in ("generated", "reference") if any(r["set"] == s for r in rows)]
     agg = {s: aggregate([r for r in results if r["set"] == s]) for s in sets}

@@ -5,7 +5,7 @@
 `--vae CKPT` is `--set checkpoint=CKPT` (default: configs/eval-vae/default.yaml's, the shipped
 VAE): a `train-vae` .safetensors file or a local diffusers video-VAE folder. Videos of any
 size, aspect ratio and length become clips by the bucket rules of the config's
-`preprocess.buckets` (`clip_stream`: the same probe -> assign -> decode actor pools as
+`preprocess.buckets` (`clip_stages`: the same probe -> assign -> decode actor pools as
 `preprocess` and `train-vae`), then a `VAEEvalStage` pool encodes, decodes and measures each
 clip (actors/vae_eval.py has the metric definitions). Per video: the mean over its clips; overall:
 the mean over videos (and over clips, also reported). Output in DIR: eval.json (overall, per
@@ -26,14 +26,15 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow.dataset as pds
 
+from actors.common.stage import StageResources, StageSpec, pools
 from actors.common.vae import load_checkpoint_vae, resolve_checkpoint
 from actors.vae_eval import VAEEvalStage
 from pipeline.config import UsageError, to_dict, writable_dir, write_run_record
 from pipeline.ray_train import keep_order, no_progress_bars
 from pipeline.report import eval_table
-from pipeline.runtime import RayConfig, StageResources, check_budget, init_ray
+from pipeline.runtime import RayConfig, check_budget, ray_session
 from pipeline.sources import list_sources
-from pipeline.streams import ClipConfig, clip_stream
+from pipeline.streams import ClipConfig, clip_stages, stream
 
 
 @dataclass
@@ -66,6 +67,14 @@ class EvalVAEConfig:
                              "file written by `tubelet train-vae` or a diffusers VAE folder)")
 
 
+def eval_vae_stages(cfg: EvalVAEConfig, checkpoint: str, out: Path, videos_dir: str = ""
+                    ) -> list[StageSpec]:
+    """The eval-vae graph: `clip_stages` + the reconstruct-and-measure stage."""
+    errors = str(out / "errors")
+    return [*clip_stages(cfg.preprocess, errors),
+            VAEEvalStage.spec(cfg, checkpoint, errors, videos_dir)]
+
+
 class EvalError(UsageError):
     """A checkpoint that cannot be evaluated; the message is one line for the user."""
 
@@ -94,7 +103,6 @@ def summarize(clips: list[dict], vae: str, factors: str) -> dict[str, Any]:
 def run_eval_vae(cfg: EvalVAEConfig, src: str, output: str | Path | None = None,
                  videos: bool = False, address: str | None = None) -> dict[str, Any]:
     """Raises EvalError (bad checkpoint) or SourceError (bad input) before starting Ray."""
-    import ray
     from ray.data import DataContext
 
     if videos and output is None:
@@ -117,25 +125,16 @@ def run_eval_vae(cfg: EvalVAEConfig, src: str, output: str | Path | None = None,
     if videos_dir is not None:
         videos_dir.mkdir(exist_ok=True)
     p = cfg.preprocess
-    stages = {**p.stages(), "eval": cfg.eval.stage}
-    started = init_ray(address, cfg.ray)
+    specs = eval_vae_stages(cfg, resolve_checkpoint(vae), out, str(videos_dir or ""))
     clips: list[dict] = []
-    try:
+    with ray_session(address, cfg.ray) as started:
         if started and not address:
-            check_budget(stages)
+            check_budget(pools(specs))
         keep_order(DataContext.get_current())
         no_progress_bars(DataContext.get_current())
-        ds = clip_stream(p, sources, out / "errors").map_batches(
-            VAEEvalStage, **cfg.eval.stage.map_batches_kwargs(
-                checkpoint=resolve_checkpoint(vae), buckets=p.buckets,
-                errors_dir=str(out / "errors"), device=cfg.eval.device,
-                tile_px=cfg.eval.tile_px, videos_dir=str(videos_dir or ""), crf=cfg.eval.crf,
-                num_cpus=cfg.eval.stage.num_cpus))
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in stream(p, sources, specs).iter_batches(batch_format="pyarrow",
+                                                            batch_size=None):
             clips.extend(batch.to_pylist())
-    finally:
-        if started:
-            ray.shutdown()
     report = summarize(clips, str(vae), factors)
     errors = sorted((out / "errors").glob("*.parquet"))
     report["errors"] = (pds.dataset(errors).to_table().to_pylist() if errors else [])

@@ -27,7 +27,7 @@ import json
 import math
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +35,17 @@ import pyarrow as pa
 import pyarrow.dataset as pds
 
 from actors.common.errors import write_atomic
+from actors.common.stage import StageResources, StageSpec, apply_all, pools
 from actors.common.vae import VAELoadError, VAEStageConfig, load_checkpoint_vae
 from actors.mp4_encode import Mp4EncodeStage
 from actors.sample import SampleStage
 from actors.text_encode import TextEncodeStage
 from actors.vae_decode import VAEDecodeStage
 from actors.workers.sampler import SamplerConfig
+from models.export import ExportError, ExportRecord, model_kind, read_export
 from pipeline.config import ConfigError, UsageError, to_dict, writable_dir, write_run_record
 from pipeline.prompts import Defaults, Grid, read_prompts
-from pipeline.runtime import RayConfig, StageResources, check_local_budget, init_ray
+from pipeline.runtime import RayConfig, check_budget, local_cluster, ray_session
 
 MANIFEST_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "height", "width", "frames",
                     "fps", "steps", "cfg", "checkpoint", "checkpoint_digest", "file", "sheet",
@@ -80,16 +82,6 @@ class GenerateConfig:
             raise ValueError(f"chunk_frames: must be a positive multiple of 4, got "
                              f"{self.chunk_frames}")
 
-    def stages(self) -> dict[str, StageResources]:
-        """Every pool's resources for the CPU budget check, the sampler's extra ranks too (each
-        sampler actor starts world_size - 1 rank actors of its own, outside Ray Data)."""
-        ranks = self.sampler.world_size - 1
-        extra = {"sampler ranks": StageResources(
-            num_cpus=self.sampler.num_cpus_per_rank, min_actors=ranks,
-            max_actors=ranks * self.sample.max_actors)} if ranks else {}
-        return {"text": self.text, "sample": self.sample, "decode": self.decode,
-                "encode": self.encode, **extra}
-
 
 class CheckpointError(UsageError):
     """A --checkpoint that is not a training run or an export."""
@@ -99,8 +91,12 @@ def resolve_export(checkpoint: str | Path) -> Path:
     """A run folder (RUN, holding export/) or an export folder -> the export folder."""
     path = Path(checkpoint)
     for candidate in (path, path / "export"):
-        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
+        if model_kind(candidate) == "tubelet":
             return candidate.resolve()
+    if model_kind(path) == "diffusers":  # the seam for a second family of model folders
+        raise CheckpointError(f"--checkpoint {checkpoint}: a diffusers pipeline folder "
+                              "(model_index.json); generate runs tubelet exports only so far "
+                              "(`tubelet train` writes RUN/export)")
     raise CheckpointError(f"--checkpoint {checkpoint}: not a training run or an export (needs "
                           "config.json and model.safetensors, in the folder or in its "
                           "export/; `tubelet train` writes RUN/export)")
@@ -120,44 +116,30 @@ class Model:
 
     export: Path
     digest: str
-    config: dict[str, Any]
+    record: ExportRecord
     grid: Grid
     temporal: int
     spatial: int
 
 
 def inspect_model(checkpoint: str | Path, vae: VAEStageConfig) -> Model:
-    from models.denoiser import EXPORT_FORMAT
-
     export = resolve_export(checkpoint)
-    try:
-        config = json.loads((export / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{export}/config.json: not JSON ({e})") from None
-    if config.get("format") != EXPORT_FORMAT:
-        raise CheckpointError(f"{export}: format {config.get('format')!r}, expected "
-                              f"{EXPORT_FORMAT!r} (an export of `tubelet train`)")
-    try:  # the header only: a pickle (or anything else) named model.safetensors stops here
-        from safetensors import safe_open
-
-        with safe_open(str(export / "model.safetensors"), framework="pt") as f:
-            f.keys()
-    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
-        raise CheckpointError(f"{export}/model.safetensors is not a safetensors file "
-                              f"({type(e).__name__}); exports are safetensors only, nothing "
-                              "in it was loaded or run") from None
+    try:  # a pickle (or anything else) named model.safetensors stops here, unloaded
+        record = read_export(export)
+    except ExportError as e:
+        raise CheckpointError(str(e)) from None
     try:
         model = load_checkpoint_vae(vae.checkpoint)
     except VAELoadError as e:
         raise ConfigError(str(e)) from None
-    channels = config["dit"]["in_channels"]
+    channels = record.dit.in_channels
     if model.latent_channels != channels:
         raise ConfigError(f"VAE {vae.checkpoint} makes {model.latent_channels}-channel latents "
                           f"but the DiT of {export} takes {channels}; pass the VAE the "
                           "training data was preprocessed with (vae.checkpoint)")
-    pt, ph, pw = config["dit"]["patch"]
+    pt, ph, pw = record.dit.patch
     s, t = model.spatial_factor, model.temporal_factor
-    return Model(export, digest(export / "model.safetensors"), config,
+    return Model(export, digest(export / "model.safetensors"), record,
                  Grid(spatial=math.lcm(s * ph, s * pw), temporal=t, patch_t=pt), t, s)
 
 
@@ -182,27 +164,25 @@ def read_manifest(out: Path) -> list[dict[str, Any]]:
     return sorted(latest.values(), key=lambda r: r["id"])
 
 
-def build_dataset(cfg: GenerateConfig, rows: list[dict], model: Model, out: Path,
-                  gpus: bool):
-    """The generation graph (lazy)."""
+def generate_stages(cfg: GenerateConfig, model: Model, out: Path, gpus: bool
+                    ) -> list[StageSpec]:
+    """The generation graph: text encode -> sample -> VAE decode -> mp4 encode. `gpus`: the
+    cluster has GPUs (the sampler then asks for one)."""
+    export = str(model.export)
+    return [TextEncodeStage.spec(cfg, export),
+            SampleStage.spec(cfg, export, model.temporal, model.spatial, gpus),
+            VAEDecodeStage.spec(cfg),
+            Mp4EncodeStage.spec(cfg, str(out))]
+
+
+def prompt_dataset(rows: list[dict]):
+    """The prompt rows as a lazy Ray Dataset, a block per video, sorted so that rows of one
+    shape and setting meet in the sampler's batches."""
     import ray.data
 
     rows = sorted(rows, key=lambda r: (r["height"], r["width"], r["frames"], r["steps"],
-                                       r["cfg"], r["id"]))  # batches of one shape
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))  # a block per video
-    device = cfg.sampler.device
-    sample = cfg.sample
-    if gpus and device in ("auto", "cuda") and sample.num_gpus == 0:
-        sample = replace(sample, num_gpus=1)  # the cluster has GPUs: the sampler asks for one
-    ds = ds.map_batches(TextEncodeStage, **cfg.text.map_batches_kwargs(
-        export=str(model.export), device="cpu", num_cpus=cfg.text.num_cpus))
-    ds = ds.map_batches(SampleStage, **sample.map_batches_kwargs(
-        export=str(model.export), sampler=asdict(cfg.sampler), temporal=model.temporal,
-        spatial=model.spatial, max_batch=cfg.max_batch))
-    ds = ds.map_batches(VAEDecodeStage, **cfg.decode.map_batches_kwargs(
-        vae=cfg.vae, num_cpus=cfg.decode.num_cpus, chunk_frames=cfg.chunk_frames))
-    return ds.map_batches(Mp4EncodeStage, **cfg.encode.map_batches_kwargs(
-        output=str(out), codec=cfg.codec, crf=cfg.crf, preset=cfg.preset))
+                                       r["cfg"], r["id"]))
+    return ray.data.from_items(rows, override_num_blocks=len(rows))
 
 
 def write_manifest_part(out: Path, batch: pa.Table) -> None:
@@ -257,7 +237,10 @@ def run_generate(cfg: GenerateConfig, checkpoint: str | Path, prompts: str | Pat
                           f"{tokens} tokens of prompt {small['id']!r} "
                           f"({small['frames']}x{small['height']}x{small['width']}); lower "
                           "--sequence-parallel or make the video larger")
-    check_local_budget(cfg.stages(), address, cfg.ray)  # pools + sampler ranks, before Ray
+    local = local_cluster(address, cfg.ray)  # pools + sampler ranks, before Ray starts
+    if local:
+        check_budget(pools(generate_stages(cfg, model, out, local[1] > 0)), total=local[0],
+                     gpus=local[1])
     for r in rows:
         r.update(checkpoint=str(model.export), checkpoint_digest=model.digest)
     writable_dir(out)
@@ -265,8 +248,7 @@ def run_generate(cfg: GenerateConfig, checkpoint: str | Path, prompts: str | Pat
     todo = [r for r in rows if r["id"] not in done]
     written, arrivals = 0, []
     if todo:
-        started = init_ray(address, cfg.ray)
-        try:
+        with ray_session(address, cfg.ray):
             ctx = DataContext.get_current()
             no_progress_bars(ctx)  # one line per video instead
             # One block per batch a stage returns: a task's outputs are otherwise merged up to
@@ -274,7 +256,7 @@ def run_generate(cfg: GenerateConfig, checkpoint: str | Path, prompts: str | Pat
             # block (measured: all 12 videos of a job reached the driver at once, at the end).
             ctx.target_max_block_size = 1
             gpus = ray.cluster_resources().get("GPU", 0) > 0
-            ds = build_dataset(cfg, todo, model, out, gpus)
+            ds = apply_all(prompt_dataset(todo), generate_stages(cfg, model, out, gpus))
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 write_manifest_part(out, batch)
                 written += batch.num_rows
@@ -282,9 +264,6 @@ def run_generate(cfg: GenerateConfig, checkpoint: str | Path, prompts: str | Pat
                 if progress:
                     print(f"[generate] {written}/{len(todo)} videos, "
                           f"{time.perf_counter() - start:.0f}s", flush=True)
-        finally:
-            if started:
-                ray.shutdown()
     manifest = read_manifest(out)
     write_gallery(out, manifest)
     wall = time.perf_counter() - start

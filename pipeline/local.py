@@ -31,13 +31,16 @@ from pipeline.config import ConfigError, UsageError, resolve_config, to_dict, wr
 
 
 def pick_device(name: str) -> str:
+    """--device -> the device string the loops take ("cuda" -> "cuda:0": DDP and NCCL want
+    the index); a CUDA device where there is none is a UsageError."""
     import torch
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    from models.device import pick_device as torch_device
+
+    device = torch_device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: this machine has no CUDA GPU (use --device cpu)")
-    return "cuda:0" if name == "cuda" else name  # DDP and NCCL want the index
+    return "cuda:0" if str(device) == "cuda" else str(device)
 
 
 def train_local(cfg: Any, data: str, output: str, device: str, resume: bool = False

@@ -2,7 +2,7 @@
 
 A streaming Ray Data graph of actor-pool stages with Arrow batches between them; only small
 per-batch stats rows come back to the driver. Output, in DIR:
-  latents/   the latent dataset (DESIGN.md contract), one whole Parquet file per batch
+  latents/   the latent dataset (docs/design.md contract), one whole Parquet file per batch
   errors/    one row per unusable input or skipped video (path, stage, kind, error)
   summary.json, config.yaml, run.json
 Resume: clips already in latents/ and paths already in errors/ are not done again, so a rerun
@@ -21,20 +21,20 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as pds
 
+from actors.common.stage import StageSpec, pools
 from actors.common.vae import VAELoadError, resolve_checkpoint
 from actors.write import LatentWriter, read_error_paths, read_ids
 from pipeline.config import ConfigError, to_dict, writable_dir, write_run_record
-from pipeline.runtime import check_local_budget, init_ray
+from pipeline.runtime import check_local_budget, ray_session
 from pipeline.sources import list_sources
-from pipeline.streams import PreprocessConfig, latent_stream
+from pipeline.streams import PreprocessConfig, latent_stages, stream
 
 
-def build_dataset(cfg: PreprocessConfig, sources: pa.Table, out: Path, done_ids: set[str]):
-    """The whole preprocess graph (lazy): `latent_stream` (pipeline/streams.py) + the Parquet
-    writer pool."""
-    ds = latent_stream(cfg, sources, out / "errors", done_ids)
-    return ds.map_batches(LatentWriter, **cfg.write.map_batches_kwargs(
-        latents_dir=str(out / "latents")))
+def preprocess_stages(cfg: PreprocessConfig, out: Path, done_ids: set[str] | frozenset[str]
+                      = frozenset()) -> list[StageSpec]:
+    """The whole preprocess graph: `latent_stages` (pipeline/streams.py) + the Parquet writer."""
+    return [*latent_stages(cfg, out / "errors", done_ids),
+            LatentWriter.spec(cfg, str(out / "latents"))]
 
 
 def reason_of(error: str) -> str:
@@ -91,15 +91,13 @@ def summarize(out: Path, stats: list[dict], wall: float, cfg: PreprocessConfig,
 def run_preprocess(cfg: PreprocessConfig, src: str, output: str | Path,
                    address: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Raises ConfigError (no such VAE) or SourceError (bad input) before starting Ray."""
-    import ray
-
     out = Path(output)
     try:  # refuse a missing VAE before starting anything
         checkpoint = resolve_checkpoint(cfg.vae.checkpoint)
     except VAELoadError as e:
         raise ConfigError(str(e)) from None
     cfg = replace(cfg, vae=replace(cfg.vae, checkpoint=checkpoint))
-    check_local_budget(cfg.stages(), address, cfg.ray)  # before Ray starts
+    check_local_budget(pools(preprocess_stages(cfg, out)), address, cfg.ray)  # before Ray
     writable_dir(out)
     start = time.perf_counter()
     sources = list_sources(src, tuple(cfg.video_extensions))
@@ -108,11 +106,9 @@ def run_preprocess(cfg: PreprocessConfig, src: str, output: str | Path,
     todo = sources.filter(pa.array([p not in seen_errors for p in
                                     sources.column("path").to_pylist()]))
     stats: list[dict] = []
-    started = False
     if todo.num_rows:
-        started = init_ray(address, cfg.ray)
-        try:
-            ds = build_dataset(cfg, todo, out, done_ids)
+        with ray_session(address, cfg.ray):
+            ds = stream(cfg, todo, preprocess_stages(cfg, out, done_ids))
             last = 0.0
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 stats.extend(batch.to_pylist())
@@ -121,9 +117,6 @@ def run_preprocess(cfg: PreprocessConfig, src: str, output: str | Path,
                     n = sum(s["clips"] for s in stats)
                     print(f"[preprocess] {n} clips written, {time.perf_counter() - start:.0f}s",
                           flush=True)
-        finally:
-            if started:
-                ray.shutdown()
     wall = time.perf_counter() - start
     written = sum(s["clips"] for s in stats)
     summary = summarize(out, stats, wall, cfg, sources.num_rows, len(done_ids))

@@ -1,12 +1,14 @@
 """The Ray Data graphs several commands share: videos -> clips -> latents, and their configs.
 
-    plan_stream    videos -> probe -> bucket                 clip plan rows
-    clip_stream    + decode                                  frames (train-vae, eval-vae)
-    latent_stream  + VAE encode (or decode+encode fused)     latents (preprocess, train --input)
+    plan_stages    videos -> probe -> bucket                 clip plan rows
+    clip_stages    + decode                                  frames (train-vae, eval-vae)
+    latent_stages  + VAE encode (or decode+encode fused)     latents (preprocess, train --input)
 
-A library, not a command: `preprocess`, `train`, `train-vae` and `eval-vae` each build on these,
-and no command imports another command (the `preprocess` command, with its writer and
-summary, is `pipeline/preprocess.py`). Each stage is an actor pool sized by its config entry.
+Each is a list of `StageSpec`s (actors/common/stage.py): `stream` runs it as a Ray Data graph
+of actor pools, `run_here` in this process, the budget check weighs its `pools`. A library, not
+a command: `preprocess`, `train`, `train-vae` and `eval-vae` each build on these, and no
+command imports another command (the `preprocess` command, with its writer and summary, is
+`pipeline/preprocess.py`).
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import pyarrow as pa
 
 from actors.assign import AssignStage
 from actors.common.buckets import BucketConfig, BucketTable
+from actors.common.stage import StageResources, StageSpec, apply_all
 from actors.common.vae import VAEStageConfig
 from actors.decode import DecodeBudget, DecodeStage
 from actors.decode_encode import DecodeEncodeStage
 from actors.probe import ProbeStage
 from actors.vae_encode import VAEEncodeStage
-from pipeline.runtime import RayConfig, StageResources
+from pipeline.runtime import RayConfig
 from pipeline.sources import VIDEO_EXTENSIONS, list_sources
 
 
@@ -82,10 +85,6 @@ class ClipConfig:
                                  f"{b.num_frames} frames, more than decode_budget.frames="
                                  f"{self.decode_budget.frames}; no clip could be decoded")
 
-    def stages(self) -> dict[str, StageResources]:
-        """The actor pools the graph runs (what `check_budget` weighs)."""
-        return {"probe": self.probe, "assign": self.assign, "decode": self.decode}
-
 
 @dataclass
 class PreprocessConfig(ClipConfig):
@@ -95,62 +94,54 @@ class PreprocessConfig(ClipConfig):
     latent_dtype: Literal["float16", "float32"] = "float16"
     # Decode inside the VAE encode actors (actors/decode_encode.py; `encode` resources, the
     # `decode` pool unused): frames never enter the object store or cross nodes, but decode
-    # and encode take turns instead of overlapping. See README "Decode next to the VAE".
+    # and encode take turns instead of overlapping. See docs/preprocess.md "Decode next to the VAE".
     fuse_decode: bool = False
     encode: StageResources = field(default_factory=lambda: StageResources(0.5, batch_size=8))
     write: StageResources = field(default_factory=lambda: StageResources(0.1, batch_size=16))
     ray: RayConfig = field(default_factory=RayConfig)
 
-    def stages(self) -> dict[str, StageResources]:
-        pools = {**super().stages(), "encode": self.encode, "write": self.write}
-        if self.fuse_decode:
-            del pools["decode"]
-        return pools
+
+def plan_stages(cfg: ClipConfig, errors_dir: str | Path | None,
+                done_ids: set[str] | frozenset[str] = frozenset()) -> list[StageSpec]:
+    """Videos -> probe -> bucket: clip plan rows (one per clip to make, `done_ids` left out)."""
+    errors = None if errors_dir is None else str(errors_dir)
+    return [ProbeStage.spec(cfg, errors), AssignStage.spec(cfg, errors, done_ids)]
 
 
-def plan_stream(cfg: ClipConfig, sources: pa.Table | str, errors_dir: str | Path,
-                done_ids: set[str] | frozenset[str] = frozenset()):
-    """Videos -> probe -> bucket: a lazy Ray Dataset of clip plan rows (one per clip to make,
-    those in `done_ids` left out)."""
+def clip_stages(cfg: ClipConfig, errors_dir: str | Path | None,
+                done_ids: set[str] | frozenset[str] = frozenset()) -> list[StageSpec]:
+    """`plan_stages` + decode: decoded clip rows (`frames` + `frames_shape`). `train-vae`
+    trains on these, `eval-vae` reconstructs them."""
+    errors = None if errors_dir is None else str(errors_dir)
+    return [*plan_stages(cfg, errors_dir, done_ids), DecodeStage.spec(cfg, errors)]
+
+
+def latent_stages(cfg: PreprocessConfig, errors_dir: str | Path | None,
+                  done_ids: set[str] | frozenset[str] = frozenset()) -> list[StageSpec]:
+    """`clip_stages` + VAE encode (with `fuse_decode`, `plan_stages` + decode and encode in one
+    actor): latent rows. `preprocess` adds the writer; `train --input` feeds the rows straight
+    to the trainer."""
+    errors = None if errors_dir is None else str(errors_dir)
+    if cfg.fuse_decode:
+        return [*plan_stages(cfg, errors_dir, done_ids), DecodeEncodeStage.spec(cfg, errors)]
+    return [*clip_stages(cfg, errors_dir, done_ids), VAEEncodeStage.spec(cfg, errors)]
+
+
+def source_dataset(sources: pa.Table, rows_per_block: int):
+    """The listing as a lazy Ray Dataset, cut into blocks of `rows_per_block` videos here, not
+    with .repartition(): that runs Ray tasks of 1 CPU each, which never get scheduled while
+    the actor pools hold the fractional CPUs of a 2-core machine."""
     import ray.data
 
+    step = rows_per_block
+    return ray.data.from_arrow([sources.slice(i, step) for i in range(0, sources.num_rows, step)])
+
+
+def stream(cfg: ClipConfig, sources: pa.Table | str, specs: list[StageSpec]):
+    """The Ray Dataset of `specs` over `sources` (a listing, or a folder / file to list)."""
     if isinstance(sources, str):
         sources = list_sources(sources, tuple(cfg.video_extensions))
-    errors = str(errors_dir)
-    # Blocks are cut here, not with .repartition(): that runs Ray tasks of 1 CPU each, which
-    # never get scheduled while the actor pools hold the fractional CPUs of a 2-core machine.
-    step = cfg.probe.batch_size
-    ds = ray.data.from_arrow([sources.slice(i, step) for i in range(0, sources.num_rows, step)])
-    ds = ds.map_batches(ProbeStage, **cfg.probe.map_batches_kwargs(
-        errors_dir=errors, max_pixels=cfg.max_pixels, max_side=cfg.max_side,
-        seconds=cfg.probe_seconds, max_frames=cfg.max_frames))
-    return ds.map_batches(AssignStage, **cfg.assign.map_batches_kwargs(
-        buckets=cfg.buckets, errors_dir=errors, done_ids=frozenset(done_ids)))
-
-
-def clip_stream(cfg: ClipConfig, sources: pa.Table | str, errors_dir: str | Path,
-                done_ids: set[str] | frozenset[str] = frozenset()):
-    """`plan_stream` + decode: a lazy Ray Dataset of decoded clip rows (`frames` +
-    `frames_shape`). `train-vae` trains on these, `eval-vae` reconstructs them;
-    `latent_stream` adds the VAE encode."""
-    ds = plan_stream(cfg, sources, errors_dir, done_ids)
-    return ds.map_batches(DecodeStage, **cfg.decode.map_batches_kwargs(
-        errors_dir=str(errors_dir), threads=cfg.decode_threads, budget=cfg.decode_budget))
-
-
-def latent_stream(cfg: PreprocessConfig, sources: pa.Table | str, errors_dir: str | Path,
-                  done_ids: set[str] | frozenset[str] = frozenset()):
-    """`clip_stream` + VAE encode (or, with `fuse_decode`, `plan_stream` + decode and encode
-    in one actor): a lazy Ray Dataset of latent rows. `preprocess` adds the writer;
-    `train --input` feeds the rows straight to the trainer."""
-    encode = dict(vae=cfg.vae, buckets=cfg.buckets, errors_dir=str(errors_dir),
-                  latent_dtype=cfg.latent_dtype, num_cpus=cfg.encode.num_cpus)
-    if cfg.fuse_decode:
-        ds = plan_stream(cfg, sources, errors_dir, done_ids)
-        return ds.map_batches(DecodeEncodeStage, **cfg.encode.map_batches_kwargs(
-            **encode, threads=cfg.decode_threads, budget=cfg.decode_budget))
-    ds = clip_stream(cfg, sources, errors_dir, done_ids)
-    return ds.map_batches(VAEEncodeStage, **cfg.encode.map_batches_kwargs(**encode))
+    return apply_all(source_dataset(sources, cfg.probe.batch_size), specs)
 
 
 def latent_channels(vae: VAEStageConfig) -> int:

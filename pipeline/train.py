@@ -30,6 +30,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from actors.common.stage import StageResources, StageSpec, apply_all
 from actors.workers.train_data import BatchPlan, PlanLoader, read_index
 from actors.workers.train_dit import TrainLoopConfig
 from pipeline.config import to_dict, write_run_record
@@ -45,8 +46,8 @@ from pipeline.ray_train import (
     torch_trainer,
 )
 from pipeline.report import plot_losses, read_metrics
-from pipeline.runtime import StageResources, check_workers, init_ray, local_cluster
-from pipeline.streams import PreprocessConfig, latent_channels, latent_stream
+from pipeline.runtime import check_workers, local_cluster, ray_session
+from pipeline.streams import PreprocessConfig, latent_channels, latent_stages, stream
 
 
 @dataclass
@@ -79,6 +80,11 @@ def bound_read_ahead(ctx: Any, prefetch_steps: int) -> None:
         object_store_memory=max(64, 16 * prefetch_steps) * 2**20)
 
 
+def loader_stages(cfg: TrainConfig, index: pa.Table, rank: int) -> list[StageSpec]:
+    """The `train --data` graph of one rank: planned step numbers -> its latent rows."""
+    return [PlanLoader.spec(cfg, index, rank)]
+
+
 @dataclass
 class RankData:
     """Dataset factory for one rank; Ray Train calls it at every (re)start of the workers."""
@@ -99,9 +105,7 @@ class RankData:
         keep_order(steps.context)  # PlanLoader's output must arrive step by step
         no_progress_bars(steps.context)
         bound_read_ahead(steps.context, self.cfg.data.prefetch_steps)
-        return steps.map_batches(PlanLoader, **self.cfg.loader.map_batches_kwargs(
-            index=self.index, data=self.cfg.data, world_size=self.cfg.num_workers,
-            rank=self.rank))
+        return apply_all(steps, loader_stages(self.cfg, self.index, self.rank))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +150,6 @@ def planned_data(cfg: TrainConfig, data: str | Path, world_size: int
 def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = None,
               input_src: str | None = None, resume: bool = False,
               address: str | None = None) -> dict[str, Any]:
-    import ray
     from ray.data import DataContext
     from ray.train import DataConfig
 
@@ -159,10 +162,10 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
         check_workers(cfg.num_workers, cfg.worker.num_cpus, cfg.worker.num_gpus, local)
     run = Path(output).resolve()
     prepare_run(run, resume)
-    stream = input_src is not None
+    streaming = input_src is not None
     start = time.perf_counter()
     fingerprint, counts, datasets = "", {}, {}
-    if stream:
+    if streaming:
         try:
             cfg = with_channels(cfg, latent_channels(cfg.preprocess.vae))
         except ValueError as e:  # no such VAE checkpoint, not a VAE, unknown preset
@@ -180,22 +183,19 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
     resolved = to_dict(cfg)
     write_run_record(run, "train", cfg, data=str(data) if data else None, input=input_src,
                      resume=resume, clips=sum(counts.values()), buckets=counts)
-    started = init_ray(address, cfg.ray)
-    try:
+    with ray_session(address, cfg.ray):
         keep_order(DataContext.get_current())
         no_progress_bars(DataContext.get_current())
-        if stream:
-            datasets = {"train": latent_stream(cfg.preprocess, input_src, run / "errors")}
+        if streaming:
+            specs = latent_stages(cfg.preprocess, run / "errors")
+            datasets = {"train": stream(cfg.preprocess, input_src, specs)}
         trainer = torch_trainer(
             cfg, ray_worker, run,
             {"cfg": cfg, "run": str(run), "resolved": resolved, "fingerprint": fingerprint,
-             "stream": stream, "index": None if stream else absolute_files(index)},
+             "stream": streaming, "index": None if streaming else absolute_files(index)},
             datasets,
-            stream_split_config() if stream else DataConfig(datasets_to_split=[]))
+            stream_split_config() if streaming else DataConfig(datasets_to_split=[]))
         result = fit(trainer, cfg.max_failures, run)
-    finally:
-        if started:
-            ray.shutdown()
     wall = time.perf_counter() - start
     rows = read_metrics(run)
     plot_losses(rows, run / "loss.png")

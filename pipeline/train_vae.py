@@ -3,7 +3,7 @@
     tubelet train-vae --input VIDEOS --output RUN [--config configs/train-vae/default.yaml]
                       [--val VIDEOS] [--workers N] [--resume] [--address ADDR]
 
-Data: `clip_stream` = probe -> assign -> decode actor pools (the stages `preprocess` runs,
+Data: `clip_stages` = probe -> assign -> decode actor pools (the stages `preprocess` runs,
 without the VAE encode), split across the Ray Train workers with `streaming_split`; each
 worker keeps a buffer of decoded clips and trains on random crops of them
 (actors/workers/train_vae.py). Held-out clips: `data.val_videos` videos of --input (chosen by
@@ -28,10 +28,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from actors.assign import AssignStage
+from actors.common.stage import StageResources, pools, run_here
 from actors.common.tensors import unpack
-from actors.decode import DecodeStage
-from actors.probe import ProbeStage
 from actors.workers.train_vae import VAETrainLoopConfig, center_crops, with_init
 from pipeline.config import ConfigError, to_dict, write_run_record
 from pipeline.ray_train import (
@@ -46,9 +44,9 @@ from pipeline.ray_train import (
     torch_trainer,
 )
 from pipeline.report import plot_curves, read_metrics, save_side_by_side
-from pipeline.runtime import StageResources, check_local_budget, init_ray
+from pipeline.runtime import check_local_budget, ray_session
 from pipeline.sources import list_sources
-from pipeline.streams import ClipConfig, clip_stream
+from pipeline.streams import ClipConfig, clip_stages, stream
 
 
 @dataclass
@@ -71,11 +69,7 @@ class TrainVAEConfig(ClusterConfig, VAETrainLoopConfig):
 
 def decoded(cfg: ClipConfig, sources: pa.Table, errors_dir: str | Path | None) -> pa.Table:
     """The stream's stages called in this process (no Ray): the decode stage's clip table."""
-    errors = str(errors_dir) if errors_dir is not None else None
-    table = ProbeStage(errors, cfg.max_pixels, cfg.max_side, cfg.probe_seconds,
-                       cfg.max_frames)(sources)
-    table = AssignStage(cfg.buckets, errors)(table)
-    return DecodeStage(errors, cfg.decode_threads, cfg.decode_budget)(table)
+    return run_here(sources, clip_stages(cfg, errors_dir))
 
 
 def decode_here(cfg: ClipConfig, sources: pa.Table, errors_dir: str | Path | None
@@ -143,15 +137,15 @@ def resolve_init(cfg: TrainVAEConfig) -> TrainVAEConfig:
 def run_train_vae(cfg: TrainVAEConfig, input_src: str, output: str | Path,
                   val_src: str | None = None, resume: bool = False,
                   address: str | None = None) -> dict[str, Any]:
-    import ray
     from ray.data import DataContext
 
     from actors.workers.train_vae import ray_worker
 
     cfg = resolve_init(cfg)  # before Ray: a bad init path fails here
-    check_local_budget({**cfg.preprocess.stages(), "worker": StageResources(  # before Ray
-        cfg.worker.num_cpus, cfg.worker.num_gpus, cfg.num_workers, cfg.num_workers)},
-        address, cfg.ray)
+    workers = StageResources(cfg.worker.num_cpus, cfg.worker.num_gpus, cfg.num_workers,
+                             cfg.num_workers)
+    check_local_budget({**pools(clip_stages(cfg.preprocess, None)), "worker": workers},
+                       address, cfg.ray)  # before Ray
     run = Path(output).resolve()
     prepare_run(run, resume)
     start = time.perf_counter()
@@ -165,18 +159,15 @@ def run_train_vae(cfg: TrainVAEConfig, input_src: str, output: str | Path,
     resolved = to_dict(cfg)
     write_run_record(run, "train-vae", cfg, input=input_src, val=val_src, resume=resume,
                      train_videos=train_src.num_rows, val_clips=len(val_clips))
-    started = init_ray(address, cfg.ray)
-    try:
+    with ray_session(address, cfg.ray):
         keep_order(DataContext.get_current())
         no_progress_bars(DataContext.get_current())
         trainer = torch_trainer(
             cfg, ray_worker, run, {"cfg": cfg, "run": str(run), "resolved": resolved, "val": val},
-            {"train": clip_stream(cfg.preprocess, train_src, run / "errors")},
+            {"train": stream(cfg.preprocess, train_src, clip_stages(cfg.preprocess,
+                                                                     run / "errors"))},
             stream_split_config())
         fit(trainer, cfg.max_failures, run)
-    finally:
-        if started:
-            ray.shutdown()
     train_wall = time.perf_counter() - start
     summary = finish(cfg, run, val_rows, val_clips)
     summary.update(wall_seconds=round(time.perf_counter() - start, 2),

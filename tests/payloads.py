@@ -1,4 +1,4 @@
-"""Pickle payloads for the untrusted-file tests (issue 13): each creates a file when
+"""Pickle payloads for the untrusted-file tests : each creates a file when
 unpickled, so a test proves a loader ran nothing by the file not being there."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""The data contract between stages (DESIGN.md), written once, and the one input check.
+"""The data contract between stages (docs/design.md), written once, and the one input check.
 
 `LATENT_COLUMNS` are the columns of the latent dataset on disk (one row per clip): the write
-stage writes exactly these, training reads them, `patchify` takes a subset. Every stage
+stage writes exactly these, training reads them (its `Collate` takes a subset). Every stage
 declares the columns it reads (`READS`) and calls `require_columns` first, so a table missing
 one fails with a single line naming the stage, the columns and what it has.
 """

@@ -1,4 +1,4 @@
-"""VAE loading and device choice for the stages that run a VAE (encode, eval, decode).
+"""VAE loading for the stages that run a VAE (encode, eval, decode).
 
 - `VAEStageConfig` is the `vae:` section of a job config.
 - A checkpoint is a `save_vae` safetensors file (ours) or a local diffusers video-VAE folder
@@ -10,8 +10,8 @@
   checked here, so a wrong folder is refused before a job starts.
 - `load_checkpoint_vae`: file or folder, or one `VAELoadError` line naming it and what to pass
   instead (a missing path, a text file, a truncated file, a DiT export, a non-VAE folder...).
-- `pick_device`: "auto" means CUDA when this process sees a GPU; on the CPU, torch threads
-  follow the stage's CPU share (at least 1), so a pool never oversubscribes its node.
+Devices: `models.device.pick_device` ("auto" means CUDA when this process sees a GPU; on the
+CPU, torch threads follow the stage's CPU share, so a pool never oversubscribes its node).
 """
 
 from __future__ import annotations
@@ -47,15 +47,6 @@ class VAEStageConfig:
     def validate(self) -> None:
         if self.tile_px < 0:
             raise ValueError(f"tile_px: must be >= 0 (0 = untiled), got {self.tile_px}")
-
-
-def pick_device(device: str, num_cpus: float = 1.0) -> torch.device:
-    """"auto" | "cpu" | "cuda" -> a device; on the CPU also set torch's thread count."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        torch.set_num_threads(max(1, int(num_cpus)))
-    return torch.device(device)
 
 
 def resolve_checkpoint(path: str) -> str:

@@ -1,5 +1,5 @@
 """What training keeps: the EMA of the trained module, sharded checkpoints for resume, and the
-exported EMA model that `generate` loads (`models.denoiser.load_exported`).
+exported EMA model that `generate` loads (the format is models/export.py's).
 
 - Checkpoints are torch distributed checkpoints (DCP): every worker writes its own shards, so
   a checkpoint costs no gather and loads back on any number of workers. They load without
@@ -8,12 +8,10 @@ exported EMA model that `generate` loads (`models.denoiser.load_exported`).
   a crafted file names. `SafeReader` unpickles the metadata with an allow-list of DCP's
   metadata classes, `SafePlanner` loads items with `weights_only=True`; anything else is an
   `UntrustedCheckpointError` naming the file and the object it wanted, before it is built.
-- The export is plain: `model.safetensors` (full EMA weights: `dit.*`, and `text.*` for the
-  built-in text encoder) plus `config.json` (the DiT config, the text encoder's, and the
-  resolved training config) and `train.yaml` (the same training config, loadable with
-  `tubelet train --config`). A pretrained text encoder's weights are not copied: its
-  `text_encoder` entry is `PretrainedTextEncoder.record()` (folder, model_type, d_model,
-  dtype, a sha256 per file), and `load_exported` loads it from that folder after checking.
+- The export (`export_ema` -> `models.export.write_export`) is plain: the full EMA weights
+  and an `ExportRecord`. A pretrained text encoder's weights are not copied: its record is
+  `PretrainedTextEncoder.record()` (folder, model_type, d_model, dtype, a sha256 per file),
+  and generation loads it from that folder after checking.
 """
 
 from __future__ import annotations
@@ -36,7 +34,8 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from models.denoiser import EXPORT_FORMAT, Denoiser, FrozenTextSlot
+from models.denoiser import Denoiser, FrozenTextSlot
+from models.export import ExportRecord, write_export
 from models.text_encoder import PretrainedTextEncoder
 
 
@@ -185,26 +184,14 @@ def export_ema(out: Path, ema: EMA, model: Denoiser, train_config: dict[str, Any
                step: int, pretrained: PretrainedTextEncoder | None = None) -> Path | None:
     """Write `out/model.safetensors` + `out/config.json` from rank 0 (all ranks must call).
     `pretrained`: the frozen text encoder the model was trained with (outside `model`)."""
-    from safetensors.torch import save_file
-
     weights = ema.full_state()
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
-    out.mkdir(parents=True, exist_ok=True)
     if (pretrained is not None) != isinstance(model.text, FrozenTextSlot):
         raise ValueError("export_ema: pass the pretrained text encoder exactly when the model "
                          "was built for one")
     text = pretrained.record() if pretrained is not None else asdict(model.text.config)
-    config = {"format": EXPORT_FORMAT, "step": step, "dit": asdict(model.dit.config),
-              "text_encoder": text, "train": train_config}
-    tmp = out / "model.safetensors.tmp"
-    try:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
-        tmp.replace(out / "model.safetensors")
-    finally:
-        tmp.unlink(missing_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     # JSON turns int mapping keys (bucket frame counts) into strings; the YAML copy is exact
     # and loads back with --config.
-    (out / "train.yaml").write_text(yaml.safe_dump(train_config, sort_keys=False))
-    return out
+    record = ExportRecord(out, step, model.dit.config, text, train_config)
+    return write_export(out, weights, record, yaml.safe_dump(train_config, sort_keys=False))

@@ -24,6 +24,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from models.denoiser import Denoiser
+from models.device import torch_dtype
 
 
 @dataclass
@@ -67,7 +68,7 @@ def parallelize(model: Denoiser, cfg: ParallelConfig, device: torch.device) -> D
             block.compile()  # in place: parameter names (and checkpoints) unchanged
     # The DiT returns a cropped view (unpatchify); training never edits it in place.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
-    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.param_dtype),
+    mp = MixedPrecisionPolicy(param_dtype=torch_dtype(cfg.param_dtype),
                               reduce_dtype=torch.float32)
     for block in [*model.text.blocks, *model.dit.blocks]:
         fully_shard(block, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)

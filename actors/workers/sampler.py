@@ -32,11 +32,11 @@ import torch
 import torch.distributed as dist
 
 from actors.workers.sequence_parallel import SamplerMesh, cfg_velocity
+from models.device import DTYPES, pick_device, torch_dtype
 from models.dit import DiT
 from models.flow import euler_step, flow_sigmas
 
 ModelSource = str | Path | Callable[[], DiT]  # an export folder, or a picklable DiT factory
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -66,14 +66,12 @@ class SamplerConfig:
             raise ValueError(f"rank_restarts: must be >= 0, got {self.rank_restarts}")
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return pick_device(self.device)
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
-        return DTYPES[self.dtype]
+        return torch_dtype(self.dtype)
 
 
 @torch.no_grad()
@@ -128,9 +126,10 @@ def sample_video_latents(
 def load_dit(model: ModelSource) -> DiT:
     if callable(model):
         return model()
-    from models.denoiser import load_exported
+    from models.export import load_dit as load_exported_dit
+    from models.export import read_export
 
-    return load_exported(model)[0]
+    return load_exported_dit(read_export(model))  # the DiT's tensors only
 
 
 class SamplerRank:

@@ -1,8 +1,9 @@
 """Sequence- and CFG-parallel DiT forward for sampling: one video's tokens split over K ranks.
 
 Applied from outside the model (torchtitan / xDiT style): `models/dit.py` knows no process
-groups; this module reuses its pieces (`DiT.condition`, `DiT.rope`, the blocks, the final
-layer) around a sharded token stream. Two schemes, chosen by the layout's attentions:
+groups; this module calls the model's own `embed`, `run_blocks` and `head` on a sharded token
+stream, swapping self-attention's `Attention` for Ulysses where needed. Each attention mode
+shards by its `unit` in `models.dit.ATTENTION_MODES`. Two schemes, chosen by the layout's modes:
 
 - full3d: DeepSpeed-Ulysses (Jacobs et al. 2023, arXiv:2309.14509). Each rank holds a
   contiguous chunk of the N tokens. Around every self-attention one all-to-all turns
@@ -45,14 +46,18 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.dit import DiT
+from models.dit import ATTENTION_MODES, DiT, known
 from models.patching import patchify, unpatchify
 
-# The token layout each attention mode needs: "tokens" = contiguous chunks of the t-major token
-# order (Ulysses), "frames" = whole frames (DSP, spatial), "positions" = whole h*w positions
-# over all frames (DSP, temporal).
-LAYOUT_OF_MODE = {"full": "tokens", "spatial": "frames", "temporal": "positions"}
-SHARD_LAYOUTS = tuple(LAYOUT_OF_MODE.values())
+# A shard layout is the `unit` of the attention mode it serves: "tokens" = contiguous chunks of
+# the t-major token order (full attention, Ulysses), "frames" = whole frames (DSP, spatial),
+# "positions" = whole h*w positions over all frames (DSP, temporal).
+SHARD_LAYOUTS = tuple(mode.unit for mode in ATTENTION_MODES.values())
+
+
+def shard_layout(mode: str) -> str:
+    """The shard layout attention `mode` needs; a ValueError names an unknown mode."""
+    return known(ATTENTION_MODES, mode, "attention mode").unit
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,7 @@ class ShardPlan:
 
     Pure index arithmetic (no communication). Local token order: "tokens" keeps the global
     order; "frames" holds (frames_per_rank, S) and "positions" (nt, positions_per_rank), both
-    t-major, which is the order `SelfAttention.group` expects of a grid with that many frames.
+    t-major, which is the order an attention mode's `group` expects of that many frames.
     """
 
     grid: tuple[int, int, int]
@@ -103,7 +108,7 @@ class ShardPlan:
         raise ValueError(f"unknown layout {layout!r}; one of {SHARD_LAYOUTS}")
 
     def local_grid(self, layout: str) -> tuple[int, int, int]:
-        """The grid `SelfAttention.group` sees on a shard (it reads the frame count)."""
+        """The grid self-attention sees on a shard (its grouping reads the frame count)."""
         if layout == "frames":
             return (self.frames_per_rank, self.grid[1], self.grid[2])
         if layout == "positions":
@@ -138,7 +143,7 @@ class _Stream:
 
     def relayout(self, x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """`DiTBlock`'s hook: x in the layout `mode` needs, with that layout's rope and grid."""
-        target = LAYOUT_OF_MODE[mode]
+        target = shard_layout(mode)
         if target != self.layout:
             if {target, self.layout} != {"frames", "positions"}:
                 raise ValueError(f"no switch from {self.layout} to {target} (full attention is "
@@ -228,11 +233,11 @@ class SequenceParallel:
     def __init__(self, dit: DiT, group: dist.ProcessGroup | None = None):
         self.dit, self.group = dit, group
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        modes = [mode for block in dit.config.block_modes() for mode in block]
-        if "full" in modes and set(modes) != {"full"}:
+        layouts = [shard_layout(mode) for block in dit.config.block_modes() for mode in block]
+        if "tokens" in layouts and set(layouts) != {"tokens"}:  # Ulysses and DSP do not mix
             raise ValueError("sequence parallelism needs full attention alone or spatial / "
                              f"temporal alone, got block modes {dit.config.block_modes()}")
-        self.first, self.ulysses = LAYOUT_OF_MODE[modes[0]], modes[0] == "full"
+        self.first, self.ulysses = layouts[0], layouts[0] == "tokens"
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor | None = None,
@@ -245,16 +250,13 @@ class SequenceParallel:
         plan = ShardPlan(grid.shape, self.world)
         stream = _Stream(plan, self.group, self.rank, self.first,
                          dit.rope(grid.positions(x.device)))
-        c, text, text_mask = dit.condition(x.shape[0], t, text, text_mask, fps, drop_text,
-                                           x.device)
-        h = dit.x_embedder(plan.shard(tokens, self.first, self.rank))  # (B, n_local, D)
+        h, c, text, text_mask = dit.embed(plan.shard(tokens, self.first, self.rank), t, text,
+                                          text_mask, fps, drop_text)  # h (B, n_local, D)
         swap = _ulysses(dit, self.group, plan.num_tokens) if self.ulysses else nullcontext()
         with swap:
-            for block in dit.blocks:
-                h = block(h, c, text, text_mask, stream.ropes[stream.layout],
-                          plan.local_grid(stream.layout), relayout=stream.relayout)
-        out = dit.final_layer(h, c)  # (B, n_local, P)
-        return unpatchify(stream.gather(out), grid)  # (B, C, T, H, W)
+            h = dit.run_blocks(h, c, text, text_mask, stream.ropes[self.first],
+                               plan.local_grid(self.first), relayout=stream.relayout)
+        return unpatchify(stream.gather(dit.head(h, c)), grid)  # (B, C, T, H, W)
 
 
 # ---------------------------------------------------------------------------------------------

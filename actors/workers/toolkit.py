@@ -9,7 +9,8 @@ a framework. Each trainer keeps its own loop and calls these in it:
   `TrainState.save` for the sharded checkpoint;
 - one step: `set_lr`, `optimizer_step` (weighted backward, clip, step, EMA), `reduce_sum`
   (flags, weights and metrics summed over the workers);
-- what a run prints and writes: `say`, `Progress`, `MetricsLog`, `memory_mb`.
+- what a run prints and writes: `say`, `Progress`, `MetricsLog`, `memory_mb`, and when:
+  `due` (every N steps and at the last), `elapsed` (a step's time).
 """
 
 from __future__ import annotations
@@ -305,6 +306,18 @@ def sample_seed(seed: int, step: int, slot: int) -> int:
     return int(np.random.SeedSequence([seed, step, slot]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def due(step: int, every: int, total: int) -> bool:
+    """Whether step `step` (1-based: steps done) is one of every `every`, or the last."""
+    return step % every == 0 or step == total
+
+
+def elapsed(t0: float, device: torch.device) -> float:
+    """Seconds since `t0` once the GPU's queued work is done (else a step times its launches)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -342,5 +355,5 @@ class Progress:
         return f"[{self.tag}] step {step}/{self.total} {fields} eta {eta:.0f}s"
 
     def __call__(self, step: int, fields: str) -> None:
-        if self.enabled and (step % self.every == 0 or step == self.total):
+        if self.enabled and due(step, self.every, self.total):
             say(self.line(step, fields))

@@ -1,5 +1,6 @@
 """Training data: a seeded global batch plan over the latent dataset, the stage that loads one
-worker's rows of a step, and the collate step that turns them into DiT inputs.
+worker's rows of a step, and the collate step that turns them into DiT inputs (latents, not
+tokens: the DiT patchifies inside its forward).
 
 Why a plan: FSDP workers meet in collectives on every step, so they must all run the same
 number of steps, and an exact resume needs `step -> samples` to be a pure function. So the plan
@@ -29,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 
 from actors.common.schema import INDEX_COLUMNS, LATENT_COLUMNS, require_columns
-from actors.patchify import PatchifyStage
+from actors.common.stage import StageSpec
 from models.text_encoder import Tokenizer
 
 
@@ -171,6 +172,13 @@ class PlanLoader:
     READS = ("step",)
     WRITES = LATENT_COLUMNS + ("step", "slot", "weight")
 
+    @classmethod
+    def spec(cls, cfg: Any, index: pa.Table, rank: int) -> StageSpec:
+        """From a train config (pipeline/train.py `TrainConfig`): its `data:` section, worker
+        count and `loader` pool, for Ray Train worker `rank`."""
+        return StageSpec("loader", cls, dict(index=index, data=cfg.data,
+                                             world_size=cfg.num_workers, rank=rank), cfg.loader)
+
     def __init__(self, index: pa.Table, data: TrainDataConfig, world_size: int, rank: int,
                  cache_mb: float = 512):
         self.index, self.rank, self.world_size = index, rank, world_size
@@ -289,23 +297,76 @@ class StepBatch:
         return StepBatch(**{**vars(self), **moved})
 
 
+def _ids(table: pa.Table, mask: list[bool] | None = None, limit: int = 5) -> str:
+    ids = table.column("id").to_pylist()
+    if mask is not None:
+        ids = [i for i, m in zip(ids, mask, strict=True) if m]
+    return ", ".join(map(str, ids[:limit])) + (
+        f" (+{len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def _one_shape(table: pa.Table) -> tuple[int, int, int, int]:
+    """The batch's single latent shape; a clear error if buckets or shapes are mixed (a batch
+    that reaches the DiT has one shape)."""
+    buckets = table.column("bucket").to_pylist()
+    if len(set(buckets)) > 1:
+        per = "; ".join(f"{b!r}: {_ids(table, [x == b for x in buckets])}"
+                        for b in dict.fromkeys(buckets))
+        raise ValueError(
+            f"collate: one batch must hold one bucket, got {len(set(buckets))} ({per}); "
+            "cut batches with BatchPlan or StreamBatcher, which group by 'bucket'")
+    shapes = [tuple(s) if s is not None else None
+              for s in table.column("latent_shape").to_pylist()]
+    if len(set(shapes)) > 1:
+        per = "; ".join(f"{s}: {_ids(table, [x == s for x in shapes])}"
+                        for s in dict.fromkeys(shapes))
+        raise ValueError(f"collate: bucket {buckets[0]!r} mixes latent shapes ({per}); every "
+                         "clip of a bucket must have the same (C, T, H, W)")
+    if shapes[0] is None or len(shapes[0]) != 4 or min(shapes[0]) < 1:
+        raise ValueError(f"collate: latent_shape must be (C, T, H, W) positive ints, got "
+                         f"{shapes[0]} for id(s) {_ids(table)}")
+    return shapes[0]
+
+
+def _latents(table: pa.Table, shape: tuple[int, ...]) -> np.ndarray:
+    """Flat list column -> (B, C, T, H, W) float32, checking every row's length."""
+    column = table.column("latent").combine_chunks()
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+        raise ValueError(
+            f"collate: 'latent' must be a flat list<float16|float32> column, got {column.type}")
+    bad = [n != math.prod(shape) for n in column.value_lengths().to_pylist()]  # None: null row
+    if any(bad):
+        raise ValueError(f"collate: latent length does not match latent_shape {shape} "
+                         f"(= {math.prod(shape)} values) for id(s) {_ids(table, bad)}")
+    values = column.flatten().to_numpy(zero_copy_only=False)  # astype copies: writable
+    return values.astype(np.float32).reshape(table.num_rows, *shape)
+
+
 class Collate:
-    """Latent rows of one bucket (+ step, slot, weight when planned) -> StepBatch. `tokenizer`:
+    """Latent rows of one bucket (+ step, slot, weight when planned) -> StepBatch, the last step
+    before the model. A batch that mixes buckets or shapes, or whose latents do not match
+    their `latent_shape`, is refused naming the ids. `tokenizer`:
     `models.text_encoder.caption_tokenizer` (bytes, or a pretrained encoder's own)."""
 
+    READS = ("id", "caption", "bucket", "fps", "latent", "latent_shape")
+
     def __init__(self, tokenizer: Tokenizer):
-        self.patchify = PatchifyStage(with_tokens=False)
         self.tokenizer = tokenizer
 
     def __call__(self, table: pa.Table, step: int = -1, slot_base: int = 0) -> StepBatch:
-        out = self.patchify(table)
-        names = table.column_names
-        text_ids, text_mask = self.tokenizer(out["captions"])
-        n = table.num_rows
+        require_columns(table, self.READS, "collate")
+        if table.num_rows == 0:
+            raise ValueError("collate: empty batch")
+        x = torch.from_numpy(_latents(table, _one_shape(table)))  # (B, C, T, H, W)
+        fps = table.column("fps").to_pylist()
+        if None in fps:
+            raise ValueError(f"collate: null fps for id(s) {_ids(table, [f is None for f in fps])}")
+        names, n = table.column_names, table.num_rows
+        text_ids, text_mask = self.tokenizer([c or "" for c in table.column("caption").to_pylist()])
         return StepBatch(
             step=int(table.column("step")[0].as_py()) if "step" in names else step,
-            bucket=out["bucket"], ids=out["ids"], x=out["x"], fps=out["fps"],
-            text_ids=text_ids, text_mask=text_mask,
+            bucket=table.column("bucket")[0].as_py(), ids=table.column("id").to_pylist(), x=x,
+            fps=torch.tensor(fps, dtype=torch.float32), text_ids=text_ids, text_mask=text_mask,
             weight=(torch.from_numpy(table.column("weight").to_numpy().copy())
                     if "weight" in names else torch.ones(n)),
             slot=(table.column("slot").to_pylist() if "slot" in names

@@ -38,6 +38,8 @@ from actors.workers.toolkit import (
     MetricsLog,
     OptimConfig,
     Progress,
+    due,
+    elapsed,
     memory_mb,
     optimizer_step,
     process_group,
@@ -50,6 +52,7 @@ from actors.workers.toolkit import (
 )
 from actors.workers.train_data import StepBatch, TrainDataConfig
 from models.denoiser import Denoiser
+from models.device import torch_dtype
 from models.dit import DiTConfig, dit_debug
 from models.flow import FlowConfig, flow_loss, sample_timesteps
 from models.patching import PatchGrid
@@ -116,7 +119,7 @@ def frozen_text_encoder(cfg: TrainLoopConfig,
     if not cfg.text_encoder.pretrained:
         return None
     return PretrainedTextEncoder(cfg.text_encoder.pretrained, cfg.text_encoder.max_len,
-                                 getattr(torch, cfg.parallel.param_dtype)).to(device)
+                                 torch_dtype(cfg.parallel.param_dtype)).to(device)
 
 
 def text_inputs(batch: StepBatch, frozen: PretrainedTextEncoder | None) -> dict[str, Any]:
@@ -177,9 +180,7 @@ def train_loop(cfg: TrainLoopConfig, backend: Backend, batches: Callable[[int], 
             real = float((batch.weight > 0).sum())
             loss_sum, samples, tokens = reduce_sum(
                 [weighted.item(), real, real * n_tokens], device).tolist()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
+            dt = elapsed(t0, device)
             row = {"step": step, "loss": loss_sum / max(total_w[0].item(), 1e-12), "lr": lr,
                    "grad_norm": grad_norm, "bucket": batch.bucket, "samples": int(samples),
                    "tokens_per_s": tokens / dt, "tokens_per_s_per_worker": tokens / dt / W,
@@ -189,7 +190,7 @@ def train_loop(cfg: TrainLoopConfig, backend: Backend, batches: Callable[[int], 
             progress(step, f"loss {row['loss']:.4f} lr {lr:.2e} gnorm {grad_norm:.3f} "
                            f"{row['tokens_per_s']:.0f} tok/s {row['samples_per_s']:.1f} "
                            f"samples/s data {t_data / dt:.0%} mem {row['memory_mb']:.0f} MB")
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if due(step, cfg.checkpoint_every, cfg.steps):
                 state.save(backend, step, row, resolved, fingerprint)
                 if step < cfg.steps:  # a long run can be sampled while it trains
                     export_ema(run_dir / "export", state.ema, model, resolved, step, frozen)

@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +49,8 @@ from actors.workers.toolkit import (
     MetricsLog,
     OptimConfig,
     Progress,
+    due,
+    elapsed,
     memory_mb,
     optimizer_step,
     process_group,
@@ -58,6 +61,7 @@ from actors.workers.toolkit import (
     set_lr,
     train_state,
 )
+from models.device import torch_dtype
 from models.metrics import psnr_from_mse
 from models.vae import PRESETS, VAEConfig, VideoVAE, read_vae_config, save_vae, vae_loss
 
@@ -307,19 +311,93 @@ def ema_model(cfg: VAETrainLoopConfig, ema: EMA, device: torch.device) -> VideoV
     return model
 
 
-def export_vae(path: Path, model: VideoVAE, buffer: ClipBuffer, cfg: VAETrainLoopConfig,
-               device: torch.device) -> None:
-    """Fit the latent scaling on training crops (fixed generator; not with a frozen encoder,
-    whose latents keep `init`'s scaling), then write `path` whole in `export_dtype` (load_vae
-    casts back to float32)."""
+def export_vae(cfg: VAETrainLoopConfig, ema: EMA, buffer: ClipBuffer, device: torch.device,
+               folder: Path) -> None:
+    """`folder`/vae.safetensors: the EMA weights, the latent scaling fitted on training crops
+    (fixed generator; not with a frozen encoder, whose latents keep `init`'s scaling), written
+    whole in `export_dtype` (load_vae casts back to float32)."""
+    model = ema_model(cfg, ema, device)
     if len(buffer) and not cfg.freeze_encoder:
         g = torch.Generator().manual_seed(cfg.seed)
         crops = buffer.sample(4 * cfg.data.batch_size, False, g)
         model.fit_scaling(x.to(device) for x in crops.split(cfg.data.batch_size))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_vae(model.to(getattr(torch, cfg.export_dtype)), tmp)
-    tmp.replace(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "vae.safetensors.tmp"
+    save_vae(model.to(torch_dtype(cfg.export_dtype)), tmp)
+    tmp.replace(folder / "vae.safetensors")
+
+
+class ClipStream:
+    """This worker's clips: a ClipBuffer fed by passes over `source()` (one per call), and the
+    passes' bookkeeping, which `ready` does on every rank at once."""
+
+    def __init__(self, data: VAEDataConfig, source: Callable[[], Iterator[pa.Table]],
+                 backend: Backend, seed: int):
+        self.data, self.source = data, source
+        self.rank, self.world_size = backend.rank, backend.world_size
+        self.buffer = ClipBuffer(data.buffer_mb * 2**20, data.largest_crop(), seed + self.rank)
+        self.passes, self.streaming = 0, True
+        self.buffer.start(source())
+
+    def ready(self, device: torch.device) -> None:
+        """Wait for a clip or this pass's end. A collective: once the pass has ended on every
+        worker, all start the next (`data.passes`; 0 = keep re-reading), and if then no worker
+        has a clip, every pass ended empty: a clear error."""
+        buffer, d = self.buffer, self.data
+        buffer.wait()
+        with_clips, ended = reduce_sum([float(len(buffer) > 0), float(buffer.done)],
+                                       device).tolist()
+        if self.streaming and ended == self.world_size:
+            self.passes += 1
+            self.streaming = d.passes == 0 or self.passes < d.passes
+            if self.streaming:  # every rank at once: the split's next epoch
+                buffer.start(self.source())
+        if with_clips == 0:
+            raise RuntimeError(
+                f"no usable clips after a full pass ({buffer.seen} decoded on rank {self.rank}, "
+                f"{buffer.too_small} smaller than the crop {d.crop_frames}x{d.crop_size}"
+                f"x{d.crop_size}); see RUN/errors, or lower data.crop_*")
+
+
+def crops(cfg: VAETrainLoopConfig, buffer: ClipBuffer, step: int, rank: int,
+          device: torch.device) -> tuple[torch.Tensor, float]:
+    """This worker's crops of `step` (n, 3, T, H, W) and their weight: 0 when its buffer is
+    empty (zeros that keep the ranks in lockstep). Seeds the default generator by (seed, step,
+    rank) for the crops here and the posterior noise of the forward."""
+    torch.manual_seed(sample_seed(cfg.seed, step, rank))
+    frames, size, batch = cfg.data.crop_at(step)
+    if not len(buffer):
+        return torch.zeros(batch, 3, frames, size, size).to(device), 0.0
+    crop = (frames, size, size)
+    return buffer.sample(batch, cfg.data.flip, torch.default_generator, crop).to(device), 1.0
+
+
+def train_row(step: int, stats: dict[str, float], weight: float, total: torch.Tensor,
+              x: torch.Tensor, buffer: ClipBuffer, device: torch.device, *, lr: float,
+              grad_norm: float, t0: float, data_s: float) -> dict[str, Any]:
+    """The step's metrics.jsonl row: loss terms averaged over the workers with crops (`total`),
+    samples and clips seen summed over all (one collective), time and throughput."""
+    batch, frames = x.shape[0], x.shape[2]
+    *terms, samples, seen = reduce_sum([stats[k] * weight for k in ("loss", "l1", "kl", "mse")]
+                                       + [weight * batch, float(buffer.seen)], device).tolist()
+    loss, l1, kl, mse = (s / max(total.item(), 1.0) for s in terms)
+    dt = elapsed(t0, device)
+    return {"split": "train", "step": step, "loss": loss, "l1": l1, "kl": kl,
+            "psnr": psnr_from_mse(mse, peak=2.0), "lr": lr, "grad_norm": grad_norm,
+            "samples": int(samples), "frames_per_s": samples * frames / dt, "step_s": dt,
+            "crop_frames": frames, "data_s": data_s, "buffer_clips": len(buffer),
+            "clips_seen": int(seen), "memory_mb": memory_mb(device), "time": time.time()}
+
+
+def log_validation(cfg: VAETrainLoopConfig, ema: EMA, val: torch.Tensor, log: MetricsLog,
+                   step: int, device: torch.device) -> None:
+    """The weights that get exported (the EMA) on the held-out crops: a val row and a line."""
+    t0 = time.perf_counter()
+    stats = validate(cfg, ema_model(cfg, ema, device), val, device)
+    log.write({"split": "val", "step": step, **stats, "clips": len(val),
+               "val_s": time.perf_counter() - t0})
+    say(f"[train-vae] step {step} val loss {stats['loss']:.4f} psnr {stats['psnr']:.2f} dB "
+        f"({len(val)} held-out crops)")
 
 
 def train_vae_loop(cfg: VAETrainLoopConfig, backend: Backend,
@@ -330,97 +408,49 @@ def train_vae_loop(cfg: VAETrainLoopConfig, backend: Backend,
     rank, W, device, run_dir = backend.rank, backend.world_size, backend.device, Path(run_dir)
     with process_group(device):
         run_dir.mkdir(parents=True, exist_ok=True)
-        def ddp(module: VideoVAE) -> DistributedDataParallel:
-            return DistributedDataParallel(
-                module, device_ids=[device.index] if device.type == "cuda" else None)
-
-        # the same init on every rank (DDP also broadcasts it)
-        state = train_state(lambda: initial_vae(cfg).to(device), cfg.optim,
-                            cfg.seed, backend, "train-vae", wrap=ddp)
-        model, ema, start = state.model, state.ema, state.start
+        state = train_state(  # the same init on every rank (DDP also broadcasts it)
+            lambda: initial_vae(cfg).to(device), cfg.optim, cfg.seed, backend, "train-vae",
+            wrap=lambda m: DistributedDataParallel(
+                m, device_ids=[device.index] if device.type == "cuda" else None))
+        start = step = state.start
         log = MetricsLog(run_dir, start, rank == 0)
-        d = cfg.data
-        buffer = ClipBuffer(d.buffer_mb * 2**20, d.largest_crop(), seed=cfg.seed + rank)
-        buffer.start(source())
-        passes, streaming = 0, True
-
-        def run_validation(step: int) -> None:
-            if rank == 0 and val is not None and len(val):
-                t0 = time.perf_counter()
-                stats = validate(cfg, ema_model(cfg, ema, device), val, device)
-                log.write({"split": "val", "step": step, **stats, "clips": len(val),
-                           "val_s": time.perf_counter() - t0})
-                say(f"[train-vae] step {step} val loss {stats['loss']:.4f} "
-                    f"psnr {stats['psnr']:.2f} dB ({len(val)} held-out crops)")
-
-        def export_to(path: Path) -> None:  # each checkpoint also holds a loadable VAE
-            if rank == 0:
-                export_vae(path / "vae.safetensors", ema_model(cfg, ema, device), buffer, cfg,
-                           device)
-
-        if start == 0:
-            run_validation(0)
-        step, row = start, {}
+        clips = ClipStream(cfg.data, source, backend, cfg.seed)
+        # rank 0 validates and writes the VAE (each checkpoint also holds a loadable one)
+        val = val if rank == 0 and val is not None and len(val) else None
+        export = partial(export_vae, cfg, state.ema, clips.buffer, device) if rank == 0 else None
+        if start == 0 and val is not None:
+            log_validation(cfg, state.ema, val, log, 0, device)
         progress = Progress("train-vae", start, cfg.steps, cfg.log_every, rank == 0)
+        row: dict[str, Any] = {}
         while step < cfg.steps:
             t0 = time.perf_counter()
-            buffer.wait()
-            # [ranks with clips, ranks whose pass has ended]
-            flags = reduce_sum([float(len(buffer) > 0), float(buffer.done)], device)
-            if streaming and flags[1].item() == W:
-                passes += 1
-                streaming = d.passes == 0 or passes < d.passes
-                if streaming:  # every rank at once: the split's next epoch
-                    buffer.start(source())
-            if flags[0].item() == 0:  # wait() returned on every rank: all passes ended empty
-                raise RuntimeError(
-                    f"no usable clips after a full pass ({buffer.seen} decoded on rank {rank}, "
-                    f"{buffer.too_small} smaller than the crop {d.crop_frames}x{d.crop_size}"
-                    f"x{d.crop_size}); see RUN/errors, or lower data.crop_*")
-            torch.manual_seed(sample_seed(cfg.seed, step, rank))  # crops and posterior noise
-            weight = 1.0 if len(buffer) else 0.0  # an empty worker takes a zero-weight step
-            frames, size, batch = d.crop_at(step)
-            if weight:
-                x = buffer.sample(batch, d.flip, torch.default_generator, (frames, size, size))
-            else:
-                x = torch.zeros(batch, 3, frames, size, size)
-            x = x.to(device)
+            clips.ready(device)
+            x, weight = crops(cfg, clips.buffer, step, rank, device)
             t_data = time.perf_counter() - t0
 
             lr = cfg.optim.lr_at(step, cfg.steps)
             set_lr(state.optim, lr)
             total = reduce_sum([weight], device)  # workers with crops this step
-            recon, posterior = model(x)
+            recon, posterior = state.model(x)
             loss, stats = loss_and_stats(cfg, x, recon, posterior)
             grad_norm = optimizer_step(state, loss * weight, total, W, cfg.optim.grad_clip)
             step += 1
 
-            sums = reduce_sum([stats[k] * weight for k in ("loss", "l1", "kl", "mse")]
-                              + [weight * batch, float(buffer.seen)], device).tolist()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            real = max(total.item(), 1.0)
-            row = {"split": "train", "step": step, "loss": sums[0] / real, "l1": sums[1] / real,
-                   "kl": sums[2] / real, "psnr": psnr_from_mse(sums[3] / real, peak=2.0),
-                   "lr": lr, "grad_norm": grad_norm, "samples": int(sums[4]),
-                   "frames_per_s": sums[4] * frames / dt, "step_s": dt, "crop_frames": frames,
-                   "data_s": t_data, "buffer_clips": len(buffer), "clips_seen": int(sums[5]),
-                   "memory_mb": memory_mb(device), "time": time.time()}
+            row = train_row(step, stats, weight, total, x, clips.buffer, device, lr=lr,
+                            grad_norm=grad_norm, t0=t0, data_s=t_data)
             log.write(row)
             progress(step, f"loss {row['loss']:.4f} psnr {row['psnr']:.2f} lr {lr:.2e} "
                            f"gnorm {grad_norm:.3f} {row['frames_per_s']:.0f} frames/s buffer "
-                           f"{len(buffer)} clips (seen {row['clips_seen']})")
-            if step % d.val_every == 0 or step == cfg.steps:
-                run_validation(step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                state.save(backend, step, row, resolved, extra=export_to)
-        if rank == 0:
-            export_vae(run_dir / "export" / "vae.safetensors", ema_model(cfg, ema, device),
-                       buffer, cfg, device)
+                           f"{row['buffer_clips']} clips (seen {row['clips_seen']})")
+            if val is not None and due(step, cfg.data.val_every, cfg.steps):
+                log_validation(cfg, state.ema, val, log, step, device)
+            if due(step, cfg.checkpoint_every, cfg.steps):
+                state.save(backend, step, row, resolved, extra=export)
+        if export is not None:
+            export(run_dir / "export")
             (run_dir / "export" / "train.json").write_text(json.dumps(
                 {"step": step, "config": resolved}, indent=2, default=str))
-    return {"step": step, "start": start, "last": row, "too_small": buffer.too_small}
+    return {"step": step, "start": start, "last": row, "too_small": clips.buffer.too_small}
 
 
 def local_source(tables: list[pa.Table]) -> Callable[[], Iterator[pa.Table]]:

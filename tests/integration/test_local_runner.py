@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from models.denoiser import load_exported
+from models.export import load_exported
 from models.vae import VideoVAE, load_vae, save_vae
 from pipeline.config import to_dict
 from pipeline.synth import SynthConfig, synthesize

@@ -85,7 +85,7 @@ def test_latent_dataset_follows_the_contract(videos, first_run):
 
 
 def test_plain_pyarrow_reads_latents_with_ray_imported(first_run):
-    import ray.data  # noqa: F401 - DESIGN.md: Ray's extension types once broke this read
+    import ray.data  # noqa: F401 - docs/design.md: Ray's extension types once broke this read
 
     out, _ = first_run
     table = read_latents(out)

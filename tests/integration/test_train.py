@@ -132,7 +132,7 @@ def test_input_streams_videos_into_training_through_killed_actors(ray_cluster, t
     """--input: decode + VAE actors feed the trainer, no latent dataset is written; a busy
     decode actor, then a busy VAE encode actor, SIGKILLed mid-run: Ray Data restarts them and
     retries their batches, and training runs every step exactly once."""
-    from models.denoiser import load_exported
+    from models.export import load_exported
     from pipeline.synth import SynthConfig, synthesize
     from tests.faults import Killer
 
@@ -155,7 +155,7 @@ def test_input_streams_videos_into_training_through_killed_actors(ray_cluster, t
 def test_preprocess_then_train_with_the_shipped_defaults(ray_cluster, tmp_path, capsys):
     """`tubelet preprocess` then `tubelet train` with every default (only fewer steps): the
     model takes the 16 channels of the shipped VAE's latents from the dataset."""
-    from models.denoiser import load_exported
+    from models.export import load_exported
     from pipeline.synth import SynthConfig, synthesize
 
     synthesize(SynthConfig(num_videos=3, seed=4, workers=1, max_seconds=1.5), tmp_path / "v")

@@ -19,8 +19,9 @@ from actors.workers.toolkit import LocalBackend
 from actors.workers.train_data import Collate, PlanLoader
 from actors.workers.train_dit import train_loop
 from actors.workers.train_vae import center_crops, local_source, train_vae_loop
-from models.denoiser import Denoiser, load_exported
+from models.denoiser import Denoiser
 from models.dit import build_dit
+from models.export import load_exported
 from models.flow import FlowConfig, flow_loss, interpolate, sample, sample_timesteps
 from models.text_encoder import ByteTokenizer, build_text_encoder
 from models.vae import load_vae

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the probe -> bucket -> decode path (issue 13), a bounded number
+"""Property-based fuzzing of the probe -> bucket -> decode path , a bounded number
 of cases per CI run: a real video (H.264 / mp4, VP9 / WebM, HEVC / Matroska, MPEG-4 / AVI,
 AV1 / mp4; each demuxer and decoder has its own ways to fail) with bytes flipped, zeroed, cut
 or spliced goes through the stages as the pipeline runs them. Whatever the damage, no

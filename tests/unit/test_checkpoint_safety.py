@@ -1,4 +1,4 @@
-"""Untrusted checkpoints load without running code (issue 13).
+"""Untrusted checkpoints load without running code .
 
 DCP's own loader unpickles `.metadata` and non-tensor items with full pickle; a crafted file
 runs what it names. These tests build such payloads (each would create a file when loaded by
@@ -94,7 +94,7 @@ def test_a_pickle_named_model_safetensors_is_refused_by_generate_and_runs_nothin
     import subprocess
     import sys
 
-    from models.denoiser import load_exported
+    from models.export import load_exported
     from tests.exports import write_export, write_vae
 
     export = write_export(tmp_path / "export")

@@ -4,7 +4,17 @@ import pytest
 import torch
 
 from actors.workers.parallelize import apply_ac
-from models.dit import LAYOUTS, PRESETS, Attention, DiTConfig, build_dit, dit_config
+from models.dit import (
+    ATTENTION_MODES,
+    LAYOUTS,
+    PRESETS,
+    Attention,
+    DiTBlock,
+    DiTConfig,
+    SelfAttention,
+    build_dit,
+    dit_config,
+)
 
 C = 2
 
@@ -79,6 +89,35 @@ def test_block_modes_per_layout():
     assert dit_config("debug", layout="temporal", depth=2).block_cross_attends() == [True, True]
     blocks = build_dit("debug", layout="interleaved", depth=4).blocks
     assert [b.cross_attn is not None for b in blocks] == [True, False, True, False]
+
+
+def test_attention_modes_group_tokens_into_their_problems():
+    """Token ids on a 3-frame x 4-position grid: each problem holds exactly its mode's unit
+    (all tokens, one frame, one position across frames), and `ungroup` undoes `group`."""
+    nt, S = 3, 4
+    ids = torch.arange(nt * S).reshape(1, nt * S, 1).expand(2, -1, 1)  # (B=2, N, 1)
+    frames = [list(range(f * S, (f + 1) * S)) for f in range(nt)]
+    positions = [list(range(p, nt * S, S)) for p in range(S)]
+    expected = {"full": [list(range(nt * S))], "spatial": frames, "temporal": positions}
+    assert set(ATTENTION_MODES) == set(expected)
+    for name, mode in ATTENTION_MODES.items():
+        grouped = mode.group(ids, nt)  # (B', S', 1)
+        assert grouped[: len(expected[name]), :, 0].tolist() == expected[name], name
+        assert torch.equal(mode.ungroup(grouped, 2, nt), ids), name
+
+
+def test_unknown_attention_mode_and_layout_name_themselves():
+    """No silent fallthrough: a typo is an error naming it and the known names."""
+    known_modes = r"known: full, spatial, temporal"
+    with pytest.raises(ValueError, match=rf"unknown attention mode 'diagonal'; {known_modes}"):
+        SelfAttention(64, 4, True, "diagonal")
+    with pytest.raises(ValueError, match=rf"unknown attention mode 'ful'; {known_modes}"):
+        DiTBlock(64, 4, 4.0, ("spatial", "ful"), True)
+    known_layouts = "known: spatial, temporal, full3d, factorized, interleaved"
+    for call in (DiTConfig(layout="full3D").block_modes, DiTConfig(layout="full3D").validate,
+                 lambda: build_dit("debug", layout="full3D")):
+        with pytest.raises(ValueError, match=rf"unknown layout 'full3D'; {known_layouts}"):
+            call()
 
 
 @pytest.mark.parametrize("layout", ["full3d", "factorized"])

@@ -81,7 +81,7 @@ def test_nothing_imports_the_cli_and_no_command_imports_another():
 
 
 def test_layers_import_only_downwards():
-    """DESIGN.md: models <- actors <- pipeline; models/ is plain PyTorch (no Ray)."""
+    """docs/design.md: models <- actors <- pipeline; models/ is plain PyTorch (no Ray)."""
     graph = project_imports()
     for path in (ROOT / "models").rglob("*.py"):
         text = path.read_text()

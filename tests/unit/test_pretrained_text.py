@@ -25,7 +25,8 @@ from actors.workers.checkpoints import EMA, export_ema
 from actors.workers.toolkit import LocalBackend
 from actors.workers.train_data import Collate, PlanLoader, read_index
 from actors.workers.train_dit import local_batches, train_loop
-from models.denoiser import Denoiser, load_exported
+from models.denoiser import Denoiser
+from models.export import load_exported
 from models.flow import interpolate
 from models.text_encoder import (
     PretrainedTextEncoder,

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
 import os, sys, time
-from pipeline.runtime import divert_native_logs
+from pipeline.logs import divert_native_logs
 divert_native_logs(sys.argv[1], force=True)
 os.write(2, b"[2026-12-04 11:41:54,869 E 2816 2816] core_worker.cc:2465: Actor with class name\n")
 os.write(2, b"a line of ours on fd 2\n")

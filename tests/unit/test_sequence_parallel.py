@@ -23,8 +23,9 @@ from actors.workers.sequence_parallel import (
     SequenceParallel,
     ShardPlan,
     cfg_velocity,
+    shard_layout,
 )
-from models.dit import LAYOUTS, build_dit
+from models.dit import ATTENTION_MODES, LAYOUTS, build_dit
 from models.flow import guided_velocity as flow_guided_velocity
 from models.flow import sample as flow_sample
 
@@ -61,20 +62,42 @@ def err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+STEPS = ("forward", "embed", "run_blocks", "head")
+
+
+def spy(model: torch.nn.Module) -> dict[str, int]:
+    """Counts calls of the model's `forward` and of its three steps from here on (instance
+    attributes shadow the methods; `model(...)` goes through the counted `forward` too)."""
+    counts = dict.fromkeys(STEPS, 0)
+
+    def counted(name: str, method):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return method(*args, **kwargs)
+        return call
+
+    for name in STEPS:
+        setattr(model, name, counted(name, getattr(model, name)))
+    return counts
+
+
 def cases_world2(rank: int) -> dict[str, float]:
     results = {}
     # Sequence parallel, K = 2: every layout, grid and head count, a batch of 2.
     for heads in HEADS:
         for layout in LAYOUTS:
             model = opened(layout, **heads)
-            sp = SequenceParallel(model)
+            sp, counts = SequenceParallel(model), spy(model)
             for size in SIZES:
                 z = inputs(size, seed=len(results))
                 cond = dict(text=z["text"], text_mask=z["text_mask"], fps=z["fps"])
                 with torch.no_grad():
                     ref = model(z["x"], z["t"], **cond)
+                before = dict(counts)
                 out = sp(z["x"], z["t"], **cond)
                 results[f"sp/{layout}/heads{model.config.heads}/{size}"] = err(out, ref)
+                results[f"calls/{layout}/heads{model.config.heads}/{size}"] = [
+                    counts[k] - before[k] for k in STEPS]
                 results[f"scale/{layout}/{size}"] = ref.abs().max().item()
     # CFG parallel, K = 1 x 2 branches: null text (vs models.flow) and a negative prompt.
     mesh = SamplerMesh.build(sequence_parallel=1, cfg_parallel=True)
@@ -179,6 +202,18 @@ def test_sequence_parallel_two_ranks_matches_one_for_every_layout(world2):
     assert max(sp.values()) < TOL, {k: v for k, v in sp.items() if v >= TOL}
     scales = [v for k, v in world2.items() if k.startswith("scale/")]
     assert min(scales) > 0.5  # the outputs carry signal: the tolerance means something
+    # ... and it is the model's own forward, in its three steps: no copy of it here.
+    calls = {k: v for k, v in world2.items() if k.startswith("calls/")}
+    assert len(calls) == len(sp)
+    assert all(v == [0, 1, 1, 1] for v in calls.values()), (STEPS, calls)
+
+
+def test_each_attention_mode_shards_by_its_unit():
+    assert SHARD_LAYOUTS == tuple(mode.unit for mode in ATTENTION_MODES.values())
+    assert [shard_layout(m) for m in ("full", "spatial", "temporal")] == [
+        "tokens", "frames", "positions"]
+    with pytest.raises(ValueError, match="unknown attention mode 'diagonal'; known: full, "):
+        shard_layout("diagonal")
 
 
 def test_sequence_parallel_four_ranks_with_padding_only_ranks(world4):

@@ -1,5 +1,5 @@
 """The shipped default VAE keeps what the videos show: every moving shape of a held-out video
-comes back in every frame, where its ground-truth box says (issue 11's done-criterion).
+comes back in every frame, where its ground-truth box says (the VAE's done-criterion).
 
 Held-out: `tubelet synth` videos of a seed the VAE never trained on (it trained on seed 0),
 at their own size (cropped to the VAE's multiples), decoded from real h264 files."""

@@ -1,4 +1,4 @@
-"""Training data: the seeded global batch plan, the loader stage, stream batching.
+"""Training data: the seeded global batch plan, the loader stage, stream batching, collate.
 
 `write_latents` (also used by the train worker and integration tests) writes a small latent
 dataset that follows the on-disk contract directly: flat `latent` list<float16> plus
@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +27,7 @@ from actors.workers.train_data import (
     read_index,
     split_steps,
 )
+from models.dit import build_dit
 from models.text_encoder import ByteTokenizer
 
 # Three buckets; "c" has fewer clips than any batch size used below.
@@ -164,3 +166,67 @@ def test_stream_batcher_loses_nothing(latents):
     assert all(len(set(t.column("bucket").to_pylist())) == 1 for t in out)
     assert sorted(i for t in out for i in t.column("id").to_pylist()) == sorted(
         rows.column("id").to_pylist())
+
+
+def latent_rows(specs, dtype: type = np.float16) -> tuple[pa.Table, list[np.ndarray]]:
+    """specs: (id, bucket, (C, T, H, W)) per row -> (rows in the on-disk contract, latents)."""
+    rng = np.random.default_rng(0)
+    latents = [rng.standard_normal(shape).astype(np.float32) for _, _, shape in specs]
+    table = pa.table({
+        "id": [i for i, _, _ in specs], "caption": [f"clip {i}" for i, _, _ in specs],
+        "bucket": [b for _, b, _ in specs], "fps": pa.array([24.0] * len(specs), pa.float32()),
+        "latent": pa.array([z.ravel().astype(dtype) for z in latents],
+                           pa.list_(pa.from_numpy_dtype(dtype))),
+        "latent_shape": pa.array([list(s) for _, _, s in specs], pa.list_(pa.int32()))})
+    return table, latents
+
+
+def test_collate_makes_one_bucket_a_model_ready_batch():
+    table, latents = latent_rows([("a", "5x9x16", (4, 5, 9, 16)), ("b", "5x9x16", (4, 5, 9, 16))])
+    tokenizer = ByteTokenizer(16)
+    batch = Collate(tokenizer)(table, slot_base=4)
+    assert batch.ids == ["a", "b"] and batch.bucket == "5x9x16" and batch.step == -1
+    assert batch.x.dtype == torch.float32 and batch.x.shape == (2, 4, 5, 9, 16)
+    expected = torch.from_numpy(np.stack(latents)).half().float()  # stored as float16
+    torch.testing.assert_close(batch.x, expected)
+    assert batch.fps.tolist() == [24.0, 24.0] and batch.weight.tolist() == [1.0, 1.0]
+    assert batch.slot == [4, 5]  # a stream batch's slots start at the rank's offset
+    ids, mask = tokenizer(["clip a", "clip b"])
+    assert torch.equal(batch.text_ids, ids) and torch.equal(batch.text_mask, mask)
+    # H = 9 is not a multiple of the patch: the DiT pads and crops it back itself.
+    model = build_dit("debug", in_channels=4).eval()
+    with torch.no_grad():
+        y = model(batch.x, torch.rand(2), fps=batch.fps)
+    assert y.shape == batch.x.shape
+
+
+def test_collate_keeps_float32_latents():
+    table, latents = latent_rows([("a", "b0", (2, 1, 4, 4))], dtype=np.float32)
+    assert torch.equal(Collate(ByteTokenizer(8))(table).x[0], torch.from_numpy(latents[0]))
+
+
+def test_collate_refuses_mixed_buckets_and_shapes_naming_ids():
+    collate = Collate(ByteTokenizer(8))
+    table, _ = latent_rows([("a", "wide", (4, 2, 4, 8)), ("b", "tall", (4, 2, 8, 4))])
+    with pytest.raises(ValueError, match=r"one bucket.*'wide': a; 'tall': b"):
+        collate(table)
+    table, _ = latent_rows([("a", "b0", (4, 2, 4, 8)), ("b", "b0", (4, 3, 4, 8))])
+    with pytest.raises(
+        ValueError, match=r"mixes latent shapes.*\(4, 2, 4, 8\): a; \(4, 3, 4, 8\): b"
+    ):
+        collate(table)
+
+
+def test_collate_refuses_wrong_latent_length_null_fps_and_missing_columns():
+    collate = Collate(ByteTokenizer(8))
+    table, _ = latent_rows([("a", "b0", (2, 1, 4, 4)), ("b", "b0", (2, 1, 4, 4))])
+    short = table.set_column(table.column_names.index("latent"), "latent",
+                             pa.array([np.zeros(32), np.zeros(31)], pa.list_(pa.float32())))
+    with pytest.raises(ValueError, match=r"latent length does not match.*id\(s\) b"):
+        collate(short)
+    no_fps = table.set_column(table.column_names.index("fps"), "fps",
+                              pa.array([24.0, None], pa.float32()))
+    with pytest.raises(ValueError, match=r"null fps for id\(s\) b"):
+        collate(no_fps)
+    with pytest.raises(ValueError, match=r"lack column\(s\) \['fps'\]"):
+        collate(table.drop_columns(["fps"]))

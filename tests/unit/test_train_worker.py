@@ -27,7 +27,7 @@ from actors.workers.toolkit import (
 )
 from actors.workers.train_data import Collate, PlanLoader, read_index
 from actors.workers.train_dit import TrainLoopConfig, draw, empty_batch, local_batches, train_loop
-from models.denoiser import load_exported
+from models.export import load_exported
 from models.text_encoder import ByteTokenizer
 from pipeline.config import ConfigError, from_dict, load_config, to_dict
 from pipeline.train import TrainConfig
@@ -56,7 +56,9 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_load_exported_names_a_bad_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not an exported model"):
+    from models.export import ExportError
+
+    with pytest.raises(ExportError, match="not an exported model"):
         load_exported(tmp_path)
 
 
@@ -67,7 +69,8 @@ def test_an_export_written_with_the_old_checkpointing_switch_loads(tmp_path):
 
     from safetensors.torch import save_file
 
-    from models.denoiser import EXPORT_FORMAT, Denoiser
+    from models.denoiser import Denoiser
+    from models.export import EXPORT_FORMAT
 
     cfg = TrainLoopConfig()
     model = Denoiser(cfg.model, cfg.text_encoder)

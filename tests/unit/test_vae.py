@@ -247,7 +247,7 @@ def test_shortcut_blocks_start_as_a_plain_down_and_upsampler() -> None:
 
 
 def test_fresh_dc_model_trains_faster_than_the_strided_design() -> None:
-    """The design claim of issue 11 at toy scale: same data, same steps and lr, the shortcut
+    """The design claim at toy scale: same data, same steps and lr, the shortcut
     design reaches a lower reconstruction loss (both ~0.2M params)."""
     x = video(4, 5, 32, 32)
     finals = {}

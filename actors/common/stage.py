@@ -1,0 +1,119 @@
+"""A stage that describes itself: what it reads, what it writes, how it is built and run.
+
+Every stage file in actors/ holds one UDF class (a callable on a `pyarrow.Table`, Ray Data's
+`map_batches` contract) with
+    READS   the columns it needs (checked first thing: `require_columns`),
+    WRITES  the columns it adds,
+    spec()  a classmethod: how it is built from its config section -> a `StageSpec`
+            (the class, its constructor kwargs, its pool's `StageResources`).
+A graph is a list of specs (pipeline/streams.py, pipeline/generate.py, ...). That one list
+drives the Ray Data graph (`apply`), the in-process runner (`run_here`: the same stages called
+in this process, no Ray), the CPU budget check (`pools`, pipeline/runtime.py) and the columns
+test (tests/stages/test_columns.py), so a stage cannot be in one and missing from another.
+The shape follows Ray's `ray.llm` batch stages (a UDF class plus its `map_batches` arguments).
+
+Ray is imported only where a graph is built (`apply`): the in-process runner and the unit
+tests use these without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+
+@dataclass
+class StageResources:
+    """How one stage runs: an actor pool of min..max actors, each with these resources.
+
+    On a 2-core machine the pools together must leave CPU for Ray Data's own tasks: a pool
+    that takes every CPU hangs the job, so shares are fractional by default.
+    """
+
+    num_cpus: float = 0.25
+    num_gpus: float = 0.0
+    min_actors: int = 1
+    max_actors: int = 1
+    batch_size: int = 8
+    # Batches queued per actor. 1 spreads work over the whole pool as soon as one actor is
+    # busy (Ray Data would otherwise queue blocks on the actor next to them).
+    max_tasks_in_flight: int = 2
+
+    def validate(self) -> None:
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError("num_cpus and num_gpus: must be >= 0")
+        if not 1 <= self.min_actors <= self.max_actors:
+            raise ValueError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, "
+                             f"{self.max_actors}")
+        if self.max_tasks_in_flight < 1:
+            raise ValueError(f"max_tasks_in_flight: must be >= 1, got {self.max_tasks_in_flight}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+
+    def map_batches_kwargs(self, **constructor_kwargs: Any) -> dict[str, Any]:
+        from ray.data import ActorPoolStrategy
+
+        return dict(
+            compute=ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors,
+                                      max_tasks_in_flight_per_actor=self.max_tasks_in_flight),
+            num_cpus=self.num_cpus,
+            num_gpus=self.num_gpus,
+            batch_size=self.batch_size,
+            batch_format="pyarrow",
+            fn_constructor_kwargs=constructor_kwargs,
+        )
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of a graph: `cls(**kwargs)` run by an actor pool with `resources`."""
+
+    name: str  # its pool's config key (`probe`, `decode`, ...): what budget messages name
+    cls: type
+    kwargs: dict[str, Any]
+    resources: StageResources
+    # Actors the stage starts itself, outside Ray Data's pool (a sequence-parallel sampler's
+    # extra ranks): the budget check counts them with the pools.
+    extra: dict[str, StageResources] = field(default_factory=dict)
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return tuple(self.cls.READS)
+
+    @property
+    def writes(self) -> tuple[str, ...]:
+        return tuple(self.cls.WRITES)
+
+    def build(self) -> Any:
+        """The stage object, in this process."""
+        return self.cls(**self.kwargs)
+
+    def apply(self, ds: Any) -> Any:
+        """`ds` with this stage added as an actor-pool `map_batches` (lazy)."""
+        return ds.map_batches(self.cls, **self.resources.map_batches_kwargs(**self.kwargs))
+
+
+def apply_all(ds: Any, specs: Sequence[StageSpec]) -> Any:
+    """A Ray Dataset through every stage of `specs`, in order (lazy)."""
+    for spec in specs:
+        ds = spec.apply(ds)
+    return ds
+
+
+def run_here(table: pa.Table, specs: Sequence[StageSpec]) -> pa.Table:
+    """The same stages called in this process, one after another, on one table (no Ray)."""
+    for spec in specs:
+        table = spec.build()(table)
+    return table
+
+
+def pools(specs: Sequence[StageSpec]) -> dict[str, StageResources]:
+    """Every actor a graph runs, by name: its pools and the actors its stages start."""
+    out: dict[str, StageResources] = {}
+    for spec in specs:
+        out[spec.name] = spec.resources
+        out.update(spec.extra)
+    return out
