@@ -26,7 +26,7 @@ import pyarrow as pa
 import torch
 
 from actors.common.schema import require_columns
-from actors.common.stage import StageResources, StageSpec
+from actors.common.stage import Companion, StageSpec
 from actors.common.tensors import pack, unpack, with_columns
 
 TEXT_COLUMNS = ("text", "text_shape", "text_len", "neg_text", "neg_text_shape", "neg_len")
@@ -55,17 +55,18 @@ class SampleStage:
         """From a generate config: its `sampler:` section, `max_batch` and `sample` pool
         (one GPU per actor when the cluster has GPUs and the sampler may use them). A
         sequence-parallel sampler starts `world_size - 1` rank actors of its own per pool
-        actor: the spec declares them, so the budget check counts them."""
+        actor: the spec declares them, so the pool sizing counts them."""
         sample = cfg.sample
         if gpus and cfg.sampler.device in ("auto", "cuda") and sample.num_gpus == 0:
             sample = replace(sample, num_gpus=1)
         ranks = cfg.sampler.world_size - 1
-        extra = {"sampler ranks": StageResources(
-            num_cpus=cfg.sampler.num_cpus_per_rank, min_actors=ranks,
-            max_actors=ranks * sample.max_actors)} if ranks else {}
+        companions = (Companion(
+            "sampler ranks", "sampler.num_cpus_per_rank", ranks, cfg.sampler.num_cpus_per_rank,
+            1.0 if sample.num_gpus > 0 else 0.0, ("sampler", "num_cpus_per_rank")),
+        ) if ranks else ()
         return StageSpec("sample", cls, dict(
             export=export, sampler=asdict(cfg.sampler), temporal=temporal, spatial=spatial,
-            max_batch=cfg.max_batch), sample, extra)
+            max_batch=cfg.max_batch), sample, companions)
 
     def __init__(self, export: str, sampler: dict, temporal: int, spatial: int,
                  max_batch: int = 4):

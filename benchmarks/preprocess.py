@@ -28,6 +28,7 @@ from actors.common.stage import run_here
 from actors.decode import DecodeStage, decode_clip
 from actors.vae_encode import VAEEncodeStage
 from pipeline.config import load_config
+from pipeline.pools import sized
 from pipeline.preprocess import preprocess_stages, run_preprocess
 from pipeline.sources import list_sources
 from pipeline.streams import PreprocessConfig, plan_stages, stream
@@ -37,8 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def config(*overrides: str) -> PreprocessConfig:
-    return load_config(PreprocessConfig, ROOT / "configs/preprocess/default.yaml",
-                       ["ray.num_cpus=2", "ray.object_store_mb=400", *overrides])
+    """The shipped config on a local 2-CPU Ray, its pools sized as `tubelet preprocess` does."""
+    cfg = load_config(PreprocessConfig, ROOT / "configs/preprocess/default.yaml",
+                      ["ray.num_cpus=2", "ray.object_store_mb=400", *overrides])
+    return sized("benchmark", cfg, lambda c: preprocess_stages(c, Path("unused")), None)
 
 
 def plan_clips(cfg: PreprocessConfig, src: Path) -> pa.Table:

@@ -35,11 +35,12 @@ from typing import Any
 import numpy as np
 import pyarrow.dataset as pds
 
-from actors.common.stage import StageResources, StageSpec, apply_all, pools
+from actors.common.stage import StageResources, StageSpec, apply_all
 from actors.video_eval import CHECKS, METRICS, VideoEvalStage
 from models.video_metrics import region_features
 from pipeline.config import UsageError, writable_dir, write_run_record
-from pipeline.runtime import RayConfig, check_budget, ray_session
+from pipeline.pools import sized
+from pipeline.runtime import RayConfig, ray_session
 from pipeline.sources import SourceError, list_sources
 from pipeline.synth import COLORS, DIRECTIONS, SHAPES, shape_mask
 
@@ -207,12 +208,15 @@ def run_eval(cfg: EvalConfig, videos: str, reference: str | None = None,
     scratch = tempfile.TemporaryDirectory(prefix="tubelet-eval-") if output is None else None
     out = Path(output) if output is not None else Path(scratch.name)
     writable_dir(out)
-    specs = eval_stages(cfg, out)
+    def graph(c: EvalConfig) -> list[StageSpec]:
+        return eval_stages(c, out)
+
+    cfg = sized("eval", cfg, graph, address)  # before Ray
     results: list[dict[str, Any]] = []
-    with ray_session(address, cfg.ray) as started:
-        if started and not address:
-            check_budget(pools(specs))
-        ds = apply_all(ray.data.from_items(rows, override_num_blocks=max(1, len(rows))), specs)
+    with ray_session(address, cfg.ray):
+        cfg = sized("eval", cfg, graph, address)  # a joined cluster's own size
+        ds = apply_all(ray.data.from_items(rows, override_num_blocks=max(1, len(rows))),
+                       graph(cfg))
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             results.extend(batch.to_pylist())
     results.sort(key=lambda r: (r["set"], r["path"]))

@@ -26,13 +26,14 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow.dataset as pds
 
-from actors.common.stage import StageResources, StageSpec, pools
+from actors.common.stage import StageResources, StageSpec
 from actors.common.vae import load_checkpoint_vae, resolve_checkpoint
 from actors.vae_eval import VAEEvalStage
 from pipeline.config import UsageError, to_dict, writable_dir, write_run_record
+from pipeline.pools import sized
 from pipeline.ray_train import keep_order, no_progress_bars
 from pipeline.report import eval_table
-from pipeline.runtime import RayConfig, check_budget, ray_session
+from pipeline.runtime import RayConfig, ray_session
 from pipeline.sources import list_sources
 from pipeline.streams import ClipConfig, clip_stages, stream
 
@@ -124,23 +125,24 @@ def run_eval_vae(cfg: EvalVAEConfig, src: str, output: str | Path | None = None,
     videos_dir = out / "videos" if videos else None
     if videos_dir is not None:
         videos_dir.mkdir(exist_ok=True)
-    p = cfg.preprocess
-    specs = eval_vae_stages(cfg, resolve_checkpoint(vae), out, str(videos_dir or ""))
+    def graph(c: EvalVAEConfig) -> list[StageSpec]:
+        return eval_vae_stages(c, resolve_checkpoint(vae), out, str(videos_dir or ""))
+
+    cfg = sized("eval-vae", cfg, graph, address)  # before Ray
     clips: list[dict] = []
-    with ray_session(address, cfg.ray) as started:
-        if started and not address:
-            check_budget(pools(specs))
+    with ray_session(address, cfg.ray):
+        cfg = sized("eval-vae", cfg, graph, address)  # a joined cluster's own size
         keep_order(DataContext.get_current())
         no_progress_bars(DataContext.get_current())
-        for batch in stream(p, sources, specs).iter_batches(batch_format="pyarrow",
-                                                            batch_size=None):
+        ds = stream(cfg.preprocess, sources, graph(cfg))
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             clips.extend(batch.to_pylist())
     report = summarize(clips, str(vae), factors)
     errors = sorted((out / "errors").glob("*.parquet"))
     report["errors"] = (pds.dataset(errors).to_table().to_pylist() if errors else [])
     report["inputs"] = sources.num_rows
     report["wall_seconds"] = round(time.perf_counter() - start, 2)
-    report["config"] = {"preprocess": {"buckets": to_dict(p.buckets)},
+    report["config"] = {"preprocess": {"buckets": to_dict(cfg.preprocess.buckets)},
                         "eval": to_dict(cfg.eval)}
     if scratch is not None:
         scratch.cleanup()

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.dataset as pds
 
 from actors.common.errors import write_atomic
-from actors.common.stage import StageResources, StageSpec, apply_all, pools
+from actors.common.stage import StageResources, StageSpec, apply_all
 from actors.common.vae import VAELoadError, VAEStageConfig, load_checkpoint_vae
 from actors.mp4_encode import Mp4EncodeStage
 from actors.sample import SampleStage
@@ -44,8 +44,9 @@ from actors.vae_decode import VAEDecodeStage
 from actors.workers.sampler import SamplerConfig
 from models.export import ExportError, ExportRecord, model_kind, read_export
 from pipeline.config import ConfigError, UsageError, to_dict, writable_dir, write_run_record
+from pipeline.pools import cluster_of, sized
 from pipeline.prompts import Defaults, Grid, read_prompts
-from pipeline.runtime import RayConfig, check_budget, local_cluster, ray_session
+from pipeline.runtime import RayConfig, ray_session
 
 MANIFEST_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "height", "width", "frames",
                     "fps", "steps", "cfg", "checkpoint", "checkpoint_digest", "file", "sheet",
@@ -221,7 +222,6 @@ def run_generate(cfg: GenerateConfig, checkpoint: str | Path, prompts: str | Pat
                  output: str | Path, address: str | None = None,
                  progress: bool = True) -> dict[str, Any]:
     """Raises a UsageError (checkpoint, VAE, prompt file) before starting Ray."""
-    import ray
     from ray.data import DataContext
 
     from pipeline.ray_train import no_progress_bars
@@ -237,10 +237,12 @@ def run_generate(cfg: GenerateConfig, checkpoint: str | Path, prompts: str | Pat
                           f"{tokens} tokens of prompt {small['id']!r} "
                           f"({small['frames']}x{small['height']}x{small['width']}); lower "
                           "--sequence-parallel or make the video larger")
-    local = local_cluster(address, cfg.ray)  # pools + sampler ranks, before Ray starts
-    if local:
-        check_budget(pools(generate_stages(cfg, model, out, local[1] > 0)), total=local[0],
-                     gpus=local[1])
+
+    def graph(c: GenerateConfig) -> list[StageSpec]:
+        cluster = cluster_of(address, c.ray.num_cpus)
+        return generate_stages(c, model, out, gpus=bool(cluster and cluster.gpus > 0))
+
+    cfg = sized("generate", cfg, graph, address)  # pools + sampler ranks, before Ray starts
     for r in rows:
         r.update(checkpoint=str(model.export), checkpoint_digest=model.digest)
     writable_dir(out)
@@ -255,8 +257,8 @@ def run_generate(cfg: GenerateConfig, checkpoint: str | Path, prompts: str | Pat
             # 128 MiB before they move on, so a video would wait for the rest of its input
             # block (measured: all 12 videos of a job reached the driver at once, at the end).
             ctx.target_max_block_size = 1
-            gpus = ray.cluster_resources().get("GPU", 0) > 0
-            ds = apply_all(prompt_dataset(todo), generate_stages(cfg, model, out, gpus))
+            cfg = sized("generate", cfg, graph, address)  # a joined cluster's own size
+            ds = apply_all(prompt_dataset(todo), graph(cfg))
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 write_manifest_part(out, batch)
                 written += batch.num_rows

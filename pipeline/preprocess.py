@@ -21,11 +21,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as pds
 
-from actors.common.stage import StageSpec, pools
+from actors.common.stage import StageSpec
 from actors.common.vae import VAELoadError, resolve_checkpoint
 from actors.write import LatentWriter, read_error_paths, read_ids
 from pipeline.config import ConfigError, to_dict, writable_dir, write_run_record
-from pipeline.runtime import check_local_budget, ray_session
+from pipeline.pools import sized
+from pipeline.runtime import ray_session
 from pipeline.sources import list_sources
 from pipeline.streams import PreprocessConfig, latent_stages, stream
 
@@ -97,7 +98,10 @@ def run_preprocess(cfg: PreprocessConfig, src: str, output: str | Path,
     except VAELoadError as e:
         raise ConfigError(str(e)) from None
     cfg = replace(cfg, vae=replace(cfg.vae, checkpoint=checkpoint))
-    check_local_budget(pools(preprocess_stages(cfg, out)), address, cfg.ray)  # before Ray
+    def graph(c: PreprocessConfig) -> list[StageSpec]:
+        return preprocess_stages(c, out)
+
+    cfg = sized("preprocess", cfg, graph, address)  # before Ray
     writable_dir(out)
     start = time.perf_counter()
     sources = list_sources(src, tuple(cfg.video_extensions))
@@ -108,6 +112,7 @@ def run_preprocess(cfg: PreprocessConfig, src: str, output: str | Path,
     stats: list[dict] = []
     if todo.num_rows:
         with ray_session(address, cfg.ray):
+            cfg = sized("preprocess", cfg, graph, address)  # a joined cluster's own size
             ds = stream(cfg, todo, preprocess_stages(cfg, out, done_ids))
             last = 0.0
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -34,6 +34,7 @@ from actors.common.stage import StageResources, StageSpec, apply_all
 from actors.workers.train_data import BatchPlan, PlanLoader, read_index
 from actors.workers.train_dit import TrainLoopConfig
 from pipeline.config import to_dict, write_run_record
+from pipeline.pools import check_workers, cluster_of, sized, train_workers
 from pipeline.ray_train import (
     ClusterConfig,
     TrainError,
@@ -46,7 +47,7 @@ from pipeline.ray_train import (
     torch_trainer,
 )
 from pipeline.report import plot_losses, read_metrics
-from pipeline.runtime import check_workers, local_cluster, ray_session
+from pipeline.runtime import ray_session
 from pipeline.streams import PreprocessConfig, latent_channels, latent_stages, stream
 
 
@@ -157,12 +158,18 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
 
     if (data is None) == (input_src is None):
         raise TrainError("give exactly one of --data (a latent dataset) or --input (videos)")
-    local = local_cluster(address, cfg.ray)
-    if local:  # workers this machine cannot hold: refused before Ray starts
-        check_workers(cfg.num_workers, cfg.worker.num_cpus, cfg.worker.num_gpus, local)
     run = Path(output).resolve()
-    prepare_run(run, resume)
     streaming = input_src is not None
+
+    def graph(c: TrainConfig) -> list[StageSpec]:  # --input: videos -> latents, streamed
+        return latent_stages(c.preprocess, run / "errors")
+
+    workers = [train_workers(cfg)]
+    if streaming:  # pools + workers this machine cannot hold: refused before Ray starts
+        cfg = sized("train", cfg, graph, address, workers)
+    elif (local := cluster_of(address, cfg.ray.num_cpus)) is not None and local.fixed:
+        check_workers(cfg.num_workers, cfg.worker.num_cpus, cfg.worker.num_gpus, local)
+    prepare_run(run, resume)
     start = time.perf_counter()
     fingerprint, counts, datasets = "", {}, {}
     if streaming:
@@ -187,8 +194,8 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
         keep_order(DataContext.get_current())
         no_progress_bars(DataContext.get_current())
         if streaming:
-            specs = latent_stages(cfg.preprocess, run / "errors")
-            datasets = {"train": stream(cfg.preprocess, input_src, specs)}
+            cfg = sized("train", cfg, graph, address, workers)  # a joined cluster's own size
+            datasets = {"train": stream(cfg.preprocess, input_src, graph(cfg))}
         trainer = torch_trainer(
             cfg, ray_worker, run,
             {"cfg": cfg, "run": str(run), "resolved": resolved, "fingerprint": fingerprint,

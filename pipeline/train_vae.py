@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from actors.common.stage import StageResources, pools, run_here
+from actors.common.stage import StageSpec, run_here
 from actors.common.tensors import unpack
 from actors.workers.train_vae import VAETrainLoopConfig, center_crops, with_init
 from pipeline.config import ConfigError, to_dict, write_run_record
+from pipeline.pools import sized, train_workers
 from pipeline.ray_train import (
     ClusterConfig,
     TrainError,
@@ -44,7 +45,7 @@ from pipeline.ray_train import (
     torch_trainer,
 )
 from pipeline.report import plot_curves, read_metrics, save_side_by_side
-from pipeline.runtime import check_local_budget, ray_session
+from pipeline.runtime import ray_session
 from pipeline.sources import list_sources
 from pipeline.streams import ClipConfig, clip_stages, stream
 
@@ -142,11 +143,12 @@ def run_train_vae(cfg: TrainVAEConfig, input_src: str, output: str | Path,
     from actors.workers.train_vae import ray_worker
 
     cfg = resolve_init(cfg)  # before Ray: a bad init path fails here
-    workers = StageResources(cfg.worker.num_cpus, cfg.worker.num_gpus, cfg.num_workers,
-                             cfg.num_workers)
-    check_local_budget({**pools(clip_stages(cfg.preprocess, None)), "worker": workers},
-                       address, cfg.ray)  # before Ray
+    def graph(c: TrainVAEConfig) -> list[StageSpec]:
+        return clip_stages(c.preprocess, run / "errors")
+
     run = Path(output).resolve()
+    workers = [train_workers(cfg)]
+    cfg = sized("train-vae", cfg, graph, address, workers)  # before Ray
     prepare_run(run, resume)
     start = time.perf_counter()
     train_src, val_sources, val_rows, val_clips, val = sources_and_held_out(
@@ -160,12 +162,12 @@ def run_train_vae(cfg: TrainVAEConfig, input_src: str, output: str | Path,
     write_run_record(run, "train-vae", cfg, input=input_src, val=val_src, resume=resume,
                      train_videos=train_src.num_rows, val_clips=len(val_clips))
     with ray_session(address, cfg.ray):
+        cfg = sized("train-vae", cfg, graph, address, workers)  # a joined cluster's own size
         keep_order(DataContext.get_current())
         no_progress_bars(DataContext.get_current())
         trainer = torch_trainer(
             cfg, ray_worker, run, {"cfg": cfg, "run": str(run), "resolved": resolved, "val": val},
-            {"train": stream(cfg.preprocess, train_src, clip_stages(cfg.preprocess,
-                                                                     run / "errors"))},
+            {"train": stream(cfg.preprocess, train_src, graph(cfg))},
             stream_split_config())
         fit(trainer, cfg.max_failures, run)
     train_wall = time.perf_counter() - start

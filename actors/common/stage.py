@@ -8,7 +8,7 @@ Every stage file in actors/ holds one UDF class (a callable on a `pyarrow.Table`
             (the class, its constructor kwargs, its pool's `StageResources`).
 A graph is a list of specs (pipeline/streams.py, pipeline/generate.py, ...). That one list
 drives the Ray Data graph (`apply`), the in-process runner (`run_here`: the same stages called
-in this process, no Ray), the CPU budget check (`pools`, pipeline/runtime.py) and the columns
+in this process, no Ray), the pool sizing (pipeline/pools.py: `fit_pools`) and the columns
 test (tests/stages/test_columns.py), so a stage cannot be in one and missing from another.
 The shape follows Ray's `ray.llm` batch stages (a UDF class plus its `map_batches` arguments).
 
@@ -19,8 +19,8 @@ tests use these without it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import pyarrow as pa
 
@@ -36,7 +36,9 @@ class StageResources:
     num_cpus: float = 0.25
     num_gpus: float = 0.0
     min_actors: int = 1
-    max_actors: int = 1
+    # The pool's ceiling: a number (the user's upper bound; shrunk towards min_actors when the
+    # cluster cannot hold it), or "auto": as many as the cluster holds (pipeline/pools.py).
+    max_actors: int | Literal["auto"] = 1
     batch_size: int = 8
     # Batches queued per actor. 1 spreads work over the whole pool as soon as one actor is
     # busy (Ray Data would otherwise queue blocks on the actor next to them).
@@ -45,9 +47,10 @@ class StageResources:
     def validate(self) -> None:
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("num_cpus and num_gpus: must be >= 0")
-        if not 1 <= self.min_actors <= self.max_actors:
-            raise ValueError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, "
-                             f"{self.max_actors}")
+        top = self.min_actors if self.max_actors == "auto" else self.max_actors
+        if not 1 <= self.min_actors <= top:
+            raise ValueError(f"need 1 <= min_actors <= max_actors (or max_actors: auto), got "
+                             f"{self.min_actors}, {self.max_actors}")
         if self.max_tasks_in_flight < 1:
             raise ValueError(f"max_tasks_in_flight: must be >= 1, got {self.max_tasks_in_flight}")
         if self.batch_size < 1:
@@ -56,6 +59,9 @@ class StageResources:
     def map_batches_kwargs(self, **constructor_kwargs: Any) -> dict[str, Any]:
         from ray.data import ActorPoolStrategy
 
+        if self.max_actors == "auto":
+            raise ValueError("max_actors: auto is resolved for a cluster first "
+                             "(pipeline/pools.py:fit_pools)")
         return dict(
             compute=ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors,
                                       max_tasks_in_flight_per_actor=self.max_tasks_in_flight),
@@ -68,6 +74,19 @@ class StageResources:
 
 
 @dataclass(frozen=True)
+class Companion:
+    """Actors a stage's actor starts itself, outside Ray Data's pool (a sequence-parallel
+    sampler's extra ranks): `per_actor` of them for each pool actor. The fit counts them."""
+
+    name: str  # as messages say it ("sampler ranks")
+    key: str  # the config key of their CPU share ("sampler.num_cpus_per_rank")
+    per_actor: int
+    num_cpus: float | Literal["auto"]  # "auto": an equal share of what the pools leave
+    num_gpus: float
+    kwarg: tuple[str, str]  # where the stage's constructor kwargs carry the CPU share
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """One stage of a graph: `cls(**kwargs)` run by an actor pool with `resources`."""
 
@@ -75,9 +94,7 @@ class StageSpec:
     cls: type
     kwargs: dict[str, Any]
     resources: StageResources
-    # Actors the stage starts itself, outside Ray Data's pool (a sequence-parallel sampler's
-    # extra ranks): the budget check counts them with the pools.
-    extra: dict[str, StageResources] = field(default_factory=dict)
+    companions: tuple[Companion, ...] = ()  # actors the stage starts itself
 
     @property
     def reads(self) -> tuple[str, ...]:
@@ -108,12 +125,3 @@ def run_here(table: pa.Table, specs: Sequence[StageSpec]) -> pa.Table:
     for spec in specs:
         table = spec.build()(table)
     return table
-
-
-def pools(specs: Sequence[StageSpec]) -> dict[str, StageResources]:
-    """Every actor a graph runs, by name: its pools and the actors its stages start."""
-    out: dict[str, StageResources] = {}
-    for spec in specs:
-        out[spec.name] = spec.resources
-        out.update(spec.extra)
-    return out

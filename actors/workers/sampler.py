@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -45,7 +45,9 @@ class SamplerConfig:
     cfg_parallel: bool = False  # x2 ranks: the conditional and unconditional branch at once
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
-    num_cpus_per_rank: float = 1.0  # Ray CPUs per started rank (and its torch threads, on CPU)
+    # Ray CPUs per started rank (and its torch threads, on CPU); "auto": an equal share of
+    # what the generate job's pools leave (pipeline/pools.py), 1 where nothing sized it
+    num_cpus_per_rank: float | Literal["auto"] = 1.0
     timeout_s: float = 600.0  # a collective waiting longer than this fails the sample
     rank_restarts: int = 2  # a rank actor lost mid-batch: new ranks, the batch again (x this)
 
@@ -60,10 +62,14 @@ class SamplerConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.num_cpus_per_rank <= 0 or self.timeout_s <= 0:
+        if self.rank_cpus <= 0 or self.timeout_s <= 0:
             raise ValueError("num_cpus_per_rank and timeout_s must be > 0")
         if self.rank_restarts < 0:
             raise ValueError(f"rank_restarts: must be >= 0, got {self.rank_restarts}")
+
+    @property
+    def rank_cpus(self) -> float:
+        return 1.0 if self.num_cpus_per_rank == "auto" else float(self.num_cpus_per_rank)
 
     def torch_device(self) -> torch.device:
         return pick_device(self.device)
@@ -226,8 +232,8 @@ class SamplerGroup:
         store = dist.TCPStore(host, 0, world, is_master=True, wait_for_workers=False,
                               timeout=timeout)
         gpus = 1 if cfg.torch_device().type == "cuda" else 0
-        actor = ray.remote(SamplerRank).options(num_cpus=cfg.num_cpus_per_rank, num_gpus=gpus)
-        threads = max(1, int(cfg.num_cpus_per_rank))
+        actor = ray.remote(SamplerRank).options(num_cpus=cfg.rank_cpus, num_gpus=gpus)
+        threads = max(1, int(cfg.rank_cpus))
         self.actors = [actor.remote(self.model, cfg, threads) for _ in range(world - 1)]
         try:
             joins = [a.join.remote(host, store.port, r) for r, a in enumerate(self.actors, 1)]

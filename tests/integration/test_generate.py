@@ -141,30 +141,33 @@ def test_killed_sampler_decode_and_encode_actors_lose_nothing(tmp_path, models):
     assert not [p for p in (out / "videos").iterdir() if p.name.startswith(".")]
 
 
-def test_parallel_and_multi_actor_jobs_make_the_same_videos(tmp_path, models):
-    """K = 2 sequence parallel x CFG parallel (4 ranks: the sampler actor and three rank
-    actors) in the Ray Data job: the same videos as one rank (latents agree within 1e-4,
-    tests/integration/test_sampler_group.py; here: the decoded mp4 frames); two sampler
-    actors instead of one: bitwise the same videos."""
+def test_parallel_and_multi_actor_jobs_make_the_same_videos(tmp_path, models, capsys):
+    """K = 2 sequence parallel, and x CFG parallel (4 ranks: the sampler actor and three rank
+    actors), with the shipped config on 2 CPUs (the pools are sized to fit the ranks): the
+    same videos as one rank (latents agree within 1e-4, tests/integration/test_sampler_group.py;
+    here: the decoded mp4 frames); two sampler actors instead of one: bitwise the same."""
     export, vae = models
     rows = ROWS[:2]
     prompts = prompt_file(tmp_path / "p.jsonl", rows)
-    cheap = ("--set", "sample.num_cpus=0.3", "--set", "decode.num_cpus=0.3",
-             "--set", "sampler.num_cpus_per_rank=0.2")
-    assert main(args(export, vae, prompts, tmp_path / "one", *cheap)) == 0
-    assert main(args(export, vae, prompts, tmp_path / "four", "--sequence-parallel", "2",
-                     "--cfg-parallel", *cheap)) == 0
-    assert main(args(export, vae, prompts, tmp_path / "two_actors", "--set",
-                     "sample.min_actors=2", "--set", "sample.max_actors=2", *cheap)) == 0
+    runs = {"one": (), "two": ("--sequence-parallel", "2"),
+            "four": ("--sequence-parallel", "2", "--cfg-parallel"),
+            "two_actors": ("--set", "sample.min_actors=2", "--set", "sample.max_actors=2",
+                           "--set", "sample.num_cpus=0.3", "--set", "decode.num_cpus=0.3")}
+    for run, extra in runs.items():
+        assert main(args(export, vae, prompts, tmp_path / run, *extra)) == 0, run
+        said = capsys.readouterr().out
+        if run == "four":  # the 3 rank actors share what the pools leave: one line says so
+            assert "[generate] 2 CPUs: sampler ranks 0.16 CPU each (auto)" in said, said
     for row in rows:
-        videos = []
-        for run in ("one", "four", "two_actors"):
+        videos = {}
+        for run in runs:
             with av.open(str(tmp_path / run / "videos" / f"{row['id']}.mp4")) as f:
-                videos.append(np.stack([fr.to_ndarray(format="rgb24")
-                                        for fr in f.decode(video=0)]).astype(np.int16))
-        assert videos[0].shape == videos[1].shape
-        assert np.abs(videos[0] - videos[1]).mean() < 0.5  # h264 of (nearly) equal frames
-        assert np.array_equal(videos[0], videos[2])  # another actor count: the same video
+                videos[run] = np.stack([fr.to_ndarray(format="rgb24")
+                                        for fr in f.decode(video=0)]).astype(np.int16)
+        for parallel in ("two", "four"):
+            assert videos["one"].shape == videos[parallel].shape
+            assert np.abs(videos["one"] - videos[parallel]).mean() < 0.5  # h264, ~equal frames
+        assert np.array_equal(videos["one"], videos["two_actors"])  # another actor count
 
 
 def test_a_node_removed_mid_job_loses_nothing(tmp_path, models):

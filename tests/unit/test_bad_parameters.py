@@ -48,7 +48,7 @@ CASES = [
     ("train --data {videos} --output {out} --workers 64", "num_workers=64"),
     ("train --data {videos} --output {out} --set worker.num_gpus=64", "worker.num_gpus"),
     ("preprocess --input {videos} --output {out} --set decode.num_gpus=64", "decode.num_gpus"),
-    ("preprocess --input {videos} --output {out} --set decode.max_actors=64", "decode: 64"),
+    ("preprocess --input {videos} --output {out} --set decode.min_actors=64", "decode: 64"),
     ("preprocess --input {videos} --output {out} --set max_side=64", "max_side"),
     ("preprocess --input {videos} --output {out} --set decode_budget.frames=5",
      "decode_budget.frames"),
