@@ -149,7 +149,15 @@ def test_input_streams_videos_into_training_through_killed_actors(ray_cluster, t
     assert not list((tmp_path / "run").rglob("*.parquet"))  # nothing materialised
     dit, _, config = load_exported(tmp_path / "run" / "export")
     assert config["step"] == 8 and dit.config.in_channels == 4
-    assert load_config(TrainConfig, tmp_path / "run" / "export" / "train.yaml") == cfg
+    # The recorded config is the one the run used: the shipped `auto` pools sized for this
+    # machine, as every command sizes them (pipeline/pools.py), and loads back with --config.
+    from pipeline.pools import sized, train_workers
+    from pipeline.streams import latent_stages
+
+    recorded = load_config(TrainConfig, tmp_path / "run" / "export" / "train.yaml")
+    assert recorded == sized("train", cfg, lambda c: latent_stages(c.preprocess, None), None,
+                             [train_workers(cfg)])
+    assert isinstance(recorded.preprocess.decode.max_actors, int)
 
 
 def test_preprocess_then_train_with_the_shipped_defaults(ray_cluster, tmp_path, capsys):
