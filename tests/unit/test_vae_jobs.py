@@ -15,7 +15,8 @@ import torch
 from actors.common.tensors import pack
 from actors.common.video import to_uint8
 from actors.workers.toolkit import LocalBackend
-from actors.workers.train_vae import ClipBuffer, center_crops, local_source, train_vae_loop
+from actors.workers.train_vae import center_crops, local_source, train_vae_loop
+from actors.workers.vae_clips import ClipBuffer
 from models.metrics import clip_metrics, gaussian_window, ssim
 from models.vae import build_vae, save_vae
 from pipeline.cli import main
