@@ -1,5 +1,6 @@
 """Stage: text features + settings -> latents, by the DiT sampler (rectified-flow Euler with
-classifier-free guidance).
+classifier-free guidance), or by a diffusers pipeline folder's transformer and scheduler
+(actors/workers/pipeline_sampler.py: the latents the pipeline itself gives).
 
 Each actor of the pool owns a `SamplerGroup` (actors/workers/sampler.py): one process, or a
 group of K sequence-parallel ranks (x2 with CFG parallel) that this actor leads. Rows are
@@ -71,14 +72,20 @@ class SampleStage:
     def __init__(self, export: str, sampler: dict, temporal: int, spatial: int,
                  max_batch: int = 4):
         from actors.workers.sampler import SamplerConfig, SamplerGroup
-        from models.export import read_export
+        from models.export import model_kind, read_export
 
+        self.group = self.pipeline = None
+        self.temporal, self.spatial, self.max_batch = temporal, spatial, max_batch
+        if model_kind(export) == "diffusers":  # the folder's transformer and scheduler
+            from actors.workers.pipeline_sampler import PipelineSampler
+
+            self.pipeline = PipelineSampler(export, SamplerConfig(**sampler))
+            return
         self.group = SamplerGroup(export, SamplerConfig(**sampler))
         record = read_export(export)
         self.channels = record.dit.in_channels
         self.patch = tuple(record.dit.patch)
         self.flow = record.flow
-        self.temporal, self.spatial, self.max_batch = temporal, spatial, max_batch
 
     def __del__(self):
         group = getattr(self, "group", None)
@@ -93,6 +100,8 @@ class SampleStage:
     def sample(self, rows: list[dict], text: list[np.ndarray], neg: list[np.ndarray]
                ) -> list[np.ndarray]:
         """Rows of one shape and one setting: their latents."""
+        if self.pipeline is not None:
+            return self.pipeline.sample(rows, text, neg)
         r0 = rows[0]
         shape = latent_shape(self.channels, r0["frames"], r0["height"], r0["width"],
                              self.temporal, self.spatial)

@@ -44,15 +44,31 @@ class TextEncodeStage:
                                            num_cpus=cfg.text.num_cpus), cfg.text)
 
     def __init__(self, export: str, device: str = "cpu", num_cpus: float = 0.25):
-        from models.export import load_text_encoder, read_export
+        from models.export import load_text_encoder, model_kind, read_export
 
         self.device = pick_device(device, num_cpus)
-        # the text encoder alone: the DiT's tensors are the sampler's, not read here
-        self.encoder = load_text_encoder(read_export(export), device=self.device)
-        self.length = text_length(self.encoder)
+        # The text encoder alone: the DiT's (or the pipeline's transformer's) tensors are the
+        # sampler's, not read here.
+        self.pipeline = model_kind(export) == "diffusers"
+        if self.pipeline:
+            from models.pipelines import load_text_encoder as load_pipeline_text
+            from models.pipelines import read_pipeline
+
+            self.encoder = load_pipeline_text(read_pipeline(export), self.device)
+            self.length = self.encoder.max_len
+        else:
+            self.encoder = load_text_encoder(read_export(export), device=self.device)
+            self.length = text_length(self.encoder)
 
     @torch.no_grad()
     def encode(self, prompt: str) -> tuple[np.ndarray, int]:
+        """(features, n): a tubelet export's padded to the fixed length; a pipeline folder's at
+        their real length n (its sampler pads them back: a UMT5-XXL prompt padded to 512 is
+        8 MB in float32, its real tokens a few KB)."""
+        if self.pipeline:
+            features, mask = self.encoder.encode([prompt])  # (1, 512, D)
+            n = int(mask[0].sum())
+            return features[0, :n].float().cpu().numpy(), n
         features, mask = self.encoder.encode([prompt], device=self.device)  # (1, l, D)
         n = int(mask[0].sum())
         out = np.zeros((self.length, features.shape[-1]), np.float32)
@@ -66,8 +82,10 @@ class TextEncodeStage:
         for prompt, negative in zip(batch.column("prompt").to_pylist(),
                                     batch.column("negative_prompt").to_pylist(), strict=True):
             text.append(self.encode(prompt))
-            neg.append(self.encode(negative) if negative else
-                       (np.zeros_like(text[-1][0]), 0))
+            if negative or self.pipeline:  # a pipeline encodes "" when none is given
+                neg.append(self.encode(negative))
+            else:  # guidance uses the DiT's learned null text
+                neg.append((np.zeros_like(text[-1][0]), 0))
         took = (time.perf_counter() - t0) / max(1, batch.num_rows)
         return with_columns(batch, {
             **pack("text", [f for f, _ in text]),

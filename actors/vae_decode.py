@@ -2,16 +2,18 @@
 DiT sampler, so neither model's memory limits the other).
 
 Reads `latent` (+ `latent_shape`, float32 (C, T', H', W') in the VAE's normalised space);
-writes `video` (uint8 (T, H, W, 3)) and `decode_seconds`, and drops the latent. Memory is
-bounded whatever the frame count: decoding always runs in causal time chunks of
-`chunk_frames` (exact: each causal conv carries its past frames across chunks), and in
-overlapping spatial tiles when the VAE config's `tile_px` > 0. One video per forward (rows of
+writes `video` (uint8 (T, H, W, 3)), `decode_seconds` and `latents` (with `output`, the
+`latents/<name>.npy` it saved the latent to, for re-decoding or comparing runs; else ""), and
+drops the latent. Memory is bounded whatever the frame count: decoding always runs in causal
+time chunks of `chunk_frames` (exact: each causal conv carries its past frames across chunks),
+and in overlapping spatial tiles when the VAE config's `tile_px` > 0. One video per forward (rows of
 a generation batch may differ in shape).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,17 +30,20 @@ from models.device import pick_device, torch_dtype
 
 class VAEDecodeStage:
     READS = ("id", "latent", "latent_shape")
-    WRITES = ("video", "video_shape", "decode_seconds")
+    WRITES = ("video", "video_shape", "latents", "decode_seconds")
     DROPS = ("latent", "latent_shape")
 
     @classmethod
-    def spec(cls, cfg: Any) -> StageSpec:
+    def spec(cls, cfg: Any, output: str = "") -> StageSpec:
         """From a generate config: its `vae:` section, `chunk_frames` and `decode` pool (whose
-        CPU share is also torch's thread count)."""
+        CPU share is also torch's thread count); `output`: save each row's latents there."""
         return StageSpec("decode", cls, dict(vae=cfg.vae, num_cpus=cfg.decode.num_cpus,
-                                             chunk_frames=cfg.chunk_frames), cfg.decode)
+                                             chunk_frames=cfg.chunk_frames, output=output),
+                         cfg.decode)
 
-    def __init__(self, vae: VAEStageConfig, num_cpus: float = 1.0, chunk_frames: int = 16):
+    def __init__(self, vae: VAEStageConfig, num_cpus: float = 1.0, chunk_frames: int = 16,
+                 output: str = ""):
+        self.out = Path(output) if output else None  # save the latents under out/latents/
         self.device = pick_device(vae.device, num_cpus)
         self.dtype = torch_dtype(vae.dtype)
         self.model = load_stage_vae(vae, self.device)
@@ -56,13 +61,26 @@ class VAEDecodeStage:
                                         chunk_frames=self.chunk_frames)
         return to_uint8(x.float())[0].cpu().numpy()  # (T, H, W, 3)
 
+    def save(self, name: str, z: np.ndarray) -> str:
+        """`latents/<name>.npy` (float32 (C, T', H', W')), renamed into place whole."""
+        folder = self.out / "latents"
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{name}.npy.tmp"
+        with tmp.open("wb") as f:
+            np.save(f, np.asarray(z, np.float32))
+        tmp.replace(folder / f"{name}.npy")
+        return f"latents/{name}.npy"
+
     def __call__(self, batch: pa.Table) -> pa.Table:
-        require_columns(batch, self.READS, "VAE decode")
-        frames, seconds = [], []
-        for z in unpack(batch, "latent", np.float32):
+        reads = self.READS + (("name",) if self.out else ())
+        require_columns(batch, reads, "VAE decode")
+        frames, seconds, saved = [], [], []
+        names = batch.column("name").to_pylist() if self.out else [None] * batch.num_rows
+        for name, z in zip(names, unpack(batch, "latent", np.float32), strict=True):
             t0 = time.perf_counter()
             frames.append(self.decode(z))
             seconds.append(time.perf_counter() - t0)
+            saved.append(self.save(name, z) if self.out else "")
         batch = batch.drop_columns(list(self.DROPS))
-        return with_columns(batch, {**pack("video", frames),
+        return with_columns(batch, {**pack("video", frames), "latents": pa.array(saved),
                                     "decode_seconds": pa.array(seconds, pa.float64())})

@@ -235,7 +235,8 @@ def add_generate(sub: Sub) -> argparse.ArgumentParser:
         "below are the defaults of rows that give none. Rerunning skips ids already done.",
     )
     p.add_argument("--checkpoint", required=True,
-                   help="a training run folder (RUN) or its export (RUN/export)")
+                   help="a training run folder (RUN), its export (RUN/export), or a local "
+                   "diffusers pipeline folder (model_index.json; Wan 2.1 text-to-video)")
     p.add_argument("--prompts", required=True, type=Path, metavar="FILE", help="prompt file")
     p.add_argument("--output", required=True, type=Path, help="output directory")
     for flag, kind, what in (("height", int, "pixels"), ("width", int, "pixels"),
@@ -251,7 +252,11 @@ def add_generate(sub: Sub) -> argparse.ArgumentParser:
                    "(config: sampler.cfg_parallel)")
     p.add_argument("--vae", default=None, help="VAE checkpoint the latents were made with (a "
                    ".safetensors file or a diffusers VAE folder); the same as "
-                   "--set vae.checkpoint=CKPT (default: the shipped VAE)")
+                   "--set vae.checkpoint=CKPT (default: a pipeline folder's own VAE, else "
+                   "the shipped VAE)")
+    p.add_argument("--save-latents", action="store_true", default=None,
+                   help="also write each row's latents before decode as DIR/latents/<name>.npy "
+                   "(config: save_latents)")
     add_address(p)
     return p
 
@@ -263,7 +268,8 @@ def run_generate(args: argparse.Namespace) -> int:
              for k in ("height", "width", "frames", "fps", "steps", "cfg", "seed")}
     cfg = config(GenerateConfig, args, **flags, **{
         "sampler.sequence_parallel": args.sequence_parallel,
-        "sampler.cfg_parallel": args.cfg_parallel, "vae.checkpoint": args.vae})
+        "sampler.cfg_parallel": args.cfg_parallel, "vae.checkpoint": args.vae,
+        "save_latents": args.save_latents})
     summary = run_generate(cfg, args.checkpoint, args.prompts, args.output, args.address)
     rate = summary["videos_per_minute"]
     print(f"{summary['generated']} videos generated ({summary['already_done']} already done)"

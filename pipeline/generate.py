@@ -1,4 +1,8 @@
-"""`tubelet generate`: prompts -> text encode -> DiT sampler -> VAE decode -> mp4 encode.
+"""`tubelet generate`: prompts -> text encode -> sampler -> VAE decode -> mp4 encode.
+
+The model (--checkpoint) is a tubelet run or export (models/export.py), or a diffusers
+pipeline folder (model_index.json, models/pipelines.py: Wan 2.1 text-to-video), whose own
+text encoder, transformer + scheduler and VAE the stages load, each only its own part.
 
 A streaming Ray Data graph of four actor-pool stages (one file each in actors/) with Arrow
 batches between them; what comes back to the driver is one small manifest row per video.
@@ -7,7 +11,8 @@ Output, in DIR:
   sheets/<name>.png   a contact sheet of each video
   manifest/           Parquet parts, each written whole: id, prompt, negative_prompt, seed,
                       height, width, frames, fps, steps, cfg, checkpoint, checkpoint_digest,
-                      file, sheet, per-stage seconds
+                      file, sheet, latents, per-stage seconds
+  latents/<name>.npy  with `save_latents`: each row's latents float32 (C, T, H, W) before decode
   index.html          the gallery: every video plays, with its prompt and settings
   config.yaml, run.json, summary.json
 Resume: ids already in the manifest (with their file present) are not generated again; an mp4
@@ -15,8 +20,8 @@ is renamed into place before its manifest row is written, so after a kill -9 a r
 every id exactly once and no half file under a final name.
 
 Everything the user can get wrong is checked before Ray starts (one line, exit 2): the
-checkpoint (a run folder or its export), the VAE and its latent channels against the DiT's,
-and every prompt row (pipeline/prompts.py).
+checkpoint (a run folder, its export or a pipeline folder), the VAE and its latent channels
+against the model's, and every prompt row (pipeline/prompts.py).
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as pds
+import pyarrow.parquet as pq
 
 from actors.common.errors import write_atomic
 from actors.common.stage import StageResources, StageSpec, apply_all
@@ -43,14 +49,23 @@ from actors.text_encode import TextEncodeStage
 from actors.vae_decode import VAEDecodeStage
 from actors.workers.sampler import SamplerConfig
 from models.export import ExportError, ExportRecord, model_kind, read_export
+from models.pipelines import (
+    PipelineError,
+    PipelineRecord,
+    pipeline_digest,
+    read_pipeline,
+    vae_folder,
+)
 from pipeline.config import ConfigError, UsageError, to_dict, writable_dir, write_run_record
 from pipeline.pools import cluster_of, sized
 from pipeline.prompts import Defaults, Grid, read_prompts
 from pipeline.runtime import RayConfig, ray_session
 
+SHIPPED_VAE = "weights/vae-dc.safetensors"
 MANIFEST_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "height", "width", "frames",
                     "fps", "steps", "cfg", "checkpoint", "checkpoint_digest", "file", "sheet",
-                    "text_seconds", "sample_seconds", "decode_seconds", "encode_seconds")
+                    "latents", "text_seconds", "sample_seconds", "decode_seconds",
+                    "encode_seconds")
 
 
 def _resources(num_cpus: float, batch_size: int) -> StageResources:
@@ -60,8 +75,9 @@ def _resources(num_cpus: float, batch_size: int) -> StageResources:
 @dataclass
 class GenerateConfig:
     defaults: Defaults = field(default_factory=Defaults)  # for rows that give no setting
-    vae: VAEStageConfig = field(default_factory=lambda: VAEStageConfig(
-        checkpoint="weights/vae-dc.safetensors"))
+    # auto: a pipeline folder's own VAE, else the shipped one (what the demo DiT's latents use)
+    vae: VAEStageConfig = field(default_factory=lambda: VAEStageConfig(checkpoint="auto"))
+    save_latents: bool = False  # also DIR/latents/<name>.npy: each row's latents before decode
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     max_batch: int = 4  # videos per sampler forward (rows of one shape and setting)
     codec: str = "libx264"
@@ -89,18 +105,18 @@ class CheckpointError(UsageError):
 
 
 def resolve_export(checkpoint: str | Path) -> Path:
-    """A run folder (RUN, holding export/) or an export folder -> the export folder."""
+    """A run folder (RUN, holding export/), an export folder, or a diffusers pipeline folder
+    (model_index.json) -> the model folder."""
     path = Path(checkpoint)
+    if model_kind(path) == "diffusers":
+        return path.resolve()
     for candidate in (path, path / "export"):
         if model_kind(candidate) == "tubelet":
             return candidate.resolve()
-    if model_kind(path) == "diffusers":  # the seam for a second family of model folders
-        raise CheckpointError(f"--checkpoint {checkpoint}: a diffusers pipeline folder "
-                              "(model_index.json); generate runs tubelet exports only so far "
-                              "(`tubelet train` writes RUN/export)")
-    raise CheckpointError(f"--checkpoint {checkpoint}: not a training run or an export (needs "
-                          "config.json and model.safetensors, in the folder or in its "
-                          "export/; `tubelet train` writes RUN/export)")
+    raise CheckpointError(f"--checkpoint {checkpoint}: not a training run, an export or a "
+                          "diffusers pipeline folder (needs config.json and model.safetensors, "
+                          "in the folder or in its export/, as `tubelet train` writes "
+                          "RUN/export; or model_index.json, as save_pretrained writes)")
 
 
 def digest(path: Path) -> str:
@@ -115,32 +131,48 @@ def digest(path: Path) -> str:
 class Model:
     """What the driver checks about the model before any Ray work."""
 
-    export: Path
+    export: Path  # the model folder: a tubelet export or a diffusers pipeline folder
     digest: str
-    record: ExportRecord
+    record: ExportRecord | PipelineRecord
+    vae: str  # the VAE the decode stage loads (resolved from `auto`)
     grid: Grid
     temporal: int
     spatial: int
 
 
-def inspect_model(checkpoint: str | Path, vae: VAEStageConfig) -> Model:
-    export = resolve_export(checkpoint)
-    try:  # a pickle (or anything else) named model.safetensors stops here, unloaded
-        record = read_export(export)
-    except ExportError as e:
-        raise CheckpointError(str(e)) from None
+def model_record(export: Path) -> tuple[ExportRecord | PipelineRecord, str, int, tuple]:
+    """(record, digest, latent channels, patch) of a model folder, checked from its headers
+    alone: a pickle (or anything else) posing as weights stops here, unloaded."""
     try:
-        model = load_checkpoint_vae(vae.checkpoint)
+        if model_kind(export) == "diffusers":
+            record = read_pipeline(export)
+            patch = record.configs["transformer"].get("patch_size") or [1, 2, 2]
+            return record, pipeline_digest(record), record.latent_channels, tuple(patch)
+        record = read_export(export)
+    except (ExportError, PipelineError) as e:
+        raise CheckpointError(str(e)) from None
+    return (record, digest(export / "model.safetensors"), record.dit.in_channels,
+            tuple(record.dit.patch))
+
+
+def inspect_model(checkpoint: str | Path, vae: VAEStageConfig) -> Model:
+    """`vae.checkpoint: auto`: a pipeline folder's own VAE, else the shipped one."""
+    export = resolve_export(checkpoint)
+    record, model_digest, channels, (pt, ph, pw) = model_record(export)
+    path = vae.checkpoint
+    if path == "auto":
+        path = str(vae_folder(record)) if isinstance(record, PipelineRecord) else SHIPPED_VAE
+    try:
+        model = load_checkpoint_vae(path)
     except VAELoadError as e:
         raise ConfigError(str(e)) from None
-    channels = record.dit.in_channels
     if model.latent_channels != channels:
-        raise ConfigError(f"VAE {vae.checkpoint} makes {model.latent_channels}-channel latents "
-                          f"but the DiT of {export} takes {channels}; pass the VAE the "
+        what = "transformer" if isinstance(record, PipelineRecord) else "DiT"
+        raise ConfigError(f"VAE {path} makes {model.latent_channels}-channel latents "
+                          f"but the {what} of {export} takes {channels}; pass the VAE the "
                           "training data was preprocessed with (vae.checkpoint)")
-    pt, ph, pw = record.dit.patch
     s, t = model.spatial_factor, model.temporal_factor
-    return Model(export, digest(export / "model.safetensors"), record,
+    return Model(export, model_digest, record, path,
                  Grid(spatial=math.lcm(s * ph, s * pw), temporal=t, patch_t=pt), t, s)
 
 
@@ -158,7 +190,9 @@ def read_manifest(out: Path) -> list[dict[str, Any]]:
     parts = sorted((out / "manifest").glob("*.parquet"))
     if not parts:
         return []
-    rows = pds.dataset(parts).to_table().to_pylist()
+    # parts written before a column existed (`latents`) read as null there
+    rows = pa.concat_tables([pq.read_table(p) for p in parts],
+                            promote_options="default").to_pylist()
     latest: dict[str, dict] = {}
     for r in rows:  # a rerun after a crash between mp4 and manifest may repeat an id
         latest[r["id"]] = r
@@ -172,7 +206,7 @@ def generate_stages(cfg: GenerateConfig, model: Model, out: Path, gpus: bool
     export = str(model.export)
     return [TextEncodeStage.spec(cfg, export),
             SampleStage.spec(cfg, export, model.temporal, model.spatial, gpus),
-            VAEDecodeStage.spec(cfg),
+            VAEDecodeStage.spec(cfg, str(out) if cfg.save_latents else ""),
             Mp4EncodeStage.spec(cfg, str(out))]
 
 
@@ -229,6 +263,10 @@ def run_generate(cfg: GenerateConfig, checkpoint: str | Path, prompts: str | Pat
     out = Path(output)
     start = time.perf_counter()
     model = inspect_model(checkpoint, cfg.vae)
+    cfg = replace(cfg, vae=replace(cfg.vae, checkpoint=model.vae))
+    if isinstance(model.record, PipelineRecord) and cfg.sampler.world_size > 1:
+        raise ConfigError("sequence / CFG parallel sampling of a diffusers pipeline folder is "
+                          "not supported yet; drop --sequence-parallel / --cfg-parallel")
     rows = read_prompts(prompts, cfg.defaults, model.grid)
     K = cfg.sampler.sequence_parallel
     small = min(rows, key=model.grid.tokens)

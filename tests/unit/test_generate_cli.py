@@ -47,8 +47,8 @@ def test_bad_checkpoints_and_vaes_exit_2(tmp_path, capsys, models):
     f = tmp_path / "p.txt"
     f.write_text("a red circle\n")
     cases = [
-        ((tmp_path / "nowhere", "--vae", str(vae)), "not a training run or an export"),
-        ((vae.parent, "--vae", str(vae)), "not a training run or an export"),  # foreign folder
+        ((tmp_path / "nowhere", "--vae", str(vae)), "not a training run, an export or a"),
+        ((vae.parent, "--vae", str(vae)), "not a training run, an export or a"),  # foreign
         ((export, "--vae", str(tmp_path / "no.safetensors")), "VAE checkpoint .* not found"),
         ((export, "--vae", str(vae), "--steps", "0"), "steps: must be >= 1|steps must be >= 1"),
         ((export, "--vae", str(vae), "--cfg", "-1"), "cfg must be >= 0"),

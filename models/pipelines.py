@@ -1,0 +1,375 @@
+"""A diffusers pipeline folder, in one place: `tubelet generate --checkpoint FOLDER` reads it.
+
+A pipeline folder (`DiffusionPipeline.save_pretrained`; supported: `WanPipeline`, Wan 2.1
+text-to-video):
+    model_index.json   the pipeline class and, per component, [library, class]
+    tokenizer/ text_encoder/ transformer/ vae/ scheduler/   one folder per component
+
+`read_pipeline` checks the folder from its JSON files alone (nothing in it is imported,
+unpickled or run; weights must be safetensors) and gives the typed record, or one
+`PipelineError` line naming the folder and what to do. Each stage then loads only what it
+uses: the text stage `load_text_encoder` (tokenizer + encoder), the sampler `load_transformer`
+and `new_scheduler`, the VAE stage `vae_folder` (models/vae_adapters.py loads it and owns the
+latents' normalisation). `sample_latents` is WanPipeline's denoising loop, step for step, so
+the stages together give the latents `WanPipeline(..., output_type="latent")` gives.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from models.safety import PICKLED
+
+INDEX = "model_index.json"
+MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default: every prompt is padded to it
+
+# Component -> (library, the classes we load it as). Names are checked against these before
+# any class is looked up, so a folder cannot name code for us to import.
+WAN_COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "tokenizer": ("transformers", ("T5Tokenizer", "T5TokenizerFast", "PreTrainedTokenizerFast")),
+    "text_encoder": ("transformers", ("UMT5EncoderModel", "T5EncoderModel")),
+    "transformer": ("diffusers", ("WanTransformer3DModel",)),
+    "vae": ("diffusers", ("AutoencoderKLWan",)),
+    "scheduler": ("diffusers", ("UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler",
+                                "DPMSolverMultistepScheduler")),
+}
+SUPPORTED = {"WanPipeline": WAN_COMPONENTS}
+WEIGHTED = ("text_encoder", "transformer", "vae")  # the components with weights files
+CONFIG_FILE = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}
+
+
+class PipelineError(ValueError):
+    """A folder that is not a usable pipeline; the message is one line naming it."""
+
+
+@dataclass(frozen=True)
+class PipelineRecord:
+    """What a pipeline folder's JSON files say, typed and checked."""
+
+    folder: Path
+    pipeline: str  # model_index.json's _class_name
+    components: dict[str, str]  # component -> class
+    configs: dict[str, dict[str, Any]]  # component -> its config JSON
+
+    def path(self, component: str) -> Path:
+        return self.folder / component
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.configs["transformer"]["in_channels"])
+
+    @property
+    def temporal_factor(self) -> int:
+        # WanPipeline reads vae.config.scale_factor_*; AutoencoderKLWan's defaults are 4 and 8
+        # (Wan 2.1 folders saved before those keys existed leave them out).
+        return int(self.configs["vae"].get("scale_factor_temporal") or 4)
+
+    @property
+    def spatial_factor(self) -> int:
+        return int(self.configs["vae"].get("scale_factor_spatial") or 8)
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.configs["transformer"]["text_dim"])
+
+
+def _json(path: Path, folder: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{folder}: {path.relative_to(folder)} is missing; re-save the "
+                            "pipeline with save_pretrained") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{path}: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}: not a JSON object")
+    return data
+
+
+def _check_weights(folder: Path, component: str) -> None:
+    """Safetensors only: a pickle anywhere in a component is refused (unread), so nothing
+    loaded from the folder can run code; a weighted component needs *.safetensors."""
+    files = [p for p in (folder / component).rglob("*") if p.is_file()]
+    pickled = sorted(str(p.relative_to(folder)) for p in files if p.suffix in PICKLED)
+    if pickled:
+        raise PipelineError(
+            f"{folder}: {', '.join(pickled)} are pickles, which can run code when loaded, so "
+            "the folder is refused (nothing was loaded); keep only the *.safetensors weights, "
+            "or convert once where you trust them (save_pretrained(..., "
+            "safe_serialization=True))")
+    if component in WEIGHTED and not any(p.suffix == ".safetensors" for p in files):
+        raise PipelineError(f"{folder}: {component}/ has no *.safetensors weights; save the "
+                            "pipeline with save_pretrained(..., safe_serialization=True)")
+
+
+def read_pipeline(path: str | Path) -> PipelineRecord:
+    """A diffusers pipeline folder -> its record, from JSON alone. Refuses, in one line, an
+    unsupported pipeline or component class, a second transformer (Wan 2.2 A14B), a missing
+    component, weights that are not safetensors, and components that do not fit together."""
+    folder = Path(path).resolve()
+    if not (folder / INDEX).is_file():
+        raise PipelineError(f"{folder}: not a diffusers pipeline folder (needs {INDEX}, written "
+                            "by DiffusionPipeline.save_pretrained)")
+    index = _json(folder / INDEX, folder)
+    name = index.get("_class_name")
+    if name not in SUPPORTED:
+        raise PipelineError(f"{folder}: pipeline {name!r} is not supported; supported: "
+                            f"{', '.join(SUPPORTED)} (Wan 2.1 text-to-video)")
+    second = index.get("transformer_2")
+    if (isinstance(second, list) and second[:1] != [None]) or index.get("boundary_ratio"):
+        raise PipelineError(f"{folder}: two transformers (transformer_2 / boundary_ratio: Wan 2.2 "
+                            "A14B) are not supported yet; use a single-transformer Wan folder")
+    if index.get("expand_timesteps"):
+        raise PipelineError(f"{folder}: expand_timesteps (Wan 2.2 TI2V) is not supported yet")
+    wanted = SUPPORTED[name]
+    components, configs = {}, {}
+    for component, (library, classes) in wanted.items():
+        entry = index.get(component)
+        if not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
+            raise PipelineError(f"{folder}/{INDEX}: no {component!r} component; a {name} needs "
+                                f"{', '.join(wanted)}")
+        if tuple(entry) not in {(library, c) for c in classes}:
+            raise PipelineError(f"{folder}/{INDEX}: {component} is {entry}, supported: "
+                                f"{library} {', '.join(classes)}")
+        if not (folder / component).is_dir():
+            raise PipelineError(f"{folder}: the {component}/ folder is missing (model_index.json "
+                                "names it); copy the whole pipeline folder")
+        _check_weights(folder, component)
+        file = folder / component / CONFIG_FILE.get(component, "config.json")
+        config = _json(file, folder)
+        saved = config.get("_class_name")
+        if library == "diffusers" and saved != entry[1]:
+            raise PipelineError(f"{file}: class {saved!r}, model_index.json says {entry[1]!r}")
+        components[component], configs[component] = entry[1], config
+    record = PipelineRecord(folder, name, components, configs)
+    d_model = configs["text_encoder"].get("d_model")
+    if d_model != record.text_dim:
+        raise PipelineError(f"{folder}: the text encoder's d_model ({d_model}) is not the "
+                            f"transformer's text_dim ({record.text_dim})")
+    if configs["vae"].get("z_dim") != record.latent_channels:
+        raise PipelineError(f"{folder}: the VAE's z_dim ({configs['vae'].get('z_dim')}) is not "
+                            f"the transformer's in_channels ({record.latent_channels})")
+    return record
+
+
+def _library(name: str) -> Any:
+    try:
+        return __import__(name)
+    except ImportError as e:
+        raise ImportError(f"a diffusers pipeline folder needs {name}: pip install "
+                          "'tubelet[bench]'") from e
+
+
+def prompt_clean(text: str) -> str:
+    """WanPipeline's prompt cleaning: ftfy (when installed), HTML entities unescaped twice,
+    runs of whitespace to one space, stripped."""
+    import regex  # diffusers' own choice: its \\s differs from re's on a few code points
+
+    try:
+        import ftfy
+    except ImportError:
+        ftfy = None
+    if ftfy is not None:
+        text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return regex.sub(r"\s+", " ", text).strip()
+
+
+class PipelineTextEncoder:
+    """A pipeline's tokenizer and text encoder, giving what WanPipeline.encode_prompt gives."""
+
+    def __init__(self, tokenizer: Any, model: torch.nn.Module, max_len: int) -> None:
+        self.tokenizer, self.model, self.max_len = tokenizer, model.eval(), max_len
+        self.out_dim = int(model.config.d_model)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """features (B, max_len, D) float32 and mask (B, max_len) bool, True on a prompt's
+        tokens (its </s> included). Features are the encoder's output on the tokens and exactly
+        zero after them: WanPipeline cuts each row to its length and pads it back with zeros,
+        and its transformer attends to all max_len rows, zeros included."""
+        tok = self.tokenizer(
+            [prompt_clean(p) for p in prompts], padding="max_length", max_length=self.max_len,
+            truncation=True, add_special_tokens=True, return_attention_mask=True,
+            return_tensors="pt",
+        )  # fmt: skip
+        device = next(self.model.parameters()).device
+        ids, attention = tok.input_ids.to(device), tok.attention_mask.to(device)
+        hidden = self.model(ids, attention).last_hidden_state  # (B, L, D)
+        lengths = attention.gt(0).sum(1)  # (B,)
+        mask = torch.arange(hidden.shape[1], device=device)[None] < lengths[:, None]  # (B, L)
+        return torch.where(mask[..., None], hidden, 0.0).float(), mask
+
+
+def _dtype_kwargs(transformers: Any, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """transformers renamed `torch_dtype` to `dtype` in 4.56 (diffusers passes it the same way)."""
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+
+
+def load_text_encoder(record: PipelineRecord, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32,
+                      max_len: int = MAX_SEQUENCE_LENGTH) -> PipelineTextEncoder:
+    """The tokenizer and text encoder alone (no transformer, no VAE): what the text stage runs."""
+    transformers = _library("transformers")
+    tokenizer = getattr(transformers, record.components["tokenizer"]).from_pretrained(
+        record.path("tokenizer"), local_files_only=True)
+    model = getattr(transformers, record.components["text_encoder"]).from_pretrained(
+        record.path("text_encoder"), local_files_only=True, use_safetensors=True,
+        **_dtype_kwargs(transformers, dtype))
+    return PipelineTextEncoder(tokenizer, model.to(device).requires_grad_(False), max_len)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def _safetensors_files(folder: Path, weights: str) -> list[Path]:
+    """`weights`, or the shards its `.index.json` lists (diffusers' own file names)."""
+    index = folder / f"{weights}.index.json"
+    if index.is_file():
+        shards = sorted(set(_json(index, folder.parent)["weight_map"].values()))
+        return [folder / s for s in shards]
+    if not (folder / weights).is_file():
+        raise PipelineError(f"{folder}: no {weights} (or its .index.json); re-save the pipeline")
+    return [folder / weights]
+
+
+def load_transformer(record: PipelineRecord, device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The denoising transformer alone (eval mode), loaded as diffusers' from_pretrained loads
+    it: built without init in `dtype`, the modules its class keeps in float32
+    (`_keep_in_fp32_modules`) in float32, then every tensor of the safetensors weights, strictly.
+    (Done here because from_pretrained needs `accelerate` for a class that keeps modules in
+    float32; this path needs nothing but diffusers and safetensors.)"""
+    from safetensors.torch import load_file
+
+    diffusers = _library("diffusers")
+    cls = getattr(diffusers, record.components["transformer"])
+    try:  # what from_pretrained builds under: the weights are overwritten, skip their init
+        from diffusers.models.modeling_utils import no_init_weights as skip_init
+    except ImportError:
+        skip_init = nullcontext
+    with _default_dtype(dtype), skip_init():
+        model = cls.from_config(record.configs["transformer"])
+    keep = cls._keep_in_fp32_modules or []
+    for name, param in model.named_parameters():
+        if any(m in name.split(".") for m in keep):
+            param.data = param.data.float()
+    state: dict[str, Tensor] = {}
+    for file in _safetensors_files(record.path("transformer"),
+                                   "diffusion_pytorch_model.safetensors"):
+        state.update(load_file(str(file)))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        why = " ".join(str(e).split())[:300]
+        raise PipelineError(f"{record.folder}/transformer: weights do not fit its config.json "
+                            f"({why})") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
+def new_scheduler(record: PipelineRecord) -> Any:
+    """A fresh scheduler from the folder's config: multistep schedulers keep state, so every
+    sampling run (every video) gets its own."""
+    diffusers = _library("diffusers")
+    return getattr(diffusers, record.components["scheduler"]).from_config(
+        record.configs["scheduler"])
+
+
+def vae_folder(record: PipelineRecord) -> Path:
+    """The VAE's folder, for models/vae_adapters.py:load_diffusers_vae (which un-normalises
+    the latents with latents_mean / latents_std before decoding, as the pipeline does)."""
+    return record.path("vae")
+
+
+def latent_shape(record: PipelineRecord, frames: int, height: int,
+                 width: int) -> tuple[int, int, int, int]:
+    """(C, T', H', W') of a video's latents: T' = 1 + (frames - 1) // 4, H' = height // 8.
+    Sizes WanPipeline would round (frames not 4k + 1, sides not multiples of 16 or of a patch
+    of latents) are refused in one line, so every video is exactly the size asked for."""
+    t, s = record.temporal_factor, record.spatial_factor
+    patch = record.configs["transformer"].get("patch_size") or [1, 2, 2]
+    if frames < 1 or (frames - 1) % t:
+        raise PipelineError(f"{record.folder}: frames must be {t}k + 1 (e.g. "
+                            f"{max(1, (frames - 1) // t * t + 1)}), got {frames}")
+    for side, n, p in (("height", height, patch[1]), ("width", width, patch[2])):
+        multiple = max(16, s * p)
+        if n < multiple or n % multiple:
+            raise PipelineError(f"{record.folder}: {side} must be a multiple of {multiple} "
+                                f"(e.g. {max(multiple, n // multiple * multiple)}), got {n}")
+    return (record.latent_channels, 1 + (frames - 1) // t, height // s, width // s)
+
+
+def initial_noise(record: PipelineRecord, frames: int, height: int, width: int, seed: int,
+                  device: str | torch.device = "cpu") -> Tensor:
+    """The noise (1, C, T', H', W') float32 WanPipeline.prepare_latents draws with
+    `generator=torch.Generator().manual_seed(seed)`: drawn on the CPU, then moved."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (1, *latent_shape(record, frames, height, width))
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+
+
+@torch.no_grad()
+def sample_latents(transformer: torch.nn.Module, scheduler: Any, prompt_embeds: Tensor,
+                   negative_embeds: Tensor | None, latents: Tensor, steps: int,
+                   guidance_scale: float) -> Tensor:
+    """WanPipeline's denoising loop: `latents` (B, C, T', H', W') noise -> float32 latents in
+    the transformer's (normalised) latent space. Text (B, L, D) as `PipelineTextEncoder.encode`
+    gives it; guidance (two passes, cond then uncond) only when guidance_scale > 1.
+    `scheduler` must be fresh (`new_scheduler`)."""
+    cfg = guidance_scale > 1.0
+    if cfg and negative_embeds is None:
+        raise ValueError("guidance_scale > 1 needs negative_embeds (the empty prompt's)")
+    # ModelMixin.dtype: the first parameter outside the modules kept in float32
+    device, dtype = latents.device, transformer.dtype
+    prompt_embeds = prompt_embeds.to(device, dtype)
+    negative_embeds = negative_embeds.to(device, dtype) if cfg else None
+    latents = latents.float()
+    scheduler.set_timesteps(steps, device=device)
+    scheduler.set_begin_index(0)
+    for t in scheduler.timesteps:
+        x, timestep = latents.to(dtype), t.expand(latents.shape[0])
+        noise = transformer(hidden_states=x, timestep=timestep,
+                            encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+        if cfg:
+            uncond = transformer(hidden_states=x, timestep=timestep,
+                                 encoder_hidden_states=negative_embeds, return_dict=False)[0]
+            noise = uncond + guidance_scale * (noise - uncond)
+        latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+    return latents.float()
+
+
+def pipeline_digest(record: PipelineRecord) -> str:
+    """A digest of the folder that reads no weights: model_index.json, every component's config
+    JSON, and each safetensors file's name, size and header (its tensor names, dtypes, shapes
+    and offsets). A 60 GB folder is identified in milliseconds; weights rewritten in place with
+    the same header would not change it (their mtimes are not hashed, so a copy of the folder
+    keeps its digest)."""
+    import hashlib
+    import struct
+
+    h = hashlib.sha256((record.folder / INDEX).read_bytes())
+    for component in sorted(record.components):
+        h.update(json.dumps(record.configs[component], sort_keys=True).encode())
+        for file in sorted((record.folder / component).rglob("*.safetensors")):
+            with file.open("rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                h.update(f"{file.relative_to(record.folder)}|{file.stat().st_size}|".encode())
+                h.update(f.read(min(size, 100 << 20)))
+    return h.hexdigest()[:16]

@@ -1,0 +1,81 @@
+"""Small diffusers pipeline folders on disk, built here with random weights (nothing is
+downloaded): what `models/pipelines.py` reads and what its tests run diffusers against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import diffusers
+import torch
+import transformers
+
+from tests.unit.test_vae_adapters import tiny_wan
+
+# The tiny tokenizer's words; anything else falls back to letters (or <unk>), as UMT5's does.
+WORDS = ("a red green blue square cat dog on the grass in kitchen bright tones overexposed "
+         "static blurred low quality").split()
+
+
+def tiny_umt5_tokenizer() -> transformers.PreTrainedTokenizerBase:
+    """A Unigram tokenizer laid out like UMT5's (<pad> 0, </s> 1, <unk> 2, "▁word" pieces,
+    every caption ended with </s>) from a word list and the letters a-z."""
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + w, -1.0 - 0.01 * i) for i, w in enumerate(WORDS)]
+    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    return transformers.T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
+def tiny_wan_parts(seed: int = 0) -> dict[str, object]:
+    """WanPipeline's components at a seeded random init: a 2-layer UMT5 encoder (d_model 32),
+    a 2-layer Wan transformer (2 heads x 12) on the 4-channel tiny Wan VAE."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_umt5_tokenizer()
+    text = transformers.UMT5EncoderModel(transformers.UMT5Config(
+        vocab_size=64, d_model=32, d_kv=16, num_heads=2, num_layers=2, d_ff=64,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+    )).eval()  # fmt: skip
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+        out_channels=4, text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=32,
+    ).eval()  # fmt: skip
+    return {"tokenizer": tokenizer, "text_encoder": text, "transformer": transformer,
+            "vae": tiny_wan().eval()}
+
+
+def wan_scheduler(scheduler: str = "unipc", flow_shift: float = 3.0) -> object:
+    """The scheduler of Wan 2.1's published folders (UniPC on flow sigmas), or flow Euler."""
+    if scheduler == "euler":
+        return diffusers.FlowMatchEulerDiscreteScheduler(shift=flow_shift)
+    if scheduler == "unipc":
+        return diffusers.UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift,
+            num_train_timesteps=1000, solver_order=2, predict_x0=True, solver_type="bh2",
+            lower_order_final=True, final_sigmas_type="zero", timestep_spacing="linspace",
+        )  # fmt: skip
+    raise ValueError(f"scheduler {scheduler!r}: 'unipc' or 'euler'")
+
+
+def write_wan_pipeline(folder: Path, seed: int = 0, scheduler: str = "unipc") -> Path:
+    """A tiny random Wan 2.1 text-to-video `WanPipeline`, saved with `save_pretrained` as
+    safetensors (model_index.json + tokenizer/, text_encoder/, transformer/, vae/,
+    scheduler/)."""
+    pipe = diffusers.WanPipeline(scheduler=wan_scheduler(scheduler), **tiny_wan_parts(seed))
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
+def diffusers_pipeline(folder: Path):
+    """diffusers' own `WanPipeline.from_pretrained(folder)`, the reference the tests compare
+    with. Without accelerate, from_pretrained refuses any class that keeps modules in float32;
+    in float32 that list changes nothing, so it is emptied for the load."""
+    import importlib.util
+
+    import diffusers
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        if importlib.util.find_spec("accelerate") is None:
+            mp.setattr(diffusers.WanTransformer3DModel, "_keep_in_fp32_modules", None)
+        pipe = diffusers.WanPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

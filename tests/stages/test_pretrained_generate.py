@@ -1,0 +1,86 @@
+"""A diffusers pipeline folder through generation's own stages (text encode -> sample -> VAE
+decode -> mp4 encode, in this process): several rows of different sizes and lengths give the
+latents `WanPipeline(...)` gives for each (saved by the decode stage, `save_latents`) and mp4
+frames within what the encoder loses; the text stage never loads the transformer."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import av
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from actors.common.stage import run_here
+from actors.common.tensors import unpack
+from actors.text_encode import TextEncodeStage
+from pipeline.generate import GenerateConfig, generate_stages, inspect_model
+from pipeline.prompts import Defaults
+from tests.pretrained import diffusers_pipeline, write_wan_pipeline
+
+ROWS = [  # id, prompt, negative_prompt, height, width, frames, steps, cfg, seed
+    {"id": "wide", "prompt": "a red square on the grass", "negative_prompt": "",
+     "height": 32, "width": 48, "frames": 5, "steps": 3, "cfg": 5.0, "seed": 3},
+    {"id": "tall", "prompt": "a blue cat and a dog", "negative_prompt": "blurred, static",
+     "height": 48, "width": 32, "frames": 9, "steps": 2, "cfg": 4.0, "seed": 11},
+    {"id": "plain", "prompt": "a green square", "negative_prompt": "",
+     "height": 32, "width": 32, "frames": 5, "steps": 2, "cfg": 1.0, "seed": 5},
+]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_wan_pipeline(tmp_path_factory.mktemp("wan") / "pipe", seed=1)
+
+
+def reference(pipe, row: dict, output_type: str) -> np.ndarray:
+    out = pipe(prompt=row["prompt"], negative_prompt=row["negative_prompt"] or None,
+               height=row["height"], width=row["width"], num_frames=row["frames"],
+               num_inference_steps=row["steps"], guidance_scale=row["cfg"],
+               generator=torch.Generator().manual_seed(row["seed"]), output_type=output_type)
+    return out.frames[0] if output_type == "np" else out.frames[0].float().numpy()
+
+
+def test_the_stages_give_the_pipelines_latents_and_frames(folder, tmp_path):
+    cfg = replace(GenerateConfig(defaults=Defaults(fps=8.0)), save_latents=True)
+    model = inspect_model(folder, cfg.vae)  # vae.checkpoint auto: the folder's own VAE
+    assert model.vae == str(folder / "vae") and model.grid.spatial == 16
+    cfg = replace(cfg, vae=replace(cfg.vae, checkpoint=model.vae, device="cpu"))
+    rows = pa.Table.from_pylist([{**r, "name": r["id"], "fps": 8.0} for r in ROWS])
+    out = tmp_path / "gen"
+    specs = generate_stages(cfg, model, out, gpus=False)
+    decoded = run_here(rows, specs[:-1])  # text -> sample -> VAE decode
+    made = specs[-1].build()(decoded)  # -> mp4
+    pipe = diffusers_pipeline(folder)
+    videos = dict(zip(decoded.column("id").to_pylist(), unpack(decoded, "video", np.uint8),
+                      strict=True))
+    for row in made.to_pylist():
+        ours = np.load(out / row["latents"])
+        want = reference(pipe, row, "latent")
+        assert ours.shape == want.shape
+        np.testing.assert_allclose(ours, want, rtol=0, atol=1e-5, err_msg=row["id"])
+        expected = np.round(reference(pipe, row, "np") * 255)  # (T, H, W, 3) from [0, 1]
+        assert np.abs(videos[row["id"]] - expected).max() <= 1, row["id"]  # rounding only
+        with av.open(str(out / row["file"])) as f:
+            frames = np.stack([fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)])
+        assert frames.shape == expected.shape, row["id"]  # the mp4 of those frames
+
+
+def test_the_text_stage_loads_no_transformer(folder, monkeypatch):
+    import diffusers
+
+    def refuse(*_, **__):
+        raise AssertionError("the text stage loaded the transformer")
+
+    for name in ("from_pretrained", "from_config"):
+        monkeypatch.setattr(diffusers.WanTransformer3DModel, name, refuse)
+    monkeypatch.setattr("models.pipelines.load_transformer", refuse)
+    stage = TextEncodeStage(str(folder))
+    table = stage(pa.table({"id": ["a", "b"], "prompt": ["a red square", "a cat"],
+                            "negative_prompt": ["", "blurred"]}))
+    text = unpack(table, "text", np.float32)
+    lens = table.column("text_len").to_pylist()
+    assert [t.shape[0] for t in text] == lens  # features travel at their real length
+    assert all(n > 0 for n in table.column("neg_len").to_pylist())  # "" is encoded too
