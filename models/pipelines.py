@@ -221,6 +221,7 @@ def load_text_encoder(record: PipelineRecord, device: str | torch.device = "cpu"
                       max_len: int = MAX_SEQUENCE_LENGTH) -> PipelineTextEncoder:
     """The tokenizer and text encoder alone (no transformer, no VAE): what the text stage runs."""
     transformers = _library("transformers")
+    transformers.utils.logging.disable_progress_bar()  # a bar per actor start is log noise
     tokenizer = getattr(transformers, record.components["tokenizer"]).from_pretrained(
         record.path("tokenizer"), local_files_only=True)
     model = getattr(transformers, record.components["text_encoder"]).from_pretrained(

@@ -215,7 +215,12 @@ def load_diffusers_vae(
     folder, name = find_diffusers_vae(local_dir)
     require_safetensors(folder, "VAE folder")
     diffusers = _import_diffusers()
+    import importlib.util
+
+    # without accelerate, diffusers falls back to a plain load with a warning on every start
+    quick = importlib.util.find_spec("accelerate") is not None
     vae = getattr(diffusers, name).from_pretrained(
-        str(folder), torch_dtype=dtype, local_files_only=True, use_safetensors=True
+        str(folder), torch_dtype=dtype, local_files_only=True, use_safetensors=True,
+        low_cpu_mem_usage=quick,
     )
     return DiffusersVideoVAE(vae.to(device))
