@@ -111,6 +111,11 @@ def bench_speed(args, root: Path) -> None:
     print(f"  ratio diffusers / tubelet: {loop / ours:.2f}x; with diffusers' load counted "
           f"{(loop + load) / ours:.2f}x; first video after "
           f"{summary['first_video_seconds']:.1f} s")
+    first, last = summary["first_video_seconds"], summary["last_video_seconds"]
+    if n > 1 and last > first:
+        steady = (last - first) / (n - 1)
+        print(f"  tubelet steady state (first to last video): {steady:.2f} s/video, ratio "
+              f"diffusers / tubelet {loop / n / steady:.2f}x")
     print(f"  tubelet stage busy seconds: {json.dumps(summary['stage_busy_seconds'])}")
 
 
