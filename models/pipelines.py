@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,14 +326,21 @@ def initial_noise(record: PipelineRecord, frames: int, height: int, width: int, 
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
 
+# (x, timestep, prompt_embeds, negative_embeds or None, guidance_scale) -> the guided noise
+NoisePredictor = Callable[[Tensor, Tensor, Tensor, Tensor | None, float], Tensor]
+
+
 @torch.no_grad()
 def sample_latents(transformer: torch.nn.Module, scheduler: Any, prompt_embeds: Tensor,
                    negative_embeds: Tensor | None, latents: Tensor, steps: int,
-                   guidance_scale: float) -> Tensor:
+                   guidance_scale: float, predict: NoisePredictor | None = None) -> Tensor:
     """WanPipeline's denoising loop: `latents` (B, C, T', H', W') noise -> float32 latents in
     the transformer's (normalised) latent space. Text (B, L, D) as `PipelineTextEncoder.encode`
     gives it; guidance (two passes, cond then uncond) only when guidance_scale > 1.
-    `scheduler` must be fresh (`new_scheduler`)."""
+    `scheduler` must be fresh (`new_scheduler`). `predict`, when given, replaces the step's
+    noise prediction: predict(x, timestep, prompt_embeds, negative_embeds or None without
+    guidance, guidance_scale) -> the guided noise (a sampler running the passes on several
+    ranks: actors/workers/pipeline_parallel.py)."""
     cfg = guidance_scale > 1.0
     if cfg and negative_embeds is None:
         raise ValueError("guidance_scale > 1 needs negative_embeds (the empty prompt's)")
@@ -346,12 +353,15 @@ def sample_latents(transformer: torch.nn.Module, scheduler: Any, prompt_embeds: 
     scheduler.set_begin_index(0)
     for t in scheduler.timesteps:
         x, timestep = latents.to(dtype), t.expand(latents.shape[0])
-        noise = transformer(hidden_states=x, timestep=timestep,
-                            encoder_hidden_states=prompt_embeds, return_dict=False)[0]
-        if cfg:
-            uncond = transformer(hidden_states=x, timestep=timestep,
-                                 encoder_hidden_states=negative_embeds, return_dict=False)[0]
-            noise = uncond + guidance_scale * (noise - uncond)
+        if predict is not None:
+            noise = predict(x, timestep, prompt_embeds, negative_embeds, guidance_scale)
+        else:
+            noise = transformer(hidden_states=x, timestep=timestep,
+                                encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+            if cfg:
+                uncond = transformer(hidden_states=x, timestep=timestep,
+                                     encoder_hidden_states=negative_embeds, return_dict=False)[0]
+                noise = uncond + guidance_scale * (noise - uncond)
         latents = scheduler.step(noise, t, latents, return_dict=False)[0]
     return latents.float()
 

@@ -264,9 +264,6 @@ def run_generate(cfg: GenerateConfig, checkpoint: str | Path, prompts: str | Pat
     start = time.perf_counter()
     model = inspect_model(checkpoint, cfg.vae)
     cfg = replace(cfg, vae=replace(cfg.vae, checkpoint=model.vae))
-    if isinstance(model.record, PipelineRecord) and cfg.sampler.world_size > 1:
-        raise ConfigError("sequence / CFG parallel sampling of a diffusers pipeline folder is "
-                          "not supported yet; drop --sequence-parallel / --cfg-parallel")
     rows = read_prompts(prompts, cfg.defaults, model.grid)
     K = cfg.sampler.sequence_parallel
     small = min(rows, key=model.grid.tokens)

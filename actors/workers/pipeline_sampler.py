@@ -6,18 +6,26 @@ gives. `SampleStage` runs it in place of the `SamplerGroup` of a tubelet export.
 One video per forward, as one pipeline call per prompt: the noise comes from the row's own
 seed, drawn the way the pipeline draws it. The text stage ships each prompt's features at their
 real length; here they are padded back with zeros to the length the transformer attends over.
+
+The ranks are a `SamplerGroup` (actors/workers/sampler.py) holding `PipelineModel`: one process,
+or K sequence-parallel ranks (x2 with CFG parallel) that this process leads, each loading the
+transformer alone; the parallel forward is actors/workers/pipeline_parallel.py.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from actors.workers.sampler import SamplerConfig
+from actors.workers.pipeline_parallel import guided_noise, sharded
+from actors.workers.sampler import RankModel, SamplerConfig, SamplerGroup
+from actors.workers.sequence_parallel import SamplerMesh
 from models.pipelines import (
     MAX_SEQUENCE_LENGTH,
+    PipelineRecord,
     initial_noise,
     load_transformer,
     new_scheduler,
@@ -33,17 +41,48 @@ def padded(features: np.ndarray, length: int) -> torch.Tensor:
     return out
 
 
+class PipelineRank:
+    """One rank's transformer (loaded once, alone) and the pipeline's loop over it."""
+
+    def __init__(self, record: PipelineRecord, device: torch.device, dtype: torch.dtype):
+        self.record, self.device = record, device
+        self.transformer = load_transformer(record, device, dtype)
+
+    def __call__(self, inputs: dict[str, Any], mesh: SamplerMesh | None) -> torch.Tensor:
+        """inputs: noise (1, C, T', H', W'), prompt / negative (1, L, D), steps, guidance ->
+        the latents, float32 on CPU. On a mesh: sequence-parallel (mesh.sp), the two guidance
+        passes on the two CFG branches (mesh.cfg)."""
+        predict = guided_noise(self.transformer, mesh) if mesh is not None else None
+        with sharded(self.transformer, mesh.sp if mesh is not None else None):
+            latents = sample_latents(
+                self.transformer, new_scheduler(self.record), inputs["prompt"],
+                inputs["negative"], inputs["noise"].to(self.device), int(inputs["steps"]),
+                float(inputs["guidance"]), predict=predict)
+        return latents.cpu()
+
+
+class PipelineModel(RankModel):
+    """A pipeline folder's transformer as a `SamplerGroup` rank holds it (picklable: a path)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = str(folder)
+
+    def load(self, device: torch.device, dtype: torch.dtype) -> PipelineRank:
+        return PipelineRank(read_pipeline(self.folder), device, dtype)
+
+
 class PipelineSampler:
-    """A pipeline folder's transformer (loaded once, alone) and its scheduler."""
+    """A pipeline folder's sampler: its group of ranks and the rows' noise and text."""
 
     def __init__(self, folder: str | Path, cfg: SamplerConfig):
-        if cfg.world_size > 1:
-            raise ValueError("sequence / CFG parallel sampling of a diffusers pipeline folder is "
-                             "not supported yet; use --sequence-parallel 1 without --cfg-parallel")
         self.record = read_pipeline(folder)
-        self.device = cfg.torch_device()
-        self.transformer = load_transformer(self.record, self.device, cfg.torch_dtype())
+        self.group = SamplerGroup(PipelineModel(self.record.folder), cfg)
         self.length = MAX_SEQUENCE_LENGTH
+
+    def __del__(self):
+        group = getattr(self, "group", None)
+        if group is not None:
+            group.close()
 
     @torch.no_grad()
     def sample(self, rows: list[dict], text: list[np.ndarray], neg: list[np.ndarray]
@@ -51,10 +90,9 @@ class PipelineSampler:
         """Each row's latents (C, T', H', W') float32, in the transformer's latent space."""
         out = []
         for r, t, n in zip(rows, text, neg, strict=True):
-            noise = initial_noise(self.record, r["frames"], r["height"], r["width"], r["seed"],
-                                  self.device)
-            latents = sample_latents(self.transformer, new_scheduler(self.record),
-                                     padded(t, self.length), padded(n, self.length), noise,
-                                     int(r["steps"]), float(r["cfg"]))
-            out.append(latents[0].cpu().numpy())
+            noise = initial_noise(self.record, r["frames"], r["height"], r["width"], r["seed"])
+            latents = self.group.run(dict(
+                noise=noise, prompt=padded(t, self.length), negative=padded(n, self.length),
+                steps=int(r["steps"]), guidance=float(r["cfg"])))
+            out.append(latents[0].numpy())
         return out

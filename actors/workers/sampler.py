@@ -9,6 +9,8 @@
   IP, gloo on CPU, NCCL on GPU). The worker logic (`SamplerRank`) is the same in both, as in
   vLLM's executor split. `sample(...)` ships the inputs once (`ray.put`), every rank runs the
   same loop on them, rank 0 returns the latents; `close()` (or `with`) ends the actors.
+  What a rank holds is a `RankModel` recipe: tubelet's DiT (`DiTModel`, the default) or a
+  diffusers pipeline's transformer (actors/workers/pipeline_sampler.py), run by `run(inputs)`.
 
 Batch invariance: a row gets bitwise the same latents whatever batch it is sampled in. CPU
 GEMMs do not give that for free: the per-sample adaLN / timestep Linear layers run as a
@@ -36,7 +38,21 @@ from models.device import DTYPES, pick_device, torch_dtype
 from models.dit import DiT
 from models.flow import euler_step, flow_sigmas
 
-ModelSource = str | Path | Callable[[], DiT]  # an export folder, or a picklable DiT factory
+
+class RankModel:
+    """What each rank of a group holds and runs, as a picklable recipe (Ray ships it to every
+    rank actor): `load` runs once per rank and gives the loaded runner, called per `run` with
+    the inputs (the same on every rank) and the rank's mesh; it returns the latents. tubelet's
+    DiT is `DiTModel`; a diffusers pipeline's transformer is
+    actors/workers/pipeline_sampler.py:PipelineModel."""
+
+    def load(self, device: torch.device, dtype: torch.dtype
+             ) -> Callable[[dict[str, Any], SamplerMesh | None], torch.Tensor]:
+        raise NotImplementedError
+
+
+# an export folder, a picklable DiT factory, or another model's recipe
+ModelSource = str | Path | Callable[[], DiT] | RankModel
 
 
 @dataclass
@@ -138,6 +154,18 @@ def load_dit(model: ModelSource) -> DiT:
     return load_exported_dit(read_export(model))  # the DiT's tensors only
 
 
+class DiTModel(RankModel):
+    """tubelet's DiT (an export folder or a factory), sampled by `sample_video_latents`."""
+
+    def __init__(self, source: str | Path | Callable[[], DiT]):
+        self.source = source
+
+    def load(self, device: torch.device, dtype: torch.dtype
+             ) -> Callable[[dict[str, Any], SamplerMesh | None], torch.Tensor]:
+        dit = load_dit(self.source).to(device, dtype).eval()
+        return lambda inputs, mesh: sample_video_latents(dit, **inputs, mesh=mesh)
+
+
 class SamplerRank:
     """One rank: its model (loaded once), its process group, the loop. Runs in the owner's
     process (rank 0) or as a Ray actor (`threads` set there: a rank takes no more cores than
@@ -155,7 +183,8 @@ class SamplerRank:
             torch.set_num_threads(threads)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device.index or 0)  # a Ray actor sees only its GPU
-        self.dit = load_dit(model).to(self.device, cfg.torch_dtype()).eval()
+        recipe = model if isinstance(model, RankModel) else DiTModel(model)
+        self.model = recipe.load(self.device, cfg.torch_dtype())
         self.mesh: SamplerMesh | None = None
 
     def join(self, host: str, port: int, rank: int, store: Any = None) -> None:
@@ -171,7 +200,7 @@ class SamplerRank:
 
     def sample(self, inputs: dict[str, Any], keep: bool = True) -> torch.Tensor | None:
         """The latents (keep), or None: the other ranks' equal rank 0's, no need to ship them."""
-        latents = sample_video_latents(self.dit, **inputs, mesh=self.mesh)
+        latents = self.model(inputs, self.mesh)
         return latents if keep else None
 
     def close(self) -> None:
@@ -202,9 +231,10 @@ class SamplerGroup:
     """K * (2 if cfg_parallel else 1) ranks sampling together; this process is rank 0.
 
     `model` is an export folder (`models.denoiser.load_exported`; on a cluster, a path every
-    node can read) or a picklable factory returning the DiT. A Ray Data stage owns one group
-    per actor: give that actor the resources of rank 0 (a GPU on CUDA); the group asks Ray for
-    `world_size - 1` more ranks of `num_cpus_per_rank` CPUs (and one GPU each on CUDA).
+    node can read), a picklable factory returning the DiT, or another `RankModel`. A Ray Data
+    stage owns one group per actor: give that actor the resources of rank 0 (a GPU on CUDA);
+    the group asks Ray for `world_size - 1` more ranks of `num_cpus_per_rank` CPUs (and one GPU
+    each on CUDA).
     """
 
     def __init__(self, model: ModelSource, cfg: SamplerConfig):
@@ -268,8 +298,13 @@ class SamplerGroup:
                shift: float, guidance: float, neg_text: torch.Tensor | None = None,
                neg_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`sample_video_latents` on every rank with the same inputs; rank 0's latents."""
-        inputs = dict(noise=noise, text=text, text_mask=text_mask, fps=fps, steps=steps,
-                      shift=shift, guidance=guidance, neg_text=neg_text, neg_mask=neg_mask)
+        return self.run(dict(noise=noise, text=text, text_mask=text_mask, fps=fps, steps=steps,
+                             shift=shift, guidance=guidance, neg_text=neg_text,
+                             neg_mask=neg_mask))
+
+    def run(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """The model's runner on every rank with the same `inputs`; rank 0's latents. A rank
+        lost mid-run: new ranks, the same inputs again (`rank_restarts` times)."""
         if not self.actors:
             return self.local.sample(inputs)
         for attempt in range(self.cfg.rank_restarts + 1):
@@ -314,8 +349,12 @@ class SamplerGroup:
     def close(self) -> None:
         if self.actors and not self.lost:
             import ray
+            from ray.exceptions import RayActorError
 
-            ray.get([a.close.remote() for a in self.actors])
+            try:
+                ray.get([a.close.remote() for a in self.actors])
+            except RayActorError:  # a rank already gone (its owner exiting): nothing to close
+                pass
         self._stop_ranks()
 
     def __enter__(self) -> SamplerGroup:

@@ -171,10 +171,11 @@ def test_parallel_and_multi_actor_jobs_make_the_same_videos(tmp_path, models, ca
         assert np.array_equal(videos["one"], videos["two_actors"])  # another actor count
 
 
-def test_a_diffusers_pipeline_folder_runs_as_a_ray_job(tmp_path, capsys):
-    """`tubelet generate --checkpoint FOLDER` on a Wan pipeline folder: its own text encoder,
-    transformer + scheduler and VAE in the stage pools; each row's saved latents are the ones
-    `WanPipeline(...)` gives for it. What the folder cannot do is refused before Ray."""
+def test_a_diffusers_pipeline_folder_runs_as_a_ray_job(tmp_path):
+    """`tubelet generate --checkpoint FOLDER` on a Wan pipeline folder, sequence x CFG parallel
+    (2 x 2 ranks: the sampler actor and three rank actors): its own text encoder, transformer +
+    scheduler and VAE in the stage pools; each row's saved latents are the ones
+    `WanPipeline(...)` gives for it in one process."""
     from tests.pretrained import diffusers_pipeline, write_wan_pipeline
 
     folder = write_wan_pipeline(tmp_path / "wan", seed=2)
@@ -182,12 +183,11 @@ def test_a_diffusers_pipeline_folder_runs_as_a_ray_job(tmp_path, capsys):
             {"id": "b", "prompt": "a cat", "negative_prompt": "blurred", "frames": 9,
              "seed": 4}]
     prompts = prompt_file(tmp_path / "p.jsonl", rows)
-    base = ["generate", "--checkpoint", str(folder), "--prompts", str(prompts), "--steps", "2",
-            "--frames", "5", "--height", "32", "--width", "32", "--cfg", "5",
-            "--set", "ray.num_cpus=2", "--set", "ray.object_store_mb=300"]
-    assert main([*base, "--output", str(tmp_path / "sp"), "--sequence-parallel", "2"]) == 2
-    assert "not supported yet" in capsys.readouterr().err
-    assert main([*base, "--output", str(tmp_path / "out"), "--save-latents"]) == 0
+    assert main(["generate", "--checkpoint", str(folder), "--prompts", str(prompts), "--steps",
+                 "2", "--frames", "5", "--height", "32", "--width", "32", "--cfg", "5",
+                 "--output", str(tmp_path / "out"), "--save-latents",
+                 "--sequence-parallel", "2", "--cfg-parallel",
+                 "--set", "ray.num_cpus=2", "--set", "ray.object_store_mb=300"]) == 0
     pipe = diffusers_pipeline(folder)
     done = manifest(tmp_path / "out")
     assert sorted(r["id"] for r in done) == ["a", "b"]

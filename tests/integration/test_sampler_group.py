@@ -1,7 +1,8 @@
 """`SamplerGroup` on a real local Ray (2 CPUs): ranks started as Ray actors from an export on
 disk sample the latents one process does (fp32, within 1e-4), and one process gives a row
 bitwise the same latents whether it is sampled alone or in a batch; a rank killed mid-sample
-is replaced and the batch sampled again."""
+is replaced and the batch sampled again; a diffusers pipeline folder's ranks (sequence + CFG
+parallel) give one process's latents."""
 
 from __future__ import annotations
 
@@ -124,6 +125,31 @@ def test_a_killed_rank_is_replaced_and_the_batch_sampled_again(exports, ray_loca
         again = run(group)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
     assert torch.equal(out, again)
+
+
+def test_a_pipeline_folder_on_sequence_and_cfg_parallel_ranks_matches_one_process(tmp_path,
+                                                                                ray_local):
+    """A diffusers Wan folder's sampler (the stage's `PipelineSampler`) on K = 2 x 2 CFG
+    branches (3 rank actors, each loading the transformer alone): the latents of one process,
+    for a row of 3 x 5 x 7 tokens (odd for 2 ranks), guidance with a negative prompt."""
+    import numpy as np
+
+    from actors.workers.pipeline_sampler import PipelineSampler
+    from tests.pretrained import write_wan_pipeline
+
+    folder = write_wan_pipeline(tmp_path / "wan", seed=5)
+    g = np.random.default_rng(0)
+    row = dict(frames=9, height=80, width=112, seed=7, steps=2, cfg=5.0)
+    text, neg = g.standard_normal((6, 32), np.float32), g.standard_normal((3, 32), np.float32)
+    ref = PipelineSampler(folder, SamplerConfig(device="cpu")).sample([row], [text], [neg])
+    cfg = SamplerConfig(sequence_parallel=2, cfg_parallel=True, device="cpu",
+                        num_cpus_per_rank=0.5)
+    sampler = PipelineSampler(folder, cfg)
+    assert len(sampler.group.actors) == 3
+    out = sampler.sample([row], [text], [neg])
+    sampler.group.close()
+    assert out[0].shape == (4, 3, 10, 14) and np.abs(ref[0]).max() > 0.1
+    np.testing.assert_allclose(out[0], ref[0], rtol=0, atol=1e-5)
 
 
 def test_config_errors_name_the_field():

@@ -9,12 +9,9 @@ writes the worst error per case, and the tests assert on those.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from actors.workers.sampler import sample_video_latents
 from actors.workers.sequence_parallel import (
@@ -28,6 +25,7 @@ from actors.workers.sequence_parallel import (
 from models.dit import ATTENTION_MODES, LAYOUTS, build_dit
 from models.flow import guided_velocity as flow_guided_velocity
 from models.flow import sample as flow_sample
+from tests.distributed import spawn
 
 C, TEXT_DIM, TOL = 4, 64, 1e-4
 # Latent sizes (T, H, W) with patch (1, 2, 2): token grids 2x2x2, 3x5x7 (105 tokens: odd
@@ -151,31 +149,18 @@ def cases_world4(rank: int) -> dict[str, float]:
 CASES = {2: cases_world2, 4: cases_world4}
 
 
-def _worker(rank: int, world: int, folder: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank,
-                            world_size=world)
-    try:
-        results = CASES[world](rank)
-        if rank == 0:
-            torch.save(results, f"{folder}/results.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(world: int, folder: Path) -> dict[str, float]:
-    mp.spawn(_worker, args=(world, str(folder)), nprocs=world, join=True)
-    return torch.load(folder / "results.pt", weights_only=True)  # a dict of floats
+def run_cases(world: int, rank: int) -> dict[str, float]:
+    return CASES[world](rank)
 
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory) -> dict[str, float]:
-    return spawn(2, tmp_path_factory.mktemp("sp2"))
+    return spawn(run_cases, 2, tmp_path_factory.mktemp("sp2"))
 
 
 @pytest.fixture(scope="module")
 def world4(tmp_path_factory) -> dict[str, float]:
-    return spawn(4, tmp_path_factory.mktemp("sp4"))
+    return spawn(run_cases, 4, tmp_path_factory.mktemp("sp4"))
 
 
 def test_shard_plan_holds_every_token_once():
