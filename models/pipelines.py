@@ -1,7 +1,7 @@
 """A diffusers pipeline folder, in one place: `tubelet generate --checkpoint FOLDER` reads it.
 
 A pipeline folder (`DiffusionPipeline.save_pretrained`; supported: `WanPipeline`, Wan 2.1
-text-to-video):
+text-to-video and Wan 2.2 TI2V-5B in text-to-video mode):
     model_index.json   the pipeline class and, per component, [library, class]
     tokenizer/ text_encoder/ transformer/ vae/ scheduler/   one folder per component
 
@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from models.safety import PICKLED
+from models.vae_adapters import wan_factors
 
 INDEX = "model_index.json"
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default: every prompt is padded to it
@@ -59,6 +60,9 @@ class PipelineRecord:
     pipeline: str  # model_index.json's _class_name
     components: dict[str, str]  # component -> class
     configs: dict[str, dict[str, Any]]  # component -> its config JSON
+    # model_index.json's expand_timesteps (Wan 2.2 TI2V): the transformer is given one
+    # timestep per token (B, N) instead of one per video (B,)
+    expand_timesteps: bool = False
 
     def path(self, component: str) -> Path:
         return self.folder / component
@@ -123,13 +127,11 @@ def read_pipeline(path: str | Path) -> PipelineRecord:
     name = index.get("_class_name")
     if name not in SUPPORTED:
         raise PipelineError(f"{folder}: pipeline {name!r} is not supported; supported: "
-                            f"{', '.join(SUPPORTED)} (Wan 2.1 text-to-video)")
+                            f"{', '.join(SUPPORTED)} (Wan 2.1, Wan 2.2 TI2V text-to-video)")
     second = index.get("transformer_2")
     if (isinstance(second, list) and second[:1] != [None]) or index.get("boundary_ratio"):
         raise PipelineError(f"{folder}: two transformers (transformer_2 / boundary_ratio: Wan 2.2 "
                             "A14B) are not supported yet; use a single-transformer Wan folder")
-    if index.get("expand_timesteps"):
-        raise PipelineError(f"{folder}: expand_timesteps (Wan 2.2 TI2V) is not supported yet")
     wanted = SUPPORTED[name]
     components, configs = {}, {}
     for component, (library, classes) in wanted.items():
@@ -150,7 +152,12 @@ def read_pipeline(path: str | Path) -> PipelineRecord:
         if library == "diffusers" and saved != entry[1]:
             raise PipelineError(f"{file}: class {saved!r}, model_index.json says {entry[1]!r}")
         components[component], configs[component] = entry[1], config
-    record = PipelineRecord(folder, name, components, configs)
+    expand = bool(index.get("expand_timesteps"))
+    patch = list(configs["transformer"].get("patch_size") or [1, 2, 2])
+    if expand and patch != [1, 2, 2]:  # WanPipeline's per-token mask is strided by 2 x 2
+        raise PipelineError(f"{folder}: expand_timesteps (Wan 2.2 TI2V) needs the transformer's "
+                            f"patch_size [1, 2, 2], got {patch}")
+    record = PipelineRecord(folder, name, components, configs, expand)
     d_model = configs["text_encoder"].get("d_model")
     if d_model != record.text_dim:
         raise PipelineError(f"{folder}: the text encoder's d_model ({d_model}) is not the "
@@ -158,6 +165,11 @@ def read_pipeline(path: str | Path) -> PipelineRecord:
     if configs["vae"].get("z_dim") != record.latent_channels:
         raise PipelineError(f"{folder}: the VAE's z_dim ({configs['vae'].get('z_dim')}) is not "
                             f"the transformer's in_channels ({record.latent_channels})")
+    layers = wan_factors(configs["vae"])
+    if (record.temporal_factor, record.spatial_factor) != layers:
+        raise PipelineError(f"{folder}/vae: scale_factor_temporal / _spatial "
+                            f"({record.temporal_factor}, {record.spatial_factor}) are not what its "
+                            f"layers compress by {layers}; fix vae/config.json")
     return record
 
 
@@ -301,7 +313,8 @@ def vae_folder(record: PipelineRecord) -> Path:
 
 def latent_shape(record: PipelineRecord, frames: int, height: int,
                  width: int) -> tuple[int, int, int, int]:
-    """(C, T', H', W') of a video's latents: T' = 1 + (frames - 1) // 4, H' = height // 8.
+    """(C, T', H', W') of a video's latents: T' = 1 + (frames - 1) // 4, H' = height // 8
+    (// 16 with Wan 2.2's VAE: the VAE config's scale_factor_*).
     Sizes WanPipeline would round (frames not 4k + 1, sides not multiples of 16 or of a patch
     of latents) are refused in one line, so every video is exactly the size asked for."""
     t, s = record.temporal_factor, record.spatial_factor
@@ -326,6 +339,17 @@ def initial_noise(record: PipelineRecord, frames: int, height: int, width: int, 
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
 
+def step_timestep(t: Tensor, latents: Tensor, expand_timesteps: bool = False) -> Tensor:
+    """The transformer's `timestep` at scheduler time `t`, as WanPipeline builds it: t per
+    video (B,), or with expand_timesteps (Wan 2.2 TI2V, text-to-video: its mask over the latent
+    grid is all ones) t per token (B, T' * H'/2 * W'/2), float32."""
+    if not expand_timesteps:
+        return t.expand(latents.shape[0])
+    mask = torch.ones(latents.shape[2:], dtype=torch.float32, device=latents.device)
+    per_token = (mask[:, ::2, ::2] * t).flatten()  # WanPipeline's mask[0][0][:, ::2, ::2] * t
+    return per_token.unsqueeze(0).expand(latents.shape[0], -1)
+
+
 # (x, timestep, prompt_embeds, negative_embeds or None, guidance_scale) -> the guided noise
 NoisePredictor = Callable[[Tensor, Tensor, Tensor, Tensor | None, float], Tensor]
 
@@ -333,14 +357,16 @@ NoisePredictor = Callable[[Tensor, Tensor, Tensor, Tensor | None, float], Tensor
 @torch.no_grad()
 def sample_latents(transformer: torch.nn.Module, scheduler: Any, prompt_embeds: Tensor,
                    negative_embeds: Tensor | None, latents: Tensor, steps: int,
-                   guidance_scale: float, predict: NoisePredictor | None = None) -> Tensor:
+                   guidance_scale: float, predict: NoisePredictor | None = None,
+                   expand_timesteps: bool = False) -> Tensor:
     """WanPipeline's denoising loop: `latents` (B, C, T', H', W') noise -> float32 latents in
     the transformer's (normalised) latent space. Text (B, L, D) as `PipelineTextEncoder.encode`
     gives it; guidance (two passes, cond then uncond) only when guidance_scale > 1.
     `scheduler` must be fresh (`new_scheduler`). `predict`, when given, replaces the step's
     noise prediction: predict(x, timestep, prompt_embeds, negative_embeds or None without
     guidance, guidance_scale) -> the guided noise (a sampler running the passes on several
-    ranks: actors/workers/pipeline_parallel.py)."""
+    ranks: actors/workers/pipeline_parallel.py). `expand_timesteps` (the record's: Wan 2.2
+    TI2V) gives the transformer one timestep per token (`step_timestep`)."""
     cfg = guidance_scale > 1.0
     if cfg and negative_embeds is None:
         raise ValueError("guidance_scale > 1 needs negative_embeds (the empty prompt's)")
@@ -352,7 +378,7 @@ def sample_latents(transformer: torch.nn.Module, scheduler: Any, prompt_embeds: 
     scheduler.set_timesteps(steps, device=device)
     scheduler.set_begin_index(0)
     for t in scheduler.timesteps:
-        x, timestep = latents.to(dtype), t.expand(latents.shape[0])
+        x, timestep = latents.to(dtype), step_timestep(t, latents, expand_timesteps)
         if predict is not None:
             noise = predict(x, timestep, prompt_embeds, negative_embeds, guidance_scale)
         else:

@@ -39,6 +39,13 @@ def _import_diffusers() -> Any:
     return diffusers
 
 
+def wan_factors(config: Any) -> tuple[int, int]:
+    """(temporal, spatial) compression of an AutoencoderKLWan from its config's layers."""
+    down = list(config.get("temperal_downsample") or [False, True, True])
+    patch = int(config.get("patch_size") or 1)
+    return 2 ** sum(bool(d) for d in down), 2 ** len(down) * patch
+
+
 class DiffusersVideoVAE:
     """A diffusers video VAE with tubelet's encode/decode contract (inference only)."""
 
@@ -52,10 +59,11 @@ class DiffusersVideoVAE:
         hf_config = vae.config
         if name == "AutoencoderKLWan":
             self.latent_channels = int(hf_config.z_dim)
-            # Wan 2.1 configs may lack the scale_factor_* keys; derive them as its pipeline does.
-            down = hf_config.temperal_downsample
-            self.temporal_factor = int(hf_config.get("scale_factor_temporal") or 2 ** sum(down))
-            self.spatial_factor = int(hf_config.get("scale_factor_spatial") or 2 ** len(down))
+            # From the layers, not scale_factor_*: diffusers fills those keys with Wan 2.1's 4 and
+            # 8 where a config lacks them. Each stage halves H and W (and T where
+            # temperal_downsample says so); Wan 2.2's VAE first patchifies frames
+            # patch_size x patch_size: 16x spatial.
+            self.temporal_factor, self.spatial_factor = wan_factors(hf_config)
             std = torch.tensor(hf_config.latents_std, dtype=torch.float32)
             self.scaling_factor: float | Tensor = 1.0 / std
             mean = torch.tensor(hf_config.latents_mean, dtype=torch.float32)

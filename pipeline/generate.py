@@ -1,8 +1,9 @@
 """`tubelet generate`: prompts -> text encode -> sampler -> VAE decode -> mp4 encode.
 
 The model (--checkpoint) is a tubelet run or export (models/export.py), or a diffusers
-pipeline folder (model_index.json, models/pipelines.py: Wan 2.1 text-to-video), whose own
-text encoder, transformer + scheduler and VAE the stages load, each only its own part.
+pipeline folder (model_index.json, models/pipelines.py: Wan 2.1 T2V and Wan 2.2 TI2V-5B,
+text-to-video), whose own text encoder, transformer + scheduler and VAE the stages load, each
+only its own part.
 
 A streaming Ray Data graph of four actor-pool stages (one file each in actors/) with Arrow
 batches between them; what comes back to the driver is one small manifest row per video.

@@ -9,7 +9,7 @@ import diffusers
 import torch
 import transformers
 
-from tests.unit.test_vae_adapters import tiny_wan
+from tests.unit.test_vae_adapters import tiny_wan, tiny_wan22
 
 # The tiny tokenizer's words; anything else falls back to letters (or <unk>), as UMT5's does.
 WORDS = ("a red green blue square cat dog on the grass in kitchen bright tones overexposed "
@@ -60,6 +60,25 @@ def write_wan_pipeline(folder: Path, seed: int = 0, scheduler: str = "unipc") ->
     safetensors (model_index.json + tokenizer/, text_encoder/, transformer/, vae/,
     scheduler/)."""
     pipe = diffusers.WanPipeline(scheduler=wan_scheduler(scheduler), **tiny_wan_parts(seed))
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
+TI2V_CHANNELS = 8  # Wan 2.2's VAE has z_dim 48; 8 keeps the tiny one fast (tiny_wan22)
+
+
+def write_wan22_ti2v_pipeline(folder: Path, seed: int = 0, scheduler: str = "unipc") -> Path:
+    """A tiny random Wan 2.2 TI2V-5B `WanPipeline` (text-to-video: `expand_timesteps`, one
+    transformer, the Wan 2.2 VAE at 4x16x16), saved with `save_pretrained` as safetensors."""
+    parts = tiny_wan_parts(seed)
+    parts["transformer"] = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+        in_channels=TI2V_CHANNELS, out_channels=TI2V_CHANNELS, text_dim=32, freq_dim=32,
+        ffn_dim=48, num_layers=2, rope_max_seq_len=32,
+    ).eval()  # fmt: skip
+    parts["vae"] = tiny_wan22(TI2V_CHANNELS).eval()
+    pipe = diffusers.WanPipeline(scheduler=wan_scheduler(scheduler), expand_timesteps=True,
+                                 **parts)
     pipe.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
 

@@ -57,7 +57,8 @@ class PipelineRank:
             latents = sample_latents(
                 self.transformer, new_scheduler(self.record), inputs["prompt"],
                 inputs["negative"], inputs["noise"].to(self.device), int(inputs["steps"]),
-                float(inputs["guidance"]), predict=predict)
+                float(inputs["guidance"]), predict=predict,
+                expand_timesteps=self.record.expand_timesteps)
         return latents.cpu()
 
 

@@ -1,7 +1,8 @@
 """A diffusers pipeline folder through generation's own stages (text encode -> sample -> VAE
 decode -> mp4 encode, in this process): several rows of different sizes and lengths give the
 latents `WanPipeline(...)` gives for each (saved by the decode stage, `save_latents`) and mp4
-frames within what the encoder loses; the text stage never loads the transformer."""
+frames within what the encoder loses; the text stage never loads the transformer. The same for
+a Wan 2.2 TI2V folder (per-token timesteps, the 16x-spatial VAE), text-to-video."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from actors.common.tensors import unpack
 from actors.text_encode import TextEncodeStage
 from pipeline.generate import GenerateConfig, generate_stages, inspect_model
 from pipeline.prompts import Defaults
-from tests.pretrained import diffusers_pipeline, write_wan_pipeline
+from tests.pretrained import diffusers_pipeline, write_wan22_ti2v_pipeline, write_wan_pipeline
 
 ROWS = [  # id, prompt, negative_prompt, height, width, frames, steps, cfg, seed
     {"id": "wide", "prompt": "a red square on the grass", "negative_prompt": "",
@@ -43,12 +44,29 @@ def reference(pipe, row: dict, output_type: str) -> np.ndarray:
     return out.frames[0] if output_type == "np" else out.frames[0].float().numpy()
 
 
+TI2V_ROWS = [  # sides multiples of 32: the 16x VAE times the 2 x 2 patch
+    {"id": "wide", "prompt": "a red square on the grass", "negative_prompt": "blurred",
+     "height": 32, "width": 64, "frames": 5, "steps": 3, "cfg": 5.0, "seed": 2},
+    {"id": "tall", "prompt": "a blue cat", "negative_prompt": "",
+     "height": 64, "width": 32, "frames": 9, "steps": 2, "cfg": 1.0, "seed": 7},
+]
+
+
 def test_the_stages_give_the_pipelines_latents_and_frames(folder, tmp_path):
+    check_stages(folder, ROWS, 16, tmp_path)
+
+
+def test_wan22_ti2v_stages_give_the_pipelines_latents_and_frames(tmp_path):
+    folder = write_wan22_ti2v_pipeline(tmp_path / "ti2v", seed=2)
+    check_stages(folder, TI2V_ROWS, 32, tmp_path)
+
+
+def check_stages(folder, rows: list[dict], spatial: int, tmp_path) -> None:
     cfg = replace(GenerateConfig(defaults=Defaults(fps=8.0)), save_latents=True)
     model = inspect_model(folder, cfg.vae)  # vae.checkpoint auto: the folder's own VAE
-    assert model.vae == str(folder / "vae") and model.grid.spatial == 16
+    assert model.vae == str(folder / "vae") and model.grid.spatial == spatial
     cfg = replace(cfg, vae=replace(cfg.vae, checkpoint=model.vae, device="cpu"))
-    rows = pa.Table.from_pylist([{**r, "name": r["id"], "fps": 8.0} for r in ROWS])
+    rows = pa.Table.from_pylist([{**r, "name": r["id"], "fps": 8.0} for r in rows])
     out = tmp_path / "gen"
     specs = generate_stages(cfg, model, out, gpus=False)
     decoded = run_here(rows, specs[:-1])  # text -> sample -> VAE decode

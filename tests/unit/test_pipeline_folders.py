@@ -3,8 +3,9 @@ alone, then the transformer with a fresh scheduler, give the latents diffusers' 
 `WanPipeline` gives; the VAE adapter decodes them to its frames; bad folders are refused in
 one line before anything in them is loaded.
 
-The folders are tiny random Wan 2.1 pipelines saved with `save_pretrained`
-(tests/pretrained.py); nothing is downloaded.
+The folders are tiny random Wan 2.1 pipelines, and a Wan 2.2 TI2V one (per-token timesteps,
+the 16x-spatial residual VAE), saved with `save_pretrained` (tests/pretrained.py); nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -28,10 +29,16 @@ from models.pipelines import (
     new_scheduler,
     read_pipeline,
     sample_latents,
+    step_timestep,
     vae_folder,
 )
 from models.vae_adapters import load_diffusers_vae
-from tests.pretrained import diffusers_pipeline, write_wan_pipeline
+from tests.pretrained import (
+    TI2V_CHANNELS,
+    diffusers_pipeline,
+    write_wan22_ti2v_pipeline,
+    write_wan_pipeline,
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +91,84 @@ def test_stages_give_the_pipelines_latents(case, diffusers_pipes, stages):
     assert latents.shape == expected.shape == (1, *latent_shape(record, frames, height, width))
     torch.testing.assert_close(latents, expected, atol=1e-5, rtol=0)
     assert (latents - noise).abs().mean() > 0.1  # the transformer really moved the noise
+
+
+@pytest.fixture(scope="module")
+def ti2v(tmp_path_factory) -> tuple:
+    """A Wan 2.2 TI2V folder: (diffusers' pipeline, record, text encoder, transformer)."""
+    folder = write_wan22_ti2v_pipeline(tmp_path_factory.mktemp("ti2v") / "pipe", seed=3)
+    record = read_pipeline(folder)
+    return (diffusers_pipeline(folder), record, load_text_encoder(record),
+            load_transformer(record))
+
+
+TI2V_CASES = [  # prompt, negative prompt, height, width, frames, steps, guidance, seed
+    ("a red square on the grass", "blurred, low quality", 32, 64, 5, 3, 5.0, 0),
+    ("a blue cat in the kitchen", None, 64, 32, 9, 2, 4.0, 5),
+]
+
+
+@pytest.mark.parametrize("case", TI2V_CASES, ids=lambda c: f"{c[2]}x{c[3]}x{c[4]}")
+def test_wan22_ti2v_stages_give_the_pipelines_latents(case, ti2v):
+    prompt, negative, height, width, frames, steps, guidance, seed = case
+    pipe, record, text, transformer = ti2v
+    assert record.expand_timesteps and (record.spatial_factor, record.temporal_factor) == (16, 4)
+    expected = pipe(
+        prompt, negative_prompt=negative, height=height, width=width, num_frames=frames,
+        num_inference_steps=steps, guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(seed), output_type="latent",
+    ).frames  # fmt: skip
+    features, _ = text.encode([prompt])
+    negative_features, _ = text.encode([negative or ""])
+    noise = initial_noise(record, frames, height, width, seed)
+    seen = []
+    hook = transformer.register_forward_pre_hook(
+        lambda _, args, kw: seen.append(tuple(kw["timestep"].shape)), with_kwargs=True)
+    try:
+        latents = sample_latents(transformer, new_scheduler(record), features,
+                                 negative_features, noise, steps, guidance,
+                                 expand_timesteps=True)
+    finally:
+        hook.remove()
+    tokens = (1 + (frames - 1) // 4) * (height // 32) * (width // 32)
+    assert set(seen) == {(1, tokens)}  # one timestep per token, as WanPipeline gives it
+    shape = (TI2V_CHANNELS, 1 + (frames - 1) // 4, height // 16, width // 16)
+    assert latents.shape == expected.shape == (1, *shape)
+    assert latent_shape(record, frames, height, width) == shape
+    torch.testing.assert_close(latents, expected, atol=1e-5, rtol=0)
+    assert (latents - noise).abs().mean() > 0.1
+
+
+def test_wan22_ti2v_timesteps_are_per_token(ti2v):
+    """One timestep per token of the 1 x 2 x 2 patch grid; Wan 2.1's stay one per video."""
+    latents, t = torch.zeros(2, 8, 3, 4, 6), torch.tensor(937.0)
+    per_token = step_timestep(t, latents, expand_timesteps=True)
+    assert per_token.shape == (2, 3 * 2 * 3) and per_token.dtype == torch.float32
+    assert (per_token == 937.0).all()
+    assert step_timestep(t, latents).shape == (2,)
+    # Wan 2.2 TI2V sizes: sides multiples of 32 (16x VAE x patch 2)
+    with pytest.raises(PipelineError, match="height must be a multiple of 32"):
+        latent_shape(ti2v[1], 5, 48, 32)
+
+
+def test_wan22_ti2v_frames_are_the_pipelines(ti2v):
+    """The adapter decodes the Wan 2.2 VAE's latents (16x, patchified) to the pipeline's
+    frames (output_type="np")."""
+    pipe, record, text, transformer = ti2v
+    kw = {"height": 32, "width": 64, "num_frames": 5, "num_inference_steps": 2}
+    frames = pipe("a dog", generator=torch.Generator().manual_seed(4), output_type="np",
+                  **kw).frames  # (B, T, H, W, 3) in [0, 1]
+    features, _ = text.encode(["a dog"])
+    empty, _ = text.encode([""])
+    latents = sample_latents(transformer, new_scheduler(record), features, empty,
+                             initial_noise(record, 5, 32, 64, 4), 2, 5.0, expand_timesteps=True)
+    vae = load_diffusers_vae(vae_folder(record))
+    assert (vae.spatial_factor, vae.temporal_factor, vae.latent_channels) == (16, 4, 8)
+    video = vae.decode(latents)  # (B, 3, T, H, W) in [-1, 1]
+    assert frames.shape == (1, 5, 32, 64, 3)
+    ours = ((video.permute(0, 2, 3, 4, 1) + 1) / 2).numpy()
+    assert abs(ours - frames).max() < 1e-5
+    assert frames.std() > 0.01  # not a flat picture
 
 
 def test_text_features_are_the_pipelines_padded_to_512(diffusers_pipes, stages):
@@ -185,6 +270,11 @@ def edit_index(folder: Path, **changes) -> None:
     (folder / "model_index.json").write_text(json.dumps(index))
 
 
+def edit_config(folder: Path, component: str, **changes) -> None:
+    path = folder / component / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
 def pickled_text_encoder(folder: Path, marker: Path) -> None:
     (folder / "text_encoder" / "model.safetensors").unlink()
     (folder / "text_encoder" / "pytorch_model.bin").write_bytes(pickle.dumps(Payload(marker)))
@@ -212,6 +302,13 @@ BAD = {  # what is done to a good folder -> what the one line says
     "a component's class": (lambda f, m: edit_index(f, scheduler=["evil_lib", "Evil"]),
                             "scheduler is ['evil_lib', 'Evil']"),
     "no index": (lambda f, m: (f / "model_index.json").unlink(), "not a diffusers pipeline"),
+    "expand_timesteps with another patch": (
+        lambda f, m: (edit_index(f, expand_timesteps=True), edit_config(f, "transformer",
+                                                                        patch_size=[1, 4, 4])),
+        "expand_timesteps (Wan 2.2 TI2V) needs the transformer's patch_size [1, 2, 2]"),
+    "VAE factors its layers do not give": (
+        lambda f, m: edit_config(f, "vae", scale_factor_spatial=16),
+        "scale_factor_temporal / _spatial (4, 16) are not what its layers compress by (4, 8)"),
     "mismatched text width": (
         lambda f, m: (f / "transformer" / "config.json").write_text(json.dumps(
             {**json.loads((f / "transformer" / "config.json").read_text()), "text_dim": 64})),

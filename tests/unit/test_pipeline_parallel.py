@@ -7,6 +7,8 @@ a gloo group, each world size spawned once per module; rank 0 compares every cas
 plain model and writes the worst error per case, and the tests assert on those. Token grids
 and head counts that K does not divide: 3 x 5 x 7 = 105 tokens, 5 x 7 = 35 tokens (K = 2),
 2 x 5 x 7 = 70 and 1 x 1 x 2 = 2 tokens (K = 3: a rank of padding only); 3 and 5 heads.
+Wan 2.2 TI2V's per-token timesteps (B, N), a different one per token, are split with the tokens
+at the plan's root point; its samples (expand_timesteps) equal one rank too.
 """
 
 from __future__ import annotations
@@ -59,13 +61,37 @@ def err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-def sample(model: torch.nn.Module, z: dict, mesh: SamplerMesh | None, guidance: float = 5.0
-           ) -> torch.Tensor:
-    """3 UniPC steps with guidance, one rank (mesh None) or on the mesh."""
+def sample(model: torch.nn.Module, z: dict, mesh: SamplerMesh | None, guidance: float = 5.0,
+           expand: bool = False) -> torch.Tensor:
+    """3 UniPC steps with guidance, one rank (mesh None) or on the mesh; `expand`: Wan 2.2
+    TI2V's per-token timesteps."""
     kw = dict(predict=guided_noise(model, mesh)) if mesh is not None else {}
     with sharded(model, mesh.sp if mesh is not None else None):
         return sample_latents(model, wan_scheduler("unipc"), z["text"], z["neg"], z["x"], 3,
-                              guidance, **kw)
+                              guidance, expand_timesteps=expand, **kw)
+
+
+def ti2v_cases(world: int, results: dict[str, float]) -> None:
+    """Per-token timesteps (Wan 2.2 TI2V): forwards with a different timestep per token, and
+    a sample with expand_timesteps, on K = world ranks (x2 CFG branches for world 4)."""
+    model = tiny_wan(3, seed=6)
+    for size in SIZES.get(world, ()):
+        z = inputs(size, seed=100 + len(results))
+        n = size[0] * (size[1] // 2) * (size[2] // 2)
+        ts = torch.linspace(50.0, 950.0, n)[None]  # (1, N): token order matters
+        kw = dict(hidden_states=z["x"], timestep=ts, encoder_hidden_states=z["text"],
+                  return_dict=False)
+        with torch.no_grad():
+            ref = model(**kw)[0]
+            with sharded(model, dist.group.WORLD):
+                out = model(**kw)[0]
+        results[f"ti2v/sp{world}/{size}"] = err(out, ref)
+        results[f"scale/ti2v/{size}"] = ref.abs().max().item()
+    z = inputs((3, 10, 14), seed=21)
+    ref = sample(model, z, None, expand=True)
+    mesh = SamplerMesh.build(2, True) if world == 4 else SamplerMesh.build(world, False)
+    results[f"ti2v/sample{world}"] = err(sample(model, z, mesh, expand=True), ref)
+    results["scale/ti2v/sample"] = ref.abs().max().item()
 
 
 def cases(world: int) -> dict[str, float]:
@@ -87,6 +113,7 @@ def cases(world: int) -> dict[str, float]:
         hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
         results[f"restored/heads{heads}"] = float(
             hooks != 0 or [a.processor for a in self_attentions(model)] != processors)
+    ti2v_cases(world, results)
     # Whole samples (UniPC, guidance 5 with a negative prompt) against one rank.
     model, z = tiny_wan(3, seed=4), inputs((3, 10, 14), seed=9)
     ref = sample(model, z, None)
@@ -114,13 +141,15 @@ def world(request, tmp_path_factory) -> tuple[int, dict[str, float]]:
 
 def test_parallel_forward_and_sample_equal_one_rank(world):
     n, results = world
-    errors = {k: v for k, v in results.items() if k.startswith(("sp", "sample/s", "sample/c"))}
+    errors = {k: v for k, v in results.items()
+              if k.startswith(("sp", "sample/s", "sample/c", "ti2v/"))}
     assert max(errors.values()) < TOL, {k: v for k, v in errors.items() if v >= TOL}
     scales = [v for k, v in results.items() if "scale" in k]
     assert min(scales) > 0.1  # the outputs carry signal: the tolerance means something
     assert not any(v for k, v in results.items() if k.startswith("restored/"))
     want = {2: {"sample/sp2", "sample/cfg", "sample/cfg_g1"}, 3: {"sample/sp3"},
-            4: {"sample/sp2_cfg"}}[n]
+            4: {"sample/sp2_cfg"}}[n] | {f"ti2v/sample{n}"}
     assert want <= set(results)
     assert len([k for k in results if k.startswith("sp")]) == (
         len(HEADS) * len(SIZES[n]) if n in SIZES else 0)
+    assert len([k for k in results if k.startswith("ti2v/sp")]) == len(SIZES.get(n, ()))
