@@ -64,9 +64,9 @@ class TextEncodeStage:
     def encode(self, prompt: str) -> tuple[np.ndarray, int]:
         """(features, n): a tubelet export's padded to the fixed length; a pipeline folder's at
         their real length n (its sampler pads them back: a UMT5-XXL prompt padded to 512 is
-        8 MB in float32, its real tokens a few KB)."""
+        8 MB in float32, its real tokens a few KB; CogVideoX's T5 rows are all real, n = 226)."""
         if self.pipeline:
-            features, mask = self.encoder.encode([prompt])  # (1, 512, D)
+            features, mask = self.encoder.encode([prompt])  # (1, 512 or 226, D)
             n = int(mask[0].sum())
             return features[0, :n].float().cpu().numpy(), n
         features, mask = self.encoder.encode([prompt], device=self.device)  # (1, l, D)

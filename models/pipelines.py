@@ -1,7 +1,8 @@
 """A diffusers pipeline folder, in one place: `tubelet generate --checkpoint FOLDER` reads it.
 
-A pipeline folder (`DiffusionPipeline.save_pretrained`; supported: `WanPipeline`, Wan 2.1
-text-to-video and Wan 2.2 TI2V-5B in text-to-video mode):
+A pipeline folder (`DiffusionPipeline.save_pretrained`; supported families: `WanPipeline`, Wan
+2.1 text-to-video and Wan 2.2 TI2V-5B in text-to-video mode; `CogVideoXPipeline`, CogVideoX
+2B / 5B text-to-video, whose own pieces are models/cogvideox_pipeline.py):
     model_index.json   the pipeline class and, per component, [library, class]
     tokenizer/ text_encoder/ transformer/ vae/ scheduler/   one folder per component
 
@@ -10,15 +11,18 @@ unpickled or run; weights must be safetensors) and gives the typed record, or on
 `PipelineError` line naming the folder and what to do. Each stage then loads only what it
 uses: the text stage `load_text_encoder` (tokenizer + encoder), the sampler `load_transformer`
 and `new_scheduler`, the VAE stage `vae_folder` (models/vae_adapters.py loads it and owns the
-latents' normalisation). `sample_latents` is WanPipeline's denoising loop, step for step, so
-the stages together give the latents `WanPipeline(..., output_type="latent")` gives.
+latents' normalisation). `sample` runs the family's denoising loop (models/wan_pipeline.py
+`sample_latents`, models/cogvideox_pipeline.py `sample_cogvideox`), step for step, so the
+stages together give the latents `WanPipeline(..., output_type="latent")` (or
+CogVideoXPipeline's, permuted to (C, T', H', W')) gives. What differs per family is one
+`Family` record (`FAMILIES`): its components, its text length and masking, its latents'
+layout.
 """
 
 from __future__ import annotations
 
-import html
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from models.cogvideox_pipeline import MAX_SEQUENCE_LENGTH as COGVIDEOX_TEXT_LENGTH
+from models.cogvideox_pipeline import sample_cogvideox
 from models.safety import PICKLED
 from models.vae_adapters import wan_factors
+from models.wan_pipeline import NoisePredictor, prompt_clean, sample_latents
 
 INDEX = "model_index.json"
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default: every prompt is padded to it
@@ -43,7 +50,37 @@ WAN_COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "scheduler": ("diffusers", ("UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler",
                                 "DPMSolverMultistepScheduler")),
 }
-SUPPORTED = {"WanPipeline": WAN_COMPONENTS}
+COGVIDEOX_COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "tokenizer": ("transformers", ("T5Tokenizer", "T5TokenizerFast")),
+    "text_encoder": ("transformers", ("T5EncoderModel",)),
+    "transformer": ("diffusers", ("CogVideoXTransformer3DModel",)),
+    "vae": ("diffusers", ("AutoencoderKLCogVideoX",)),
+    "scheduler": ("diffusers", ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")),
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one pipeline class needs that another does not."""
+
+    components: dict[str, tuple[str, tuple[str, ...]]]
+    text_length: int  # every prompt is padded to it
+    # Wan: prompts cleaned, the encoder masked, features zero after the real tokens;
+    # CogVideoX: raw prompts, no mask, all text_length rows are the encoder's output
+    masked_text: bool
+    frames_first: bool  # the pipeline's latents are (B, F, C, H, W), not (B, C, F, H, W)
+    text_dim_key: str  # the transformer config's text width
+    parallel: bool  # sequence / CFG parallel samplers (actors/workers/pipeline_parallel.py)
+
+
+FAMILIES = {
+    "WanPipeline": Family(WAN_COMPONENTS, MAX_SEQUENCE_LENGTH, masked_text=True,
+                          frames_first=False, text_dim_key="text_dim", parallel=True),
+    "CogVideoXPipeline": Family(COGVIDEOX_COMPONENTS, COGVIDEOX_TEXT_LENGTH, masked_text=False,
+                                frames_first=True, text_dim_key="text_embed_dim",
+                                parallel=False),
+}
+SUPPORTED = {name: f.components for name, f in FAMILIES.items()}
 WEIGHTED = ("text_encoder", "transformer", "vae")  # the components with weights files
 CONFIG_FILE = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}
 
@@ -68,22 +105,44 @@ class PipelineRecord:
         return self.folder / component
 
     @property
+    def family(self) -> Family:
+        return FAMILIES[self.pipeline]
+
+    @property
+    def cogvideox(self) -> bool:
+        return self.pipeline == "CogVideoXPipeline"
+
+    @property
     def latent_channels(self) -> int:
         return int(self.configs["transformer"]["in_channels"])
 
     @property
     def temporal_factor(self) -> int:
+        if self.cogvideox:  # CogVideoXPipeline.__init__'s vae_scale_factor_temporal
+            return int(self.configs["vae"].get("temporal_compression_ratio") or 4)
         # WanPipeline reads vae.config.scale_factor_*; AutoencoderKLWan's defaults are 4 and 8
         # (Wan 2.1 folders saved before those keys existed leave them out).
         return int(self.configs["vae"].get("scale_factor_temporal") or 4)
 
     @property
     def spatial_factor(self) -> int:
+        if self.cogvideox:
+            return 2 ** (len(self.configs["vae"]["block_out_channels"]) - 1)
         return int(self.configs["vae"].get("scale_factor_spatial") or 8)
 
     @property
     def text_dim(self) -> int:
-        return int(self.configs["transformer"]["text_dim"])
+        return int(self.configs["transformer"][self.family.text_dim_key])
+
+    @property
+    def patch(self) -> tuple[int, int, int]:
+        """The transformer's (pt, ph, pw); CogVideoX 1.0 has no temporal patch (1)."""
+        config = self.configs["transformer"]
+        if self.cogvideox:
+            p = int(config.get("patch_size") or 2)
+            return (int(config.get("patch_size_t") or 1), p, p)
+        pt, ph, pw = config.get("patch_size") or [1, 2, 2]
+        return (int(pt), int(ph), int(pw))
 
 
 def _json(path: Path, folder: Path) -> dict[str, Any]:
@@ -127,7 +186,8 @@ def read_pipeline(path: str | Path) -> PipelineRecord:
     name = index.get("_class_name")
     if name not in SUPPORTED:
         raise PipelineError(f"{folder}: pipeline {name!r} is not supported; supported: "
-                            f"{', '.join(SUPPORTED)} (Wan 2.1, Wan 2.2 TI2V text-to-video)")
+                            f"{', '.join(SUPPORTED)} (Wan 2.1, Wan 2.2 TI2V, CogVideoX 2B / 5B "
+                            "text-to-video)")
     second = index.get("transformer_2")
     if (isinstance(second, list) and second[:1] != [None]) or index.get("boundary_ratio"):
         raise PipelineError(f"{folder}: two transformers (transformer_2 / boundary_ratio: Wan 2.2 "
@@ -153,8 +213,9 @@ def read_pipeline(path: str | Path) -> PipelineRecord:
             raise PipelineError(f"{file}: class {saved!r}, model_index.json says {entry[1]!r}")
         components[component], configs[component] = entry[1], config
     expand = bool(index.get("expand_timesteps"))
-    patch = list(configs["transformer"].get("patch_size") or [1, 2, 2])
-    if expand and patch != [1, 2, 2]:  # WanPipeline's per-token mask is strided by 2 x 2
+    patch = configs["transformer"].get("patch_size")
+    # WanPipeline's per-token mask is strided by 2 x 2
+    if expand and list(patch or [1, 2, 2]) != [1, 2, 2]:
         raise PipelineError(f"{folder}: expand_timesteps (Wan 2.2 TI2V) needs the transformer's "
                             f"patch_size [1, 2, 2], got {patch}")
     record = PipelineRecord(folder, name, components, configs, expand)
@@ -162,9 +223,12 @@ def read_pipeline(path: str | Path) -> PipelineRecord:
     if d_model != record.text_dim:
         raise PipelineError(f"{folder}: the text encoder's d_model ({d_model}) is not the "
                             f"transformer's text_dim ({record.text_dim})")
-    if configs["vae"].get("z_dim") != record.latent_channels:
-        raise PipelineError(f"{folder}: the VAE's z_dim ({configs['vae'].get('z_dim')}) is not "
+    z_key = "latent_channels" if record.cogvideox else "z_dim"
+    if configs["vae"].get(z_key) != record.latent_channels:
+        raise PipelineError(f"{folder}: the VAE's {z_key} ({configs['vae'].get(z_key)}) is not "
                             f"the transformer's in_channels ({record.latent_channels})")
+    if record.cogvideox:
+        return record
     layers = wan_factors(configs["vae"])
     if (record.temporal_factor, record.spatial_factor) != layers:
         raise PipelineError(f"{folder}/vae: scale_factor_temporal / _spatial "
@@ -181,26 +245,13 @@ def _library(name: str) -> Any:
                           "'tubelet[bench]'") from e
 
 
-def prompt_clean(text: str) -> str:
-    """WanPipeline's prompt cleaning: ftfy (when installed), HTML entities unescaped twice,
-    runs of whitespace to one space, stripped."""
-    import regex  # diffusers' own choice: its \\s differs from re's on a few code points
-
-    try:
-        import ftfy
-    except ImportError:
-        ftfy = None
-    if ftfy is not None:
-        text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text)).strip()
-    return regex.sub(r"\s+", " ", text).strip()
-
-
 class PipelineTextEncoder:
     """A pipeline's tokenizer and text encoder, giving what WanPipeline.encode_prompt gives."""
 
-    def __init__(self, tokenizer: Any, model: torch.nn.Module, max_len: int) -> None:
+    def __init__(self, tokenizer: Any, model: torch.nn.Module, max_len: int,
+                 masked: bool = True) -> None:
         self.tokenizer, self.model, self.max_len = tokenizer, model.eval(), max_len
+        self.masked = masked  # False: CogVideoXPipeline's _get_t5_prompt_embeds
         self.out_dim = int(model.config.d_model)
 
     @torch.no_grad()
@@ -208,14 +259,19 @@ class PipelineTextEncoder:
         """features (B, max_len, D) float32 and mask (B, max_len) bool, True on a prompt's
         tokens (its </s> included). Features are the encoder's output on the tokens and exactly
         zero after them: WanPipeline cuts each row to its length and pads it back with zeros,
-        and its transformer attends to all max_len rows, zeros included."""
+        and its transformer attends to all max_len rows, zeros included.
+        Unmasked (CogVideoX): the prompts as given, the encoder run on all max_len tokens
+        without an attention mask; every row is its output, so the mask is all True."""
         tok = self.tokenizer(
-            [prompt_clean(p) for p in prompts], padding="max_length", max_length=self.max_len,
-            truncation=True, add_special_tokens=True, return_attention_mask=True,
-            return_tensors="pt",
+            [prompt_clean(p) if self.masked else p for p in prompts], padding="max_length",
+            max_length=self.max_len, truncation=True, add_special_tokens=True,
+            return_attention_mask=True, return_tensors="pt",
         )  # fmt: skip
         device = next(self.model.parameters()).device
         ids, attention = tok.input_ids.to(device), tok.attention_mask.to(device)
+        if not self.masked:
+            hidden = self.model(ids).last_hidden_state  # (B, L, D)
+            return hidden.float(), torch.ones(hidden.shape[:2], dtype=torch.bool, device=device)
         hidden = self.model(ids, attention).last_hidden_state  # (B, L, D)
         lengths = attention.gt(0).sum(1)  # (B,)
         mask = torch.arange(hidden.shape[1], device=device)[None] < lengths[:, None]  # (B, L)
@@ -230,7 +286,7 @@ def _dtype_kwargs(transformers: Any, dtype: torch.dtype) -> dict[str, torch.dtyp
 
 def load_text_encoder(record: PipelineRecord, device: str | torch.device = "cpu",
                       dtype: torch.dtype = torch.float32,
-                      max_len: int = MAX_SEQUENCE_LENGTH) -> PipelineTextEncoder:
+                      max_len: int | None = None) -> PipelineTextEncoder:
     """The tokenizer and text encoder alone (no transformer, no VAE): what the text stage runs."""
     transformers = _library("transformers")
     transformers.utils.logging.disable_progress_bar()  # a bar per actor start is log noise
@@ -239,7 +295,9 @@ def load_text_encoder(record: PipelineRecord, device: str | torch.device = "cpu"
     model = getattr(transformers, record.components["text_encoder"]).from_pretrained(
         record.path("text_encoder"), local_files_only=True, use_safetensors=True,
         **_dtype_kwargs(transformers, dtype))
-    return PipelineTextEncoder(tokenizer, model.to(device).requires_grad_(False), max_len)
+    family = record.family
+    return PipelineTextEncoder(tokenizer, model.to(device).requires_grad_(False),
+                               max_len or family.text_length, family.masked_text)
 
 
 @contextmanager
@@ -315,14 +373,19 @@ def latent_shape(record: PipelineRecord, frames: int, height: int,
                  width: int) -> tuple[int, int, int, int]:
     """(C, T', H', W') of a video's latents: T' = 1 + (frames - 1) // 4, H' = height // 8
     (// 16 with Wan 2.2's VAE: the VAE config's scale_factor_*).
-    Sizes WanPipeline would round (frames not 4k + 1, sides not multiples of 16 or of a patch
-    of latents) are refused in one line, so every video is exactly the size asked for."""
+    Sizes the pipeline would round (frames not 4k + 1, sides not multiples of 16 or of a patch
+    of latents; CogVideoX 1.5: T' not a multiple of its temporal patch, which the pipeline pads
+    with extra noise frames) are refused in one line, so every video is exactly the size
+    asked for."""
     t, s = record.temporal_factor, record.spatial_factor
-    patch = record.configs["transformer"].get("patch_size") or [1, 2, 2]
+    pt, ph, pw = record.patch
     if frames < 1 or (frames - 1) % t:
         raise PipelineError(f"{record.folder}: frames must be {t}k + 1 (e.g. "
                             f"{max(1, (frames - 1) // t * t + 1)}), got {frames}")
-    for side, n, p in (("height", height, patch[1]), ("width", width, patch[2])):
+    if record.cogvideox and (1 + (frames - 1) // t) % pt:
+        raise PipelineError(f"{record.folder}: frames must give a multiple of {pt} latent "
+                            f"frames (frames = {t * pt}k + {t + 1}), got {frames}")
+    for side, n, p in (("height", height, ph), ("width", width, pw)):
         multiple = max(16, s * p)
         if n < multiple or n % multiple:
             raise PipelineError(f"{record.folder}: {side} must be a multiple of {multiple} "
@@ -330,66 +393,51 @@ def latent_shape(record: PipelineRecord, frames: int, height: int,
     return (record.latent_channels, 1 + (frames - 1) // t, height // s, width // s)
 
 
-def initial_noise(record: PipelineRecord, frames: int, height: int, width: int, seed: int,
-                  device: str | torch.device = "cpu") -> Tensor:
-    """The noise (1, C, T', H', W') float32 WanPipeline.prepare_latents draws with
-    `generator=torch.Generator().manual_seed(seed)`: drawn on the CPU, then moved."""
+def pipeline_noise(record: PipelineRecord, shape: tuple[int, ...] | torch.Size, seed: int,
+                   dtype: torch.dtype = torch.float32) -> tuple[Tensor, torch.Generator]:
+    """(noise, generator): the noise of `shape` (1, C, T', H', W') as the pipeline's
+    prepare_latents draws it with `generator=torch.Generator().manual_seed(seed)` (on the CPU;
+    CogVideoX in its (1, T', C, H', W') layout and in the pipeline's dtype, `dtype`: a bfloat16
+    draw is not a float32 draw rounded), as float32 (1, C, T', H', W'); and the generator
+    after it, as the pipeline's loop finds it (CogVideoXDPMScheduler draws at every step)."""
     generator = torch.Generator().manual_seed(seed)
+    if not record.family.frames_first:  # WanPipeline draws float32 whatever its dtype
+        return torch.randn(tuple(shape), generator=generator, dtype=torch.float32), generator
+    b, c, f, h, w = shape
+    noise = torch.randn((b, f, c, h, w), generator=generator, dtype=dtype)
+    return noise.permute(0, 2, 1, 3, 4).float(), generator
+
+
+def initial_noise(record: PipelineRecord, frames: int, height: int, width: int, seed: int,
+                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+                  ) -> Tensor:
+    """The noise (1, C, T', H', W') float32 the pipeline draws for a video (`pipeline_noise`;
+    `dtype`: the pipeline's, which only CogVideoX draws in), moved to `device`."""
     shape = (1, *latent_shape(record, frames, height, width))
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    return pipeline_noise(record, shape, seed, dtype)[0].to(device)
 
 
-def step_timestep(t: Tensor, latents: Tensor, expand_timesteps: bool = False) -> Tensor:
-    """The transformer's `timestep` at scheduler time `t`, as WanPipeline builds it: t per
-    video (B,), or with expand_timesteps (Wan 2.2 TI2V, text-to-video: its mask over the latent
-    grid is all ones) t per token (B, T' * H'/2 * W'/2), float32."""
-    if not expand_timesteps:
-        return t.expand(latents.shape[0])
-    mask = torch.ones(latents.shape[2:], dtype=torch.float32, device=latents.device)
-    per_token = (mask[:, ::2, ::2] * t).flatten()  # WanPipeline's mask[0][0][:, ::2, ::2] * t
-    return per_token.unsqueeze(0).expand(latents.shape[0], -1)
+def step_generator(record: PipelineRecord, noise: Tensor, seed: int,
+                   dtype: torch.dtype = torch.float32) -> torch.Generator:
+    """The pipeline's generator after drawing `noise` (`pipeline_noise`)."""
+    return pipeline_noise(record, noise.shape, seed, dtype)[1]
 
 
-# (x, timestep, prompt_embeds, negative_embeds or None, guidance_scale) -> the guided noise
-NoisePredictor = Callable[[Tensor, Tensor, Tensor, Tensor | None, float], Tensor]
-
-
-@torch.no_grad()
-def sample_latents(transformer: torch.nn.Module, scheduler: Any, prompt_embeds: Tensor,
-                   negative_embeds: Tensor | None, latents: Tensor, steps: int,
-                   guidance_scale: float, predict: NoisePredictor | None = None,
-                   expand_timesteps: bool = False) -> Tensor:
-    """WanPipeline's denoising loop: `latents` (B, C, T', H', W') noise -> float32 latents in
-    the transformer's (normalised) latent space. Text (B, L, D) as `PipelineTextEncoder.encode`
-    gives it; guidance (two passes, cond then uncond) only when guidance_scale > 1.
-    `scheduler` must be fresh (`new_scheduler`). `predict`, when given, replaces the step's
-    noise prediction: predict(x, timestep, prompt_embeds, negative_embeds or None without
-    guidance, guidance_scale) -> the guided noise (a sampler running the passes on several
-    ranks: actors/workers/pipeline_parallel.py). `expand_timesteps` (the record's: Wan 2.2
-    TI2V) gives the transformer one timestep per token (`step_timestep`)."""
-    cfg = guidance_scale > 1.0
-    if cfg and negative_embeds is None:
-        raise ValueError("guidance_scale > 1 needs negative_embeds (the empty prompt's)")
-    # ModelMixin.dtype: the first parameter outside the modules kept in float32
-    device, dtype = latents.device, transformer.dtype
-    prompt_embeds = prompt_embeds.to(device, dtype)
-    negative_embeds = negative_embeds.to(device, dtype) if cfg else None
-    latents = latents.float()
-    scheduler.set_timesteps(steps, device=device)
-    scheduler.set_begin_index(0)
-    for t in scheduler.timesteps:
-        x, timestep = latents.to(dtype), step_timestep(t, latents, expand_timesteps)
+def sample(record: PipelineRecord, transformer: torch.nn.Module, scheduler: Any,
+           prompt_embeds: Tensor, negative_embeds: Tensor | None, latents: Tensor, steps: int,
+           guidance_scale: float, predict: NoisePredictor | None = None,
+           generator: torch.Generator | None = None) -> Tensor:
+    """The family's denoising loop on (B, C, T', H', W') noise: `sample_latents` (Wan, with
+    the record's expand_timesteps) or `sample_cogvideox` (`generator`: `step_generator`'s;
+    no `predict`: its sampler runs on one rank)."""
+    if record.cogvideox:
         if predict is not None:
-            noise = predict(x, timestep, prompt_embeds, negative_embeds, guidance_scale)
-        else:
-            noise = transformer(hidden_states=x, timestep=timestep,
-                                encoder_hidden_states=prompt_embeds, return_dict=False)[0]
-            if cfg:
-                uncond = transformer(hidden_states=x, timestep=timestep,
-                                     encoder_hidden_states=negative_embeds, return_dict=False)[0]
-                noise = uncond + guidance_scale * (noise - uncond)
-        latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-    return latents.float()
+            raise ValueError("CogVideoXPipeline folders sample on one rank (no predict)")
+        return sample_cogvideox(transformer, scheduler, prompt_embeds, negative_embeds, latents,
+                                steps, guidance_scale, generator)
+    return sample_latents(transformer, scheduler, prompt_embeds, negative_embeds, latents, steps,
+                          guidance_scale, predict=predict,
+                          expand_timesteps=record.expand_timesteps)
 
 
 def pipeline_digest(record: PipelineRecord) -> str:

@@ -237,7 +237,7 @@ def add_generate(sub: Sub) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="a training run folder (RUN), its export (RUN/export), or a local "
                    "diffusers pipeline folder (model_index.json; Wan 2.1 T2V, Wan 2.2 "
-                   "TI2V-5B text-to-video)")
+                   "TI2V-5B, CogVideoX: text-to-video)")
     p.add_argument("--prompts", required=True, type=Path, metavar="FILE", help="prompt file")
     p.add_argument("--output", required=True, type=Path, help="output directory")
     for flag, kind, what in (("height", int, "pixels"), ("width", int, "pixels"),

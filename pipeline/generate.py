@@ -2,8 +2,8 @@
 
 The model (--checkpoint) is a tubelet run or export (models/export.py), or a diffusers
 pipeline folder (model_index.json, models/pipelines.py: Wan 2.1 T2V and Wan 2.2 TI2V-5B,
-text-to-video), whose own text encoder, transformer + scheduler and VAE the stages load, each
-only its own part.
+text-to-video; CogVideoX 2B / 5B on one rank), whose own text encoder, transformer + scheduler
+and VAE the stages load, each only its own part.
 
 A streaming Ray Data graph of four actor-pool stages (one file each in actors/) with Arrow
 batches between them; what comes back to the driver is one small manifest row per video.
@@ -147,8 +147,7 @@ def model_record(export: Path) -> tuple[ExportRecord | PipelineRecord, str, int,
     try:
         if model_kind(export) == "diffusers":
             record = read_pipeline(export)
-            patch = record.configs["transformer"].get("patch_size") or [1, 2, 2]
-            return record, pipeline_digest(record), record.latent_channels, tuple(patch)
+            return record, pipeline_digest(record), record.latent_channels, record.patch
         record = read_export(export)
     except (ExportError, PipelineError) as e:
         raise CheckpointError(str(e)) from None
@@ -267,6 +266,12 @@ def run_generate(cfg: GenerateConfig, checkpoint: str | Path, prompts: str | Pat
     cfg = replace(cfg, vae=replace(cfg.vae, checkpoint=model.vae))
     rows = read_prompts(prompts, cfg.defaults, model.grid)
     K = cfg.sampler.sequence_parallel
+    record = model.record
+    if isinstance(record, PipelineRecord) and not record.family.parallel and (
+            K > 1 or cfg.sampler.cfg_parallel):
+        raise ConfigError(f"{record.pipeline} folders sample on one rank: sequence / CFG "
+                          "parallel is not supported for them yet; drop --sequence-parallel "
+                          "and --cfg-parallel")
     small = min(rows, key=model.grid.tokens)
     if K > (tokens := model.grid.tokens(small)):
         raise ConfigError(f"sampler.sequence_parallel={K} is more ranks than the "

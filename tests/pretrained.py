@@ -9,7 +9,7 @@ import diffusers
 import torch
 import transformers
 
-from tests.unit.test_vae_adapters import tiny_wan, tiny_wan22
+from tests.unit.test_vae_adapters import tiny_cogvideox, tiny_wan, tiny_wan22
 
 # The tiny tokenizer's words; anything else falls back to letters (or <unk>), as UMT5's does.
 WORDS = ("a red green blue square cat dog on the grass in kitchen bright tones overexposed "
@@ -96,5 +96,52 @@ def diffusers_pipeline(folder: Path):
         if importlib.util.find_spec("accelerate") is None:
             mp.setattr(diffusers.WanTransformer3DModel, "_keep_in_fp32_modules", None)
         pipe = diffusers.WanPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_cogvideox_parts(seed: int = 0, rotary: bool = True) -> dict[str, object]:
+    """CogVideoXPipeline's components at a seeded random init: a 2-layer T5 encoder (d_model
+    32), a 2-layer CogVideoX transformer (2 heads x 16; rotary embeddings as CogVideoX 5B, or
+    sincos positions as 2B) on the 4-channel tiny CogVideoX VAE (0.7 scaling, as 5B)."""
+    torch.manual_seed(seed)
+    text = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=16, num_heads=2, num_layers=2, d_ff=64,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+    )).eval()  # fmt: skip
+    transformer = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        time_embed_dim=16, text_embed_dim=32, num_layers=2, sample_width=8, sample_height=6,
+        sample_frames=9, patch_size=2, max_text_seq_length=226,
+        use_rotary_positional_embeddings=rotary,
+    ).eval()  # fmt: skip
+    # tiny_umt5_tokenizer is a T5TokenizerFast: </s>-ended, <pad>-padded, as CogVideoX's T5
+    return {"tokenizer": tiny_umt5_tokenizer(), "text_encoder": text, "transformer": transformer,
+            "vae": tiny_cogvideox().eval()}
+
+
+def cogvideox_scheduler(scheduler: str = "ddim") -> object:
+    """CogVideoX 5B's published scheduler settings (v-prediction, zero-SNR, trailing)."""
+    cls = {"ddim": diffusers.CogVideoXDDIMScheduler, "dpm": diffusers.CogVideoXDPMScheduler}
+    return cls[scheduler](
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+        num_train_timesteps=1000, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+        set_alpha_to_one=True, snr_shift_scale=1.0, steps_offset=0, timestep_spacing="trailing",
+    )  # fmt: skip
+
+
+def write_cogvideox_pipeline(folder: Path, seed: int = 0, scheduler: str = "ddim",
+                             rotary: bool = True) -> Path:
+    """A tiny random CogVideoX text-to-video `CogVideoXPipeline`, saved with `save_pretrained`
+    as safetensors."""
+    pipe = diffusers.CogVideoXPipeline(scheduler=cogvideox_scheduler(scheduler),
+                                       **tiny_cogvideox_parts(seed, rotary))
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
+def diffusers_cogvideox(folder: Path):
+    """diffusers' own `CogVideoXPipeline.from_pretrained(folder)`."""
+    pipe = diffusers.CogVideoXPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -20,7 +20,7 @@ the full text. (The attention core is not a module of its own in diffusers, so t
 the smallest thing to swap; diffusers' `enable_parallelism` is not used: it needs device meshes,
 refuses token counts K does not divide and does not run on CPU.)
 
-CFG parallel (`guided_noise` as `models.pipelines.sample_latents`'s `predict`): with a
+CFG parallel (`guided_noise` as `models.wan_pipeline.sample_latents`'s `predict`): with a
 `SamplerMesh` of two branches, ranks [0, K) run the prompt, [K, 2K) the negative prompt; rank i
 and i + K swap their predictions (one all-gather) and combine them as the pipeline does,
 uncond + g * (cond - uncond). Every rank ends a step with the full prediction, so all take the
@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from actors.workers.sequence_parallel import SamplerMesh, ShardPlan, UlyssesAttention
-from models.pipelines import NoisePredictor
+from models.wan_pipeline import NoisePredictor
 
 
 class TokenSplit:

@@ -1,7 +1,8 @@
 """The sampler of a diffusers pipeline folder (models/pipelines.py): its transformer and a
 fresh scheduler per video, driven as the pipeline drives them, so a row's latents are the ones
 `WanPipeline(prompt, negative_prompt, ..., generator=torch.Generator().manual_seed(seed))`
-gives. `SampleStage` runs it in place of the `SamplerGroup` of a tubelet export.
+(or `CogVideoXPipeline(...)`) gives: models/pipelines.py `sample` runs the family's loop.
+`SampleStage` runs it in place of the `SamplerGroup` of a tubelet export.
 
 One video per forward, as one pipeline call per prompt: the noise comes from the row's own
 seed, drawn the way the pipeline draws it. The text stage ships each prompt's features at their
@@ -24,13 +25,13 @@ from actors.workers.pipeline_parallel import guided_noise, sharded
 from actors.workers.sampler import RankModel, SamplerConfig, SamplerGroup
 from actors.workers.sequence_parallel import SamplerMesh
 from models.pipelines import (
-    MAX_SEQUENCE_LENGTH,
     PipelineRecord,
     initial_noise,
     load_transformer,
     new_scheduler,
+    pipeline_noise,
     read_pipeline,
-    sample_latents,
+    sample,
 )
 
 
@@ -49,16 +50,22 @@ class PipelineRank:
         self.transformer = load_transformer(record, device, dtype)
 
     def __call__(self, inputs: dict[str, Any], mesh: SamplerMesh | None) -> torch.Tensor:
-        """inputs: noise (1, C, T', H', W'), prompt / negative (1, L, D), steps, guidance ->
-        the latents, float32 on CPU. On a mesh: sequence-parallel (mesh.sp), the two guidance
-        passes on the two CFG branches (mesh.cfg)."""
+        """inputs: noise (1, C, T', H', W'), prompt / negative (1, L, D), steps, guidance, seed
+        -> the latents, float32 on CPU. On a mesh: sequence-parallel (mesh.sp), the two
+        guidance passes on the two CFG branches (mesh.cfg); a family without parallel
+        samplers (CogVideoX) is refused before Ray (pipeline/generate.py)."""
         predict = guided_noise(self.transformer, mesh) if mesh is not None else None
+        noise, seed = inputs["noise"], int(inputs["seed"])
+        if self.record.family.frames_first:  # CogVideoX draws in the transformer's dtype
+            noise, generator = pipeline_noise(self.record, noise.shape, seed,
+                                              self.transformer.dtype)
+        else:
+            generator = None
         with sharded(self.transformer, mesh.sp if mesh is not None else None):
-            latents = sample_latents(
-                self.transformer, new_scheduler(self.record), inputs["prompt"],
-                inputs["negative"], inputs["noise"].to(self.device), int(inputs["steps"]),
-                float(inputs["guidance"]), predict=predict,
-                expand_timesteps=self.record.expand_timesteps)
+            latents = sample(
+                self.record, self.transformer, new_scheduler(self.record), inputs["prompt"],
+                inputs["negative"], noise.to(self.device), int(inputs["steps"]),
+                float(inputs["guidance"]), predict=predict, generator=generator)
         return latents.cpu()
 
 
@@ -78,7 +85,7 @@ class PipelineSampler:
     def __init__(self, folder: str | Path, cfg: SamplerConfig):
         self.record = read_pipeline(folder)
         self.group = SamplerGroup(PipelineModel(self.record.folder), cfg)
-        self.length = MAX_SEQUENCE_LENGTH
+        self.length = self.record.family.text_length  # Wan 512, CogVideoX 226
 
     def __del__(self):
         group = getattr(self, "group", None)
@@ -94,6 +101,6 @@ class PipelineSampler:
             noise = initial_noise(self.record, r["frames"], r["height"], r["width"], r["seed"])
             latents = self.group.run(dict(
                 noise=noise, prompt=padded(t, self.length), negative=padded(n, self.length),
-                steps=int(r["steps"]), guidance=float(r["cfg"])))
+                steps=int(r["steps"]), guidance=float(r["cfg"]), seed=int(r["seed"])))
             out.append(latents[0].numpy())
         return out

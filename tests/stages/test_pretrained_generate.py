@@ -2,7 +2,8 @@
 decode -> mp4 encode, in this process): several rows of different sizes and lengths give the
 latents `WanPipeline(...)` gives for each (saved by the decode stage, `save_latents`) and mp4
 frames within what the encoder loses; the text stage never loads the transformer. The same for
-a Wan 2.2 TI2V folder (per-token timesteps, the 16x-spatial VAE), text-to-video."""
+a Wan 2.2 TI2V folder (per-token timesteps, the 16x-spatial VAE), text-to-video, and for a
+CogVideoX folder ((B, F, C, H, W) latents saved as (C, T', H', W'), one rank only)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,16 @@ import torch
 from actors.common.stage import run_here
 from actors.common.tensors import unpack
 from actors.text_encode import TextEncodeStage
-from pipeline.generate import GenerateConfig, generate_stages, inspect_model
+from pipeline.config import ConfigError
+from pipeline.generate import GenerateConfig, generate_stages, inspect_model, run_generate
 from pipeline.prompts import Defaults
-from tests.pretrained import diffusers_pipeline, write_wan22_ti2v_pipeline, write_wan_pipeline
+from tests.pretrained import (
+    diffusers_cogvideox,
+    diffusers_pipeline,
+    write_cogvideox_pipeline,
+    write_wan22_ti2v_pipeline,
+    write_wan_pipeline,
+)
 
 ROWS = [  # id, prompt, negative_prompt, height, width, frames, steps, cfg, seed
     {"id": "wide", "prompt": "a red square on the grass", "negative_prompt": "",
@@ -61,7 +69,33 @@ def test_wan22_ti2v_stages_give_the_pipelines_latents_and_frames(tmp_path):
     check_stages(folder, TI2V_ROWS, 32, tmp_path)
 
 
-def check_stages(folder, rows: list[dict], spatial: int, tmp_path) -> None:
+COG_ROWS = [  # odd T' (frames 8k + 1): the adapter's decode is then the pipeline's, frame for frame
+    {"id": "wide", "prompt": "a red square on the grass", "negative_prompt": "blurred",
+     "height": 32, "width": 48, "frames": 9, "steps": 3, "cfg": 6.0, "seed": 4},
+    {"id": "plain", "prompt": "a blue cat", "negative_prompt": "",
+     "height": 32, "width": 32, "frames": 1, "steps": 2, "cfg": 1.0, "seed": 8},
+]
+
+
+def test_cogvideox_stages_give_the_pipelines_latents_and_frames(tmp_path):
+    folder = write_cogvideox_pipeline(tmp_path / "cog", seed=4)
+    check_stages(folder, COG_ROWS, 16, tmp_path, diffusers_cogvideox, frames_first=True)
+
+
+def test_cogvideox_parallel_samplers_are_refused_before_ray(tmp_path):
+    folder = write_cogvideox_pipeline(tmp_path / "cog", seed=4)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "a cat"}\n')
+    cfg = GenerateConfig(defaults=Defaults(fps=8.0, height=32, width=32, frames=9))
+    for sampler in (replace(cfg.sampler, sequence_parallel=2),
+                    replace(cfg.sampler, cfg_parallel=True)):
+        with pytest.raises(ConfigError, match="CogVideoXPipeline folders sample on one rank"):
+            run_generate(replace(cfg, sampler=sampler), folder, prompts, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def check_stages(folder, rows: list[dict], spatial: int, tmp_path, load=diffusers_pipeline,
+                 frames_first: bool = False) -> None:
     cfg = replace(GenerateConfig(defaults=Defaults(fps=8.0)), save_latents=True)
     model = inspect_model(folder, cfg.vae)  # vae.checkpoint auto: the folder's own VAE
     assert model.vae == str(folder / "vae") and model.grid.spatial == spatial
@@ -71,12 +105,14 @@ def check_stages(folder, rows: list[dict], spatial: int, tmp_path) -> None:
     specs = generate_stages(cfg, model, out, gpus=False)
     decoded = run_here(rows, specs[:-1])  # text -> sample -> VAE decode
     made = specs[-1].build()(decoded)  # -> mp4
-    pipe = diffusers_pipeline(folder)
+    pipe = load(folder)
     videos = dict(zip(decoded.column("id").to_pylist(), unpack(decoded, "video", np.uint8),
                       strict=True))
     for row in made.to_pylist():
         ours = np.load(out / row["latents"])
         want = reference(pipe, row, "latent")
+        if frames_first:  # CogVideoX's (F, C, H, W) -> tubelet's (C, T', H', W')
+            want = want.transpose(1, 0, 2, 3)
         assert ours.shape == want.shape
         np.testing.assert_allclose(ours, want, rtol=0, atol=1e-5, err_msg=row["id"])
         expected = np.round(reference(pipe, row, "np") * 255)  # (T, H, W, 3) from [0, 1]

@@ -3,9 +3,10 @@ alone, then the transformer with a fresh scheduler, give the latents diffusers' 
 `WanPipeline` gives; the VAE adapter decodes them to its frames; bad folders are refused in
 one line before anything in them is loaded.
 
-The folders are tiny random Wan 2.1 pipelines, and a Wan 2.2 TI2V one (per-token timesteps,
-the 16x-spatial residual VAE), saved with `save_pretrained` (tests/pretrained.py); nothing is
-downloaded.
+The folders are tiny random Wan 2.1 pipelines, a Wan 2.2 TI2V one (per-token timesteps,
+the 16x-spatial residual VAE), and CogVideoX ones (T5 at 226 tokens unmasked, (B, F, C, H, W)
+latents, rotary embeddings per size, DDIM / DPM with its generator), saved with
+`save_pretrained` (tests/pretrained.py); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -28,14 +29,17 @@ from models.pipelines import (
     load_transformer,
     new_scheduler,
     read_pipeline,
-    sample_latents,
-    step_timestep,
+    sample,
+    step_generator,
     vae_folder,
 )
 from models.vae_adapters import load_diffusers_vae
+from models.wan_pipeline import sample_latents, step_timestep
 from tests.pretrained import (
     TI2V_CHANNELS,
+    diffusers_cogvideox,
     diffusers_pipeline,
+    write_cogvideox_pipeline,
     write_wan22_ti2v_pipeline,
     write_wan_pipeline,
 )
@@ -327,3 +331,94 @@ def test_bad_folders_are_refused_in_one_line(bad, folders, tmp_path):
     text = str(e.value)
     assert message in text and str(folder) in text and "\n" not in text, text
     assert not marker.exists()  # nothing from the folder was unpickled
+
+
+# CogVideoXPipeline: the second family through the same seam.
+COG_FOLDERS = {"ddim": ("ddim", True), "dpm": ("dpm", True), "2b": ("ddim", False)}
+
+
+@pytest.fixture(scope="module")
+def cogvideox(tmp_path_factory) -> dict[str, tuple]:
+    """Per CogVideoX folder (5B-like DDIM / DPM with rotary embeddings, 2B-like DDIM with
+    sincos positions): (diffusers' pipeline, record, text encoder, transformer)."""
+    root, out = tmp_path_factory.mktemp("cogvideox"), {}
+    for name, (scheduler, rotary) in COG_FOLDERS.items():
+        folder = write_cogvideox_pipeline(root / name, seed=5, scheduler=scheduler,
+                                          rotary=rotary)
+        record = read_pipeline(folder)
+        out[name] = (diffusers_cogvideox(folder), record, load_text_encoder(record),
+                     load_transformer(record))
+    return out
+
+
+COG_CASES = [  # folder, prompt, negative prompt, height, width, frames, steps, guidance, seed
+    ("ddim", "a red square on the grass", None, 32, 32, 5, 2, 6.0, 0),  # T' 2
+    ("ddim", "a blue cat and a dog", "blurred, static", 48, 32, 9, 3, 6.0, 7),  # T' 3
+    ("ddim", "a cat", None, 32, 48, 9, 2, 1.0, 2),  # no guidance: one pass per step
+    ("dpm", "a green square in the kitchen", "static", 32, 48, 9, 3, 6.0, 1),
+    ("2b", "a dog on the grass", "low quality", 48, 32, 5, 2, 6.0, 3),
+]
+
+
+@pytest.mark.parametrize("case", COG_CASES, ids=lambda c: f"{c[0]}-{c[3]}x{c[4]}x{c[5]}-g{c[7]}")
+def test_cogvideox_stages_give_the_pipelines_latents(case, cogvideox):
+    name, prompt, negative, height, width, frames, steps, guidance, seed = case
+    pipe, record, text, transformer = cogvideox[name]
+    expected = pipe(
+        prompt, negative_prompt=negative, height=height, width=width, num_frames=frames,
+        num_inference_steps=steps, guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(seed), output_type="latent",
+    ).frames  # fmt: skip  (B, F, C, H, W)
+
+    features, _ = text.encode([prompt])
+    negative_features, _ = text.encode([negative or ""])
+    noise = initial_noise(record, frames, height, width, seed)
+    latents = sample(record, transformer, new_scheduler(record), features, negative_features,
+                     noise, steps, guidance, generator=step_generator(record, noise, seed))
+
+    assert latents.dtype == torch.float32  # tubelet's layout (B, C, T', H', W')
+    assert latents.shape == (1, *latent_shape(record, frames, height, width))
+    torch.testing.assert_close(latents, expected.permute(0, 2, 1, 3, 4), atol=1e-5, rtol=0)
+    assert (latents - noise).abs().mean() > 0.1  # the transformer really moved the noise
+
+
+def test_cogvideox_text_features_are_all_226_rows_unmasked(cogvideox):
+    """CogVideoX's T5 runs without an attention mask on the padded 226 tokens and its
+    transformer attends to every row, so every row is the encoder's (none zeroed), no cleaning."""
+    pipe, _, text, _ = cogvideox["ddim"]
+    prompts = ["a red square", "  a  cat &amp;\n dog ", ""]
+    features, mask = text.encode(prompts)
+    assert features.shape == (3, 226, 32) and mask.all()
+    assert (features.abs().sum(-1) > 0).all()
+    for i, prompt in enumerate(prompts):
+        expected, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
+                                         max_sequence_length=226)
+        torch.testing.assert_close(features[i : i + 1], expected.detach(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cogvideox_noise_is_drawn_in_the_pipelines_layout_and_dtype(cogvideox, dtype):
+    """prepare_latents draws (B, F, C, H, W) in the pipeline's dtype: a bfloat16 draw is other
+    numbers than a float32 one rounded, so the noise is drawn as the pipeline would draw it."""
+    _, record, _, _ = cogvideox["ddim"]
+    noise = initial_noise(record, 9, 32, 48, seed=3, dtype=dtype)
+    generator = torch.Generator().manual_seed(3)
+    expected = torch.randn((1, 3, 4, 4, 6), generator=generator, dtype=dtype)
+    assert noise.dtype == torch.float32 and noise.shape == (1, 4, 3, 4, 6)
+    assert torch.equal(noise, expected.permute(0, 2, 1, 3, 4).float())
+    after = step_generator(record, noise, 3, dtype)  # the DPM steps' draws continue from here
+    assert torch.equal(torch.randn(5, generator=after), torch.randn(5, generator=generator))
+
+
+def test_cogvideox_bad_folders_are_refused_in_one_line(cogvideox, tmp_path):
+    _, record, _, _ = cogvideox["ddim"]
+    folder = shutil.copytree(record.folder, tmp_path / "pipe")
+    edit_config(folder, "transformer", text_embed_dim=64)
+    with pytest.raises(PipelineError, match="d_model \\(32\\) is not the transformer's text_dim"):
+        read_pipeline(folder)
+    folder = shutil.copytree(record.folder, tmp_path / "pipe2")
+    edit_config(folder, "vae", latent_channels=8)
+    with pytest.raises(PipelineError, match="latent_channels \\(8\\) is not"):
+        read_pipeline(folder)
+    with pytest.raises(PipelineError, match="frames must be 4k \\+ 1"):
+        latent_shape(record, 6, 32, 32)

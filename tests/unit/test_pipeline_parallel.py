@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from actors.workers.pipeline_parallel import guided_noise, self_attentions, sharded
 from actors.workers.sequence_parallel import SamplerMesh
-from models.pipelines import sample_latents
+from models.wan_pipeline import sample_latents
 from tests.distributed import spawn
 from tests.pretrained import wan_scheduler
 
