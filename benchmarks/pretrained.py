@@ -11,10 +11,11 @@ Wan configs.
    (output_type="np"; its load timed apart) vs `run_generate` on a local Ray started first and
    timed apart (its actor pools load their components inside the time). Printed: s/video of
    both and the ratio diffusers / tubelet (> 1: tubelet is faster).
-2. Memory (`--skip-speed`): the published Wan 2.1 T2V 1.3B and 14B transformer configs and
-   UMT5-XXL built on the meta device (no weights, nothing downloaded): parameters per stage and
-   their bytes in bf16, i.e. what each stage's actor holds (the text stage the encoder, the
-   sample stage the transformer, the decode stage the VAE).
+2. Memory (`--skip-speed`): the published Wan 2.1 T2V 1.3B / 14B and Wan 2.2 TI2V 5B
+   transformer configs, both Wan VAEs and UMT5-XXL built on the meta device (no weights,
+   nothing downloaded): parameters per stage and their bytes in bf16, i.e. what each stage's
+   actor holds (the text stage the encoder, the sample stage the transformer, the decode
+   stage the VAE).
 Not a test; a shared 2-core box is noisy (run twice).
 """
 
@@ -42,11 +43,19 @@ WAN_TRANSFORMERS = {
                             ffn_dim=13824, in_channels=16, out_channels=16, text_dim=4096,
                             freq_dim=256, patch_size=(1, 2, 2), cross_attn_norm=True,
                             qk_norm="rms_norm_across_heads", eps=1e-6),
+    "Wan 2.2 TI2V 5B": dict(num_attention_heads=24, attention_head_dim=128, num_layers=30,
+                            ffn_dim=14336, in_channels=48, out_channels=48, text_dim=4096,
+                            freq_dim=256, patch_size=(1, 2, 2), cross_attn_norm=True,
+                            qk_norm="rms_norm_across_heads", eps=1e-6),
 }
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
                 num_heads=64, relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")
 WAN_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0)
+WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4],
+                 num_res_blocks=2, attn_scales=[], temperal_downsample=[False, True, True],
+                 dropout=0.0, is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+                 scale_factor_spatial=16, scale_factor_temporal=4)
 
 
 def small_wan_pipeline(folder: Path) -> Path:
@@ -132,7 +141,9 @@ def bench_memory() -> None:
     text = params_on_meta(lambda: transformers.UMT5EncoderModel(
         transformers.UMT5Config(**UMT5_XXL)))
     vae = params_on_meta(lambda: diffusers.AutoencoderKLWan(**WAN_VAE))
-    rows = [("text stage: UMT5-XXL encoder", text), ("decode stage: Wan 2.1 VAE", vae)]
+    vae22 = params_on_meta(lambda: diffusers.AutoencoderKLWan(**WAN22_VAE))
+    rows = [("text stage: UMT5-XXL encoder", text), ("decode stage: Wan 2.1 VAE", vae),
+            ("decode stage: Wan 2.2 VAE (TI2V)", vae22)]
     for name, cfg in WAN_TRANSFORMERS.items():
         rows.append((f"sample stage: {name} transformer",
                      params_on_meta(lambda cfg=cfg: diffusers.WanTransformer3DModel(**cfg))))
