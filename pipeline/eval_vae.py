@@ -125,8 +125,10 @@ def run_eval_vae(cfg: EvalVAEConfig, src: str, output: str | Path | None = None,
     videos_dir = out / "videos" if videos else None
     if videos_dir is not None:
         videos_dir.mkdir(exist_ok=True)
+    checkpoint = resolve_checkpoint(vae)
+
     def graph(c: EvalVAEConfig) -> list[StageSpec]:
-        return eval_vae_stages(c, resolve_checkpoint(vae), out, str(videos_dir or ""))
+        return eval_vae_stages(c, checkpoint, out, str(videos_dir or ""))
 
     cfg = sized("eval-vae", cfg, graph, address)  # before Ray
     clips: list[dict] = []

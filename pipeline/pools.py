@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from actors.common.stage import Companion, StageResources, StageSpec
+from actors.common.stage import StageResources, StageSpec
 from pipeline.config import ConfigError
 
 RESERVE_CPUS = 0.25  # left free for Ray Data's own tasks (reads, splits)
@@ -110,22 +110,23 @@ class _Pool:
     n: int  # actors chosen so far
     auto: bool
     asked: int  # the explicit max_actors (= min_actors for auto)
-    share: float = 0.0  # resolved CPU share of each companion actor
+    share: float = MIN_SHARE  # CPU share of each `auto` companion actor (resolved later)
 
     @property
     def res(self) -> StageResources:
         return self.spec.resources
 
-    def cpus(self, n: int | None = None) -> float:
+    def cpus(self, n: int | None = None, share: float | None = None) -> float:
+        """CPUs of `n` actors (default: those chosen) and their companions, `auto` companions
+        at `share` (default: the resolved one)."""
+        share = self.share if share is None else share
         return (self.n if n is None else n) * (self.res.num_cpus + sum(
-            c.per_actor * self.share_of(c) for c in self.spec.companions))
+            c.per_actor * (share if c.num_cpus == "auto" else float(c.num_cpus))
+            for c in self.spec.companions))
 
     def gpus(self, n: int | None = None) -> float:
         return (self.n if n is None else n) * (self.res.num_gpus + sum(
             c.per_actor * c.num_gpus for c in self.spec.companions))
-
-    def share_of(self, c: Companion) -> float:
-        return self.share if c.num_cpus == "auto" else float(c.num_cpus)
 
 
 def fit_pools(label: str, cfg: T, specs: Sequence[StageSpec], cluster: Cluster | None,
@@ -145,9 +146,9 @@ def fit_pools(label: str, cfg: T, specs: Sequence[StageSpec], cluster: Cluster |
                            r.min_actors if auto else int(r.max_actors)))
     cpus = cluster.cpus - reserve - sum(f.count * f.num_cpus for f in fixed)
     gpus = cluster.gpus - sum(f.count * f.num_gpus for f in fixed)
-    if cluster.fixed:
+    if cluster.fixed:  # every pool at min_actors, `auto` companions at their least share
         _check_minimums(label, pools, fixed, cluster, cpus, gpus, reserve)
-    _share_companions(label, pools, cpus, cluster.fixed, fixed, cluster, reserve)
+    _share_companions(pools, cpus)
     notes: list[str] = []
     for p in pools:  # explicit bounds as asked, then shrunk while they do not fit
         if not p.auto:
@@ -199,31 +200,18 @@ def _over(pools: list[_Pool], cpus: float, gpus: float) -> bool:
             or sum(p.gpus() for p in pools) > gpus + eps)
 
 
-def _share_companions(label: str, pools: list[_Pool], cpus: float, refuse: bool,
-                      fixed: Sequence[Fixed], cluster: Cluster, reserve: float) -> None:
-    """Resolve `auto` companion shares: an equal share of what the minimums leave."""
-    auto = [(p, c) for p in pools for c in p.spec.companions if c.num_cpus == "auto"]
-    if not auto:
+def _share_companions(pools: list[_Pool], cpus: float) -> None:
+    """Resolve `auto` companion shares: an equal share of what the minimums leave, at most 1
+    CPU and at least MIN_SHARE (on a fixed cluster the minimums' check holds that room; a
+    joined one may grow)."""
+    count = sum(p.res.min_actors * c.per_actor for p in pools for c in p.spec.companions
+                if c.num_cpus == "auto")
+    if not count:
         return
-    count = sum(p.res.min_actors * c.per_actor for p, c in auto)
-    left = cpus - sum(p.res.min_actors * p.res.num_cpus for p in pools) - sum(
-        p.res.min_actors * c.per_actor * float(c.num_cpus)
-        for p in pools for c in p.spec.companions if c.num_cpus != "auto")
-    share = min(1.0, math.floor(100 * left / count) / 100) if count else 1.0
-    if share < MIN_SHARE:
-        if refuse:
-            _refuse(label, pools, fixed, cluster, reserve, share_needed=True)
-        share = MIN_SHARE  # a joined cluster may grow: ask for the least
-    for p, _ in auto:
+    left = cpus - sum(p.cpus(p.res.min_actors, share=0.0) for p in pools)
+    share = max(MIN_SHARE, min(1.0, math.floor(100 * left / count) / 100))
+    for p in pools:
         p.share = share
-
-
-def _minimum(p: _Pool, share: float) -> tuple[float, float]:
-    per_cpu = p.res.num_cpus + sum(c.per_actor * (share if c.num_cpus == "auto"
-                                                  else float(c.num_cpus))
-                                   for c in p.spec.companions)
-    per_gpu = p.res.num_gpus + sum(c.per_actor * c.num_gpus for c in p.spec.companions)
-    return p.res.min_actors * per_cpu, p.res.min_actors * per_gpu
 
 
 def _check_minimums(label: str, pools: list[_Pool], fixed: Sequence[Fixed], cluster: Cluster,
@@ -240,14 +228,12 @@ def _check_minimums(label: str, pools: list[_Pool], fixed: Sequence[Fixed], clus
                               f"actor(s) needs GPUs but the cluster has {cluster.gpus:g}; "
                               f"--set {p.key}.num_gpus=0, or join a cluster with GPUs "
                               "(--address)")
-    need_cpu = sum(_minimum(p, MIN_SHARE)[0] for p in pools)
-    need_gpu = sum(_minimum(p, MIN_SHARE)[1] for p in pools)
-    if need_cpu > cpus + 1e-9 or need_gpu > gpus + 1e-9:
+    if _over(pools, cpus, gpus):  # the pools are still at min_actors here
         _refuse(label, pools, fixed, cluster, reserve)
 
 
 def _refuse(label: str, pools: list[_Pool], fixed: Sequence[Fixed], cluster: Cluster,
-            reserve: float, share_needed: bool = False) -> None:
+            reserve: float) -> None:
     """One line: what the minimums ask, what the cluster has, and `--set` keys that fit."""
     parts = [f"{x.name}: {x.count} x {x.num_cpus:g}" for x in fixed]
     for p in pools:
@@ -255,7 +241,7 @@ def _refuse(label: str, pools: list[_Pool], fixed: Sequence[Fixed], cluster: Clu
         for c in p.spec.companions:
             share = MIN_SHARE if c.num_cpus == "auto" else float(c.num_cpus)
             parts.append(f"{c.name}: {p.res.min_actors * c.per_actor} x {share:g}")
-    need = sum(x.count * x.num_cpus for x in fixed) + sum(_minimum(p, MIN_SHARE)[0]
+    need = sum(x.count * x.num_cpus for x in fixed) + sum(p.cpus(p.res.min_actors, MIN_SHARE)
                                                           for p in pools)
     fixes = [f"--set {p.key}.min_actors=1" for p in pools if p.res.min_actors > 1]
     budget = cluster.cpus - reserve
@@ -268,11 +254,9 @@ def _refuse(label: str, pools: list[_Pool], fixed: Sequence[Fixed], cluster: Clu
                   if p.res.num_cpus > 0]
         fixes += [f"--set {c.key}={fit(MIN_SHARE if c.num_cpus == 'auto' else c.num_cpus)}"
                   for p in pools for c in p.spec.companions]
-    what = (f"{', '.join(c.name for p in pools for c in p.spec.companions)} would get under "
-            f"{MIN_SHARE:g} CPU each; " if share_needed else "")
     raise ConfigError(
         f"{label}: the actor pools need at least {need:g} CPUs ({', '.join(parts)}) but the "
-        f"cluster has {cluster.cpus:g}, {reserve:g} of them kept free for Ray Data; {what}"
+        f"cluster has {cluster.cpus:g}, {reserve:g} of them kept free for Ray Data; "
         f"lower them, e.g. {' '.join(dict.fromkeys(fixes)) or '--set ray.num_cpus=N'}")
 
 

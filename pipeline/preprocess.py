@@ -98,6 +98,7 @@ def run_preprocess(cfg: PreprocessConfig, src: str, output: str | Path,
     except VAELoadError as e:
         raise ConfigError(str(e)) from None
     cfg = replace(cfg, vae=replace(cfg.vae, checkpoint=checkpoint))
+
     def graph(c: PreprocessConfig) -> list[StageSpec]:
         return preprocess_stages(c, out)
 

@@ -1,4 +1,4 @@
-"""Ray set-up shared by every command: start or join a cluster, and check what it can hold.
+"""Ray set-up shared by every command: start or join a cluster, and leave it as it was.
 
 Without an address a command starts a local Ray with a bounded object store and no dashboard;
 with `--address` (or Ray's own RAY_ADDRESS, which `ray job submit` sets) it joins that cluster.

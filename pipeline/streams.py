@@ -5,7 +5,7 @@
     latent_stages  + VAE encode (or decode+encode fused)     latents (preprocess, train --input)
 
 Each is a list of `StageSpec`s (actors/common/stage.py): `stream` runs it as a Ray Data graph
-of actor pools, `run_here` in this process, the budget check weighs its `pools`. A library, not
+of actor pools, `run_here` in this process, pipeline/pools.py sizes its pools. A library, not
 a command: `preprocess`, `train`, `train-vae` and `eval-vae` each build on these, and no
 command imports another command (the `preprocess` command, with its writer and summary, is
 `pipeline/preprocess.py`).
@@ -104,7 +104,7 @@ class PreprocessConfig(ClipConfig):
 def plan_stages(cfg: ClipConfig, errors_dir: str | Path | None,
                 done_ids: set[str] | frozenset[str] = frozenset()) -> list[StageSpec]:
     """Videos -> probe -> bucket: clip plan rows (one per clip to make, `done_ids` left out)."""
-    errors = None if errors_dir is None else str(errors_dir)
+    errors = _str(errors_dir)
     return [ProbeStage.spec(cfg, errors), AssignStage.spec(cfg, errors, done_ids)]
 
 
@@ -112,8 +112,8 @@ def clip_stages(cfg: ClipConfig, errors_dir: str | Path | None,
                 done_ids: set[str] | frozenset[str] = frozenset()) -> list[StageSpec]:
     """`plan_stages` + decode: decoded clip rows (`frames` + `frames_shape`). `train-vae`
     trains on these, `eval-vae` reconstructs them."""
-    errors = None if errors_dir is None else str(errors_dir)
-    return [*plan_stages(cfg, errors_dir, done_ids), DecodeStage.spec(cfg, errors)]
+    errors = _str(errors_dir)
+    return [*plan_stages(cfg, errors, done_ids), DecodeStage.spec(cfg, errors)]
 
 
 def latent_stages(cfg: PreprocessConfig, errors_dir: str | Path | None,
@@ -121,10 +121,15 @@ def latent_stages(cfg: PreprocessConfig, errors_dir: str | Path | None,
     """`clip_stages` + VAE encode (with `fuse_decode`, `plan_stages` + decode and encode in one
     actor): latent rows. `preprocess` adds the writer; `train --input` feeds the rows straight
     to the trainer."""
-    errors = None if errors_dir is None else str(errors_dir)
+    errors = _str(errors_dir)
     if cfg.fuse_decode:
-        return [*plan_stages(cfg, errors_dir, done_ids), DecodeEncodeStage.spec(cfg, errors)]
-    return [*clip_stages(cfg, errors_dir, done_ids), VAEEncodeStage.spec(cfg, errors)]
+        return [*plan_stages(cfg, errors, done_ids), DecodeEncodeStage.spec(cfg, errors)]
+    return [*clip_stages(cfg, errors, done_ids), VAEEncodeStage.spec(cfg, errors)]
+
+
+def _str(path: str | Path | None) -> str | None:
+    """A stage's errors folder as its actors take it (a str crosses to them; None: no rows)."""
+    return None if path is None else str(path)
 
 
 def source_dataset(sources: pa.Table, rows_per_block: int):
@@ -133,8 +138,8 @@ def source_dataset(sources: pa.Table, rows_per_block: int):
     the actor pools hold the fractional CPUs of a 2-core machine."""
     import ray.data
 
-    step = rows_per_block
-    return ray.data.from_arrow([sources.slice(i, step) for i in range(0, sources.num_rows, step)])
+    n = rows_per_block
+    return ray.data.from_arrow([sources.slice(i, n) for i in range(0, sources.num_rows, n)])
 
 
 def stream(cfg: ClipConfig, sources: pa.Table | str, specs: list[StageSpec]):

@@ -26,7 +26,7 @@ from actors.workers.sampler import RankModel, SamplerConfig, SamplerGroup
 from actors.workers.sequence_parallel import SamplerMesh
 from models.pipelines import (
     PipelineRecord,
-    initial_noise,
+    latent_shape,
     load_transformer,
     new_scheduler,
     pipeline_noise,
@@ -50,17 +50,16 @@ class PipelineRank:
         self.transformer = load_transformer(record, device, dtype)
 
     def __call__(self, inputs: dict[str, Any], mesh: SamplerMesh | None) -> torch.Tensor:
-        """inputs: noise (1, C, T', H', W'), prompt / negative (1, L, D), steps, guidance, seed
-        -> the latents, float32 on CPU. On a mesh: sequence-parallel (mesh.sp), the two
-        guidance passes on the two CFG branches (mesh.cfg); a family without parallel
-        samplers (CogVideoX) is refused before Ray (pipeline/generate.py)."""
+        """inputs: shape (1, C, T', H', W'), seed, prompt / negative (1, L, D), steps, guidance
+        -> the latents, float32 on CPU. The noise is drawn here from the row's seed, as the
+        pipeline draws it (every rank draws the same; CogVideoX in the transformer's dtype,
+        its DPM scheduler then drawing on from the same generator). On a mesh:
+        sequence-parallel (mesh.sp), the two guidance passes on the two CFG branches
+        (mesh.cfg); a family without parallel samplers (CogVideoX) is refused before Ray
+        (pipeline/generate.py)."""
         predict = guided_noise(self.transformer, mesh) if mesh is not None else None
-        noise, seed = inputs["noise"], int(inputs["seed"])
-        if self.record.family.frames_first:  # CogVideoX draws in the transformer's dtype
-            noise, generator = pipeline_noise(self.record, noise.shape, seed,
-                                              self.transformer.dtype)
-        else:
-            generator = None
+        noise, generator = pipeline_noise(self.record, inputs["shape"], int(inputs["seed"]),
+                                          self.transformer.dtype)
         with sharded(self.transformer, mesh.sp if mesh is not None else None):
             latents = sample(
                 self.record, self.transformer, new_scheduler(self.record), inputs["prompt"],
@@ -98,9 +97,9 @@ class PipelineSampler:
         """Each row's latents (C, T', H', W') float32, in the transformer's latent space."""
         out = []
         for r, t, n in zip(rows, text, neg, strict=True):
-            noise = initial_noise(self.record, r["frames"], r["height"], r["width"], r["seed"])
+            shape = (1, *latent_shape(self.record, r["frames"], r["height"], r["width"]))
             latents = self.group.run(dict(
-                noise=noise, prompt=padded(t, self.length), negative=padded(n, self.length),
+                shape=shape, prompt=padded(t, self.length), negative=padded(n, self.length),
                 steps=int(r["steps"]), guidance=float(r["cfg"]), seed=int(r["seed"])))
             out.append(latents[0].numpy())
         return out
