@@ -110,6 +110,11 @@ class DiTConfig:
     # block's modulation directly, which a small model trained briefly learns far faster than
     # through cross-attention alone. Off for exports that predate it (they load unchanged).
     pooled_text: bool = False
+    # An absolute position signal added to the patch embeddings next to RoPE: "sincos" = fixed
+    # 3D sin-cos of the token's (t, h, w) grid index (DiT / Latte / Open-Sora's spatial blocks:
+    # a token then knows where in the frame it is, which RoPE's relative angles do not tell);
+    # "none" = RoPE alone (exports that predate it load unchanged).
+    pos_embed: str = "none"
 
     def __post_init__(self) -> None:
         self.patch = tuple(self.patch)  # YAML gives lists
@@ -119,6 +124,8 @@ class DiTConfig:
         if len(self.patch) != 3 or min(self.patch) < 1:
             raise ValueError(f"patch must be three positive ints (pt, ph, pw), got {self.patch}")
         known(LAYOUTS, self.layout, "layout")
+        if self.pos_embed not in ("none", "sincos"):
+            raise ValueError(f"pos_embed must be 'none' or 'sincos', got {self.pos_embed!r}")
         if self.heads < 1 or self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         head_dim = self.hidden // self.heads
@@ -168,6 +175,20 @@ class TimestepEmbedder(nn.Module):
         args = t.float()[:, None] * freqs[None]  # (B, half)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, freq_dim)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+def sincos_3d(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fixed absolute embeddings (n, dim) of integer (t, h, w) positions (n, 3): each axis gets
+    an even share of `dim` (t the rest) of sin / cos at geometric frequencies (DiT's 2D
+    sin-cos, with time as a third axis, as Latte and Open-Sora add)."""
+    share = 2 * (dim // 6)
+    out = []
+    for axis, width in enumerate((dim - 2 * share, share, share)):
+        freqs = 10000.0 ** (-torch.arange(width // 2, device=positions.device,
+                                          dtype=torch.float64) / max(width // 2, 1))
+        angle = positions[:, axis, None].double() * freqs  # (n, width // 2)
+        out += [angle.sin(), angle.cos()]
+    return torch.cat(out, dim=-1).float()  # (n, dim)
 
 
 class TextEmbedder(nn.Module):
@@ -367,9 +388,10 @@ class DiT(nn.Module):
         text; when None, training mode drops with p = config.text_dropout.
         """
         tokens, grid = patchify(x, self.config.patch)  # (B, N, pt*ph*pw*C)
-        h, c, text, text_mask = self.embed(tokens, t, text, text_mask, fps, drop_text)
-        h = self.run_blocks(h, c, text, text_mask, self.rope(grid.positions(x.device)),
-                            grid.shape)  # (B, N, D)
+        positions = grid.positions(x.device)  # (N, 3)
+        h, c, text, text_mask = self.embed(tokens, t, text, text_mask, fps, drop_text,
+                                           positions)
+        h = self.run_blocks(h, c, text, text_mask, self.rope(positions), grid.shape)  # (B, N, D)
         return unpatchify(self.head(h, c), grid)  # (B, C, T, H, W)
 
     # `forward` in three steps, which sequence parallelism (actors/workers/sequence_parallel.py)
@@ -379,9 +401,11 @@ class DiT(nn.Module):
     def embed(
         self, tokens: torch.Tensor, t: torch.Tensor, text: torch.Tensor | None,
         text_mask: torch.Tensor | None, fps: torch.Tensor | None, drop_text: torch.Tensor | None,
+        positions: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Patch tokens (B, n, P) -> the blocks' inputs: tokens h (B, n, D) and what every
-        token of a sample sees, adaLN input c (B, D), text (B, L, D) and its mask (B, L)."""
+        """Patch tokens (B, n, P) at grid positions (n, 3) -> the blocks' inputs: tokens h
+        (B, n, D) and what every token of a sample sees, adaLN input c (B, D), text (B, L, D)
+        and its mask (B, L)."""
         cfg, (B, device) = self.config, (tokens.shape[0], tokens.device)
         # (B, D); the sinusoids are tuned for t in [0, 1000], as in SD3
         c = self.t_embedder(torch.as_tensor(t, device=device).expand(B) * 1000)
@@ -394,7 +418,10 @@ class DiT(nn.Module):
             weights = text_mask.to(text.dtype)[..., None]  # (B, L, 1)
             pooled = (text * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D)
             c = c + self.pooled_embedder(pooled)
-        return self.x_embedder(tokens), c, text, text_mask
+        h = self.x_embedder(tokens)
+        if cfg.pos_embed == "sincos":
+            h = h + sincos_3d(positions, cfg.hidden).to(h.dtype)
+        return h, c, text, text_mask
 
     def rope(self, positions: torch.Tensor) -> torch.Tensor:
         """Rotary angles for token positions (N, 3): (N, head_dim // 2, 2)."""

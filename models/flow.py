@@ -89,6 +89,7 @@ def flow_loss(
     t: torch.Tensor,
     noise: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
+    frames: list | None = None,
     **cond,
 ) -> torch.Tensor:
     """Mean squared error between model(x_t, t, **cond) and the velocity noise - x0.
@@ -96,10 +97,15 @@ def flow_loss(
     With per-sample `weight` (B,): the weighted *sum* of per-sample MSEs, sum_i w_i mse_i
     (w = 0 for padding). The caller divides by the weight summed over all its workers: a
     sharded batch's mean needs the global sum, which this function cannot see.
+    `frames`, a list, receives the (B, T) detached MSE per sample and latent frame of
+    (B, C, T, H, W) latents: where the loss lives (the training log's loss map).
     """
     noise = torch.randn_like(x0) if noise is None else noise
     pred = model(interpolate(x0, noise, t), t, **cond)
     err = (pred.float() - (noise - x0).float()).square()
+    if frames is not None:
+        frames.append(err.detach().transpose(1, 2).flatten(2).mean(2) if err.ndim == 5
+                      else err.detach().flatten(1).mean(1, keepdim=True))
     if weight is None:
         return err.mean()
     return (err.flatten(1).mean(1) * weight).sum()

@@ -61,8 +61,12 @@ class VAEConfig:
     spatial_strides: tuple[int, ...] = ()
     shortcut: bool = False  # DC-AE residual autoencoding shortcuts (models/vae_blocks.py)
     factorized: bool = False  # ResBlock convs as 1x3x3 spatial then 3x1x1 causal temporal
-    scaling_factor: float = 1.0  # set by VideoVAE.fit_scaling after training
-    shift_factor: float = 0.0
+    # Latent normalisation, set by VideoVAE.fit_scaling after training: (z - shift) * scaling.
+    # One float each (one scale for all channels), or one value per latent channel (Wan's
+    # latents_mean / 1 / latents_std): a DiT's noise has std 1 in every channel, so a channel
+    # 3x quieter than the rest would sit 9x deeper in the noise at every flow time.
+    scaling_factor: float | tuple[float, ...] = 1.0
+    shift_factor: float | tuple[float, ...] = 0.0
 
     def validate(self) -> None:
         """Value rules; the config loader and `VideoVAE` call it (as every config's)."""
@@ -85,6 +89,11 @@ class VAEConfig:
             )
         if self.patch_size < 1 or self.num_res_blocks < 1 or self.latent_channels < 1:
             raise ValueError("VAEConfig.patch_size, num_res_blocks, latent_channels must be >= 1")
+        for key in ("scaling_factor", "shift_factor"):
+            value = getattr(self, key)
+            if isinstance(value, tuple) and len(value) != self.latent_channels:
+                raise ValueError(f"VAEConfig.{key} has {len(value)} values; give one float or "
+                                 f"one per latent channel ({self.latent_channels})")
 
     @property
     def temporal_factor(self) -> int:
@@ -113,6 +122,9 @@ class VAEConfig:
         for key in ("channels", "temporal_strides", "spatial_strides"):  # JSON gives lists
             if key in d:
                 d[key] = tuple(int(v) for v in d[key])
+        for key in ("scaling_factor", "shift_factor"):  # a float, or one per channel
+            if isinstance(d.get(key), list | tuple):
+                d[key] = tuple(float(v) for v in d[key])
         config = cls(**d)
         config.validate()
         return config
@@ -256,12 +268,13 @@ class VideoVAE(nn.Module):
         return self.config.spatial_factor
 
     @property
-    def scaling_factor(self) -> float:
-        return self.config.scaling_factor
+    def scaling_factor(self) -> float | Tensor:
+        """A float, or per channel a (C,) tensor (the VideoAutoencoder protocol)."""
+        return _per_channel(self.config.scaling_factor)
 
     @property
-    def shift_factor(self) -> float:
-        return self.config.shift_factor
+    def shift_factor(self) -> float | Tensor:
+        return _per_channel(self.config.shift_factor)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(C, T', H', W') of the latent for a (frames, height, width) video."""
@@ -281,10 +294,10 @@ class VideoVAE(nn.Module):
         return channel_to_space(self.decoder(z, cache), self.config.patch_size)
 
     def scale_latent(self, z: Tensor) -> Tensor:
-        return (z - self.shift_factor) * self.scaling_factor
+        return scale_latent(z, self.scaling_factor, self.shift_factor)
 
     def unscale_latent(self, z: Tensor) -> Tensor:
-        return z / self.scaling_factor + self.shift_factor
+        return unscale_latent(z, self.scaling_factor, self.shift_factor)
 
     def encode(
         self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None
@@ -376,26 +389,53 @@ class VideoVAE(nn.Module):
 
     # ---- latent normalisation ------------------------------------------------------------
     @torch.no_grad()
-    def fit_scaling(self, videos: Iterable[Tensor]) -> tuple[float, float]:
-        """Set shift/scaling so encoded latents of `videos` have mean 0 and std 1.
+    def fit_scaling(self, videos: Iterable[Tensor], per_channel: bool = False
+                    ) -> tuple[float | Tensor, float | Tensor]:
+        """Set shift/scaling so encoded latents of `videos` have mean 0 and std 1, over all
+        channels together or (`per_channel`) in each channel.
 
         Call after training, on a few representative batches; save_vae stores the result.
         """
-        total, total_sq, count = 0.0, 0.0, 0
-        for x in videos:
-            z = self.encode_posterior(x).mode().double()
-            total += z.sum().item()
-            total_sq += z.pow(2).sum().item()
-            count += z.numel()
-        if count == 0:
+        stats = [latent_moments(self.encode_posterior(x).mode()) for x in videos]
+        if not stats:
             raise ValueError("fit_scaling got no videos")
+        total, total_sq, count = (sum(v) for v in zip(*stats, strict=True))
+        if not per_channel:
+            total, total_sq, count = total.sum(), total_sq.sum(), count.sum()
         mean = total / count
-        std = math.sqrt(max(total_sq / count - mean**2, 1e-12))
-        self.config = replace(self.config, shift_factor=mean, scaling_factor=1.0 / std)
-        return self.config.scaling_factor, self.config.shift_factor
+        std = (total_sq / count - mean**2).clamp(min=1e-12).sqrt()
+        pick = (lambda v: tuple(v.tolist())) if per_channel else (lambda v: v.item())
+        self.config = replace(self.config, shift_factor=pick(mean), scaling_factor=pick(1 / std))
+        return self.scaling_factor, self.shift_factor
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def latent_moments(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel sum, sum of squares and count (float64, (C,) each) of latents (B, C, ...)."""
+    z = z.double().transpose(0, 1).flatten(1)  # (C, N)
+    return z.sum(1), z.square().sum(1), torch.full_like(z[:, 0], z.shape[1])
+
+
+def _per_channel(value: float | tuple[float, ...]) -> float | Tensor:
+    return torch.tensor(value) if isinstance(value, tuple) else value
+
+
+def _along_channels(value: float | Tensor, z: Tensor) -> float | Tensor:
+    """A float as is; a (C,) tensor shaped to broadcast over z's (B, C, ...) channel dim."""
+    if isinstance(value, float | int):
+        return value
+    return value.to(z.device, z.dtype).reshape(1, -1, *([1] * (z.ndim - 2)))
+
+
+def scale_latent(z: Tensor, scaling: float | Tensor, shift: float | Tensor) -> Tensor:
+    """Raw latent (B, C, ...) -> what the DiT sees: (z - shift) * scaling, floats or (C,)."""
+    return (z - _along_channels(shift, z)) * _along_channels(scaling, z)
+
+
+def unscale_latent(z: Tensor, scaling: float | Tensor, shift: float | Tensor) -> Tensor:
+    return z / _along_channels(scaling, z) + _along_channels(shift, z)
 
 
 # ---- training loss -----------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from models.safety import require_safetensors
-from models.vae import check_latent, check_video
+from models.vae import check_latent, check_video, scale_latent, unscale_latent
 from models.vae_blocks import check_tiling
 
 SUPPORTED = ("AutoencoderKLWan", "AutoencoderKLCogVideoX", "AutoencoderKLHunyuanVideo")
@@ -91,16 +91,11 @@ class DiffusersVideoVAE:
     def dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
 
-    def _broadcast(self, v: float | Tensor, like: Tensor) -> float | Tensor:
-        if isinstance(v, Tensor):
-            return v.to(like.device, like.dtype)[None, :, None, None, None]  # (1, C, 1, 1, 1)
-        return v
-
     def scale_latent(self, z: Tensor) -> Tensor:
-        return (z - self._broadcast(self.shift_factor, z)) * self._broadcast(self.scaling_factor, z)
+        return scale_latent(z, self.scaling_factor, self.shift_factor)
 
     def unscale_latent(self, z: Tensor) -> Tensor:
-        return z / self._broadcast(self.scaling_factor, z) + self._broadcast(self.shift_factor, z)
+        return unscale_latent(z, self.scaling_factor, self.shift_factor)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         t, s = self.temporal_factor, self.spatial_factor

@@ -248,10 +248,11 @@ class SequenceParallel:
             return dit(x, t, text=text, text_mask=text_mask, fps=fps, drop_text=drop_text)
         tokens, grid = patchify(x, dit.config.patch)  # (B, N, P): a reshape, on every rank
         plan = ShardPlan(grid.shape, self.world)
-        stream = _Stream(plan, self.group, self.rank, self.first,
-                         dit.rope(grid.positions(x.device)))
-        h, c, text, text_mask = dit.embed(plan.shard(tokens, self.first, self.rank), t, text,
-                                          text_mask, fps, drop_text)  # h (B, n_local, D)
+        positions = grid.positions(x.device)  # (N, 3)
+        stream = _Stream(plan, self.group, self.rank, self.first, dit.rope(positions))
+        h, c, text, text_mask = dit.embed(
+            plan.shard(tokens, self.first, self.rank), t, text, text_mask, fps, drop_text,
+            plan.shard(positions[None], self.first, self.rank)[0])  # h (B, n_local, D)
         swap = _ulysses(dit, self.group, plan.num_tokens) if self.ulysses else nullcontext()
         with swap:
             h = dit.run_blocks(h, c, text, text_mask, stream.ropes[self.first],

@@ -171,7 +171,8 @@ def train_loop(cfg: TrainLoopConfig, backend: Backend, batches: Callable[[int], 
             set_lr(state.optim, lr)
             noise, t, drop = draw(batch, cfg)
             total_w = reduce_sum(batch.weight.sum().reshape(1))  # over the global batch
-            weighted = flow_loss(model, batch.x, t, noise, weight=batch.weight,
+            frames: list[torch.Tensor] = []
+            weighted = flow_loss(model, batch.x, t, noise, weight=batch.weight, frames=frames,
                                  fps=batch.fps, drop_text=drop, **text_inputs(batch, frozen))
             grad_norm = optimizer_step(state, weighted, total_w, W, cfg.optim.grad_clip)
             step += 1
@@ -185,7 +186,11 @@ def train_loop(cfg: TrainLoopConfig, backend: Backend, batches: Callable[[int], 
                    "grad_norm": grad_norm, "bucket": batch.bucket, "samples": int(samples),
                    "tokens_per_s": tokens / dt, "tokens_per_s_per_worker": tokens / dt / W,
                    "samples_per_s": samples / dt, "step_s": dt, "data_s": t_data,
-                   "memory_mb": memory_mb(device), "time": time.time()}
+                   "memory_mb": memory_mb(device), "time": time.time(),
+                   # this worker's real samples: flow time and MSE per latent frame (loss map)
+                   "t": [round(v, 4) for v in t[batch.weight > 0].tolist()],
+                   "frame_loss": [[round(v, 5) for v in r]
+                                  for r in frames[0][batch.weight > 0].tolist()]}
             log.write(row)
             progress(step, f"loss {row['loss']:.4f} lr {lr:.2e} gnorm {grad_norm:.3f} "
                            f"{row['tokens_per_s']:.0f} tok/s {row['samples_per_s']:.1f} "

@@ -143,6 +143,9 @@ class VAETrainLoopConfig:
     log_every: int = 10
     checkpoint_every: int = 500  # and at the end
     export_dtype: Literal["float32", "float16"] = "float32"  # of every vae.safetensors written
+    # Latent normalisation fitted at export: "channel" = mean 0 / std 1 in each latent channel
+    # (as Wan's VAE); "global" = one shift and scale for all channels (VAEs before this key).
+    scaling: Literal["channel", "global"] = "channel"
     # Fine-tuning: start from a saved VAE (its config replaces `model`: architecture and latent
     # scaling). freeze_encoder trains the decoder alone, so the latents and their scaling stay
     # those of `init` and a DiT trained on them stays valid (the scaling is not refitted).
@@ -236,14 +239,15 @@ def ema_model(cfg: VAETrainLoopConfig, ema: EMA, device: torch.device) -> VideoV
 
 def export_vae(cfg: VAETrainLoopConfig, ema: EMA, buffer: ClipBuffer, device: torch.device,
                folder: Path) -> None:
-    """`folder`/vae.safetensors: the EMA weights, the latent scaling fitted on training crops
-    (fixed generator; not with a frozen encoder, whose latents keep `init`'s scaling), written
+    """`folder`/vae.safetensors: the EMA weights, the latent scaling (`cfg.scaling`) fitted on
+    training crops (fixed generator; not with a frozen encoder, whose latents keep `init`'s scaling), written
     whole in `export_dtype` (load_vae casts back to float32)."""
     model = ema_model(cfg, ema, device)
     if len(buffer) and not cfg.freeze_encoder:
         g = torch.Generator().manual_seed(cfg.seed)
         crops = buffer.sample(4 * cfg.data.batch_size, False, g)
-        model.fit_scaling(x.to(device) for x in crops.split(cfg.data.batch_size))
+        model.fit_scaling((x.to(device) for x in crops.split(cfg.data.batch_size)),
+                          per_channel=cfg.scaling == "channel")
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "vae.safetensors.tmp"
     save_vae(model.to(torch_dtype(cfg.export_dtype)), tmp)

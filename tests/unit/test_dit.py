@@ -14,7 +14,9 @@ from models.dit import (
     SelfAttention,
     build_dit,
     dit_config,
+    sincos_3d,
 )
+from models.patching import PatchGrid
 
 C = 2
 
@@ -128,6 +130,21 @@ def test_one_model_runs_on_any_aspect_ratio_and_length(layout):
         x = torch.randn(1, C, *shape)
         y = run(model, x)
         assert y.shape == x.shape and torch.isfinite(y).all() and y.abs().max() > 0
+
+
+def test_absolute_positions_add_no_weights_and_tell_every_position_apart():
+    """`pos_embed: sincos` adds fixed embeddings (no parameter: a model without it loads the
+    same state dict, old exports unchanged) that differ for every (t, h, w) of a grid."""
+    plain, absolute = opened("full3d"), opened("full3d", pos_embed="sincos")
+    assert plain.state_dict().keys() == absolute.state_dict().keys()
+    x = torch.randn(1, C, 3, 8, 8)
+    assert (run(plain, x) - run(absolute, x)).abs().max() > 1e-3
+    positions = PatchGrid((5, 9, 11), (1, 1, 1)).positions()
+    emb = sincos_3d(positions, 96)  # (N, 96)
+    assert emb.shape == (5 * 9 * 11, 96)
+    assert torch.cdist(emb, emb).add(torch.eye(len(emb)) * 1e3).min() > 0.1  # all distinct
+    with pytest.raises(ValueError, match="pos_embed"):
+        DiTConfig(pos_embed="learned").validate()
 
 
 def test_fresh_model_predicts_zero():

@@ -97,6 +97,16 @@ def cases_world2(rank: int) -> dict[str, float]:
                 results[f"calls/{layout}/heads{model.config.heads}/{size}"] = [
                     counts[k] - before[k] for k in STEPS]
                 results[f"scale/{layout}/{size}"] = ref.abs().max().item()
+    # An absolute position embedding: each shard adds its own tokens' positions.
+    for layout in ("full3d", "spatial", "temporal"):
+        model = opened(layout, pos_embed="sincos")
+        for size in SIZES:
+            z = inputs(size, seed=len(results))
+            cond = dict(text=z["text"], text_mask=z["text_mask"], fps=z["fps"])
+            with torch.no_grad():
+                ref = model(z["x"], z["t"], **cond)
+            results[f"sp_pos/{layout}/{size}"] = err(SequenceParallel(model)(z["x"], z["t"],
+                                                                             **cond), ref)
     # CFG parallel, K = 1 x 2 branches: null text (vs models.flow) and a negative prompt.
     mesh = SamplerMesh.build(sequence_parallel=1, cfg_parallel=True)
     model = opened("factorized")
@@ -191,6 +201,12 @@ def test_sequence_parallel_two_ranks_matches_one_for_every_layout(world2):
     calls = {k: v for k, v in world2.items() if k.startswith("calls/")}
     assert len(calls) == len(sp)
     assert all(v == [0, 1, 1, 1] for v in calls.values()), (STEPS, calls)
+
+
+def test_sequence_parallel_adds_each_shards_own_absolute_positions(world2):
+    sp = {k: v for k, v in world2.items() if k.startswith("sp_pos/")}
+    assert len(sp) == 3 * len(SIZES)
+    assert max(sp.values()) < TOL, sp
 
 
 def test_each_attention_mode_shards_by_its_unit():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -154,6 +155,31 @@ def test_fit_scaling_gives_unit_variance_latents_and_decode_undoes_it() -> None:
     assert math.isclose(z.std().item(), 1.0, rel_tol=1e-2)
     assert scale == model.scaling_factor and shift == model.shift_factor
     torch.testing.assert_close(y_after, y_before, atol=1e-4, rtol=0)
+
+
+def test_per_channel_scaling_gives_unit_variance_in_every_channel_and_round_trips(
+        tmp_path) -> None:
+    model = random_vae()
+    x = video(2, 5, 16, 16)
+    with torch.no_grad():
+        y_before = model.decode(model.encode(x))
+        model.fit_scaling([x], per_channel=True)
+        z = model.encode(x)
+        y_after = model.decode(z)
+    per_channel = z.transpose(0, 1).flatten(1)  # (C, N)
+    torch.testing.assert_close(per_channel.mean(1), torch.zeros(z.shape[1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(per_channel.std(1, correction=0), torch.ones(z.shape[1]),
+                               atol=1e-3, rtol=0)
+    assert isinstance(model.config.scaling_factor, tuple)
+    assert len(model.config.scaling_factor) == model.latent_channels
+    torch.testing.assert_close(y_after, y_before, atol=1e-4, rtol=0)
+    save_vae(model, tmp_path / "vae.safetensors")
+    loaded = load_vae(tmp_path / "vae.safetensors")
+    assert loaded.config.scaling_factor == model.config.scaling_factor
+    assert loaded.config.shift_factor == model.config.shift_factor
+    torch.testing.assert_close(loaded.encode(x), z)
+    with pytest.raises(ValueError, match="one per latent channel"):
+        VAEConfig.from_dict({**asdict(model.config), "scaling_factor": [1.0, 2.0]})
 
 
 def test_short_training_lowers_reconstruction_loss() -> None:
