@@ -418,6 +418,11 @@ def latent_moments(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return z.sum(1), z.square().sum(1), torch.full_like(z[:, 0], z.shape[1])
 
 
+def as_floats(value: float | tuple[float, ...]) -> list[float]:
+    """A config's scaling / shift as a list: one value, or one per channel."""
+    return [float(v) for v in value] if isinstance(value, tuple) else [float(value)]
+
+
 def _per_channel(value: float | tuple[float, ...]) -> float | Tensor:
     return torch.tensor(value) if isinstance(value, tuple) else value
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
@@ -156,16 +157,24 @@ def model_record(export: Path) -> tuple[ExportRecord | PipelineRecord, str, int,
 
 
 def inspect_model(checkpoint: str | Path, vae: VAEStageConfig) -> Model:
-    """`vae.checkpoint: auto`: a pipeline folder's own VAE, else the shipped one."""
+    """`vae.checkpoint: auto`: a pipeline folder's own VAE; for a DiT, the VAE its training
+    latents came from (as its export records it) if that file is here, else the shipped one.
+    A VAE that normalises latents otherwise than the DiT's training latents is refused."""
     export = resolve_export(checkpoint)
     record, model_digest, channels, (pt, ph, pw) = model_record(export)
+    latents = record.train.get("latents") or {} if isinstance(record, ExportRecord) else {}
     path = vae.checkpoint
     if path == "auto":
-        path = str(vae_folder(record)) if isinstance(record, PipelineRecord) else SHIPPED_VAE
+        if isinstance(record, PipelineRecord):
+            path = str(vae_folder(record))
+        else:
+            recorded = latents.get("vae", "")
+            path = recorded if recorded and Path(recorded).is_file() else SHIPPED_VAE
     try:
         model = load_checkpoint_vae(path)
     except VAELoadError as e:
         raise ConfigError(str(e)) from None
+    check_normalisation(model, latents, export, path)
     if model.latent_channels != channels:
         what = "transformer" if isinstance(record, PipelineRecord) else "DiT"
         raise ConfigError(f"VAE {path} makes {model.latent_channels}-channel latents "
@@ -174,6 +183,28 @@ def inspect_model(checkpoint: str | Path, vae: VAEStageConfig) -> Model:
     s, t = model.spatial_factor, model.temporal_factor
     return Model(export, model_digest, record, path,
                  Grid(spatial=math.lcm(s * ph, s * pw), temporal=t, patch_t=pt), t, s)
+
+
+def check_normalisation(vae: Any, latents: dict[str, Any], export: Path, path: str) -> None:
+    """The VAE `path` must scale latents as the VAE of the DiT's training data did (exports
+    without the record, from before it was kept, are not checked)."""
+    want = [latents.get("scaling_factor") or [], latents.get("shift_factor") or []]
+    if not want[0]:
+        return
+    have = [np.atleast_1d(np.asarray(v.tolist() if hasattr(v, "tolist") else v, float)).tolist()
+            for v in (vae.scaling_factor, vae.shift_factor)]  # a float or a (C,) tensor
+    if any(len(a) != len(b) or not np.allclose(a, b, rtol=1e-5, atol=1e-8)
+           for a, b in zip(have, want, strict=True)):
+        raise ConfigError(
+            f"VAE {path} normalises latents otherwise than the VAE the DiT of {export} was "
+            f"trained with ({latents.get('vae') or 'unnamed'}: scaling {fmt_floats(want[0])}, "
+            f"shift {fmt_floats(want[1])}; this one: {fmt_floats(have[0])}, "
+            f"{fmt_floats(have[1])}); decode with that VAE (vae.checkpoint) or retrain on "
+            "latents of this one")
+
+
+def fmt_floats(values: list[float]) -> str:
+    return ", ".join(f"{v:.4g}" for v in values[:3]) + (", ..." if len(values) > 3 else "")
 
 
 def read_done(out: Path) -> set[str]:

@@ -22,6 +22,7 @@ resolved config), export/ (EMA model.safetensors + config.json), workers/ (pid, 
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -32,7 +33,8 @@ import pyarrow as pa
 
 from actors.common.stage import StageResources, StageSpec, apply_all
 from actors.workers.train_data import BatchPlan, PlanLoader, read_index
-from actors.workers.train_dit import TrainLoopConfig
+from actors.workers.train_dit import LatentsRecord, TrainLoopConfig
+from models.vae import as_floats, read_vae_config
 from pipeline.config import to_dict, write_run_record
 from pipeline.pools import check_workers, cluster_of, sized, train_workers
 from pipeline.ray_train import (
@@ -136,13 +138,36 @@ def with_channels(cfg: TrainConfig, channels: int) -> TrainConfig:
     return replace(cfg, model=replace(cfg.model, in_channels=channels))
 
 
+def latents_record(vae: str) -> LatentsRecord:
+    """What the export records of the VAE that made the latents: its path and, for a tubelet
+    VAE file, its latent normalisation (a diffusers folder's is fixed by the folder)."""
+    if not vae or not Path(vae).is_file():
+        return LatentsRecord(vae=vae)
+    try:
+        config = read_vae_config(vae)
+    except ValueError:  # not a tubelet VAE file
+        return LatentsRecord(vae=vae)
+    return LatentsRecord(vae, as_floats(config.scaling_factor), as_floats(config.shift_factor))
+
+
+def data_vae(data: str | Path) -> str:
+    """The VAE a latent dataset was made with: the `vae` of the preprocess record (run.json)
+    beside it (PRE/latents -> PRE/run.json); "" when there is none."""
+    for folder in (Path(data), Path(data).parent):
+        record = folder / "run.json"
+        if record.is_file():
+            return str(json.loads(record.read_text()).get("vae") or "")
+    return ""
+
+
 def planned_data(cfg: TrainConfig, data: str | Path, world_size: int
                  ) -> tuple[TrainConfig, pa.Table, BatchPlan]:
-    """(cfg with the data's channels, the dataset's index, its plan over `world_size` workers);
-    an unusable dataset is a TrainError naming it."""
+    """(cfg with the data's channels and VAE record, the dataset's index, its plan over
+    `world_size` workers); an unusable dataset is a TrainError naming it."""
     try:
         index = read_index(data)
         cfg = with_channels(cfg, data_channels(index, data))
+        cfg = replace(cfg, latents=latents_record(data_vae(data)))
         return cfg, index, BatchPlan(index, cfg.data, world_size)
     except (ValueError, FileNotFoundError) as e:
         raise TrainError(str(e)) from None
@@ -175,6 +200,7 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
     if streaming:
         try:
             cfg = with_channels(cfg, latent_channels(cfg.preprocess.vae))
+            cfg = replace(cfg, latents=latents_record(cfg.preprocess.vae.checkpoint))
         except ValueError as e:  # no such VAE checkpoint, not a VAE, unknown preset
             raise TrainError(f"preprocess.vae: {e}") from None
     else:

@@ -66,6 +66,18 @@ from models.text_encoder import (
 
 
 @dataclass
+class LatentsRecord:
+    """The VAE that made the training latents and how it normalised them, set when training
+    starts (from the latent dataset's preprocess record, or `preprocess.vae` with --input), not
+    by hand. Generation decodes with that VAE and refuses one whose normalisation differs:
+    decoding with other scaling gives wrong colours without any error."""
+
+    vae: str = ""  # "" = not known (a dataset without its preprocess record)
+    scaling_factor: list[float] = field(default_factory=list)  # one value, or one per channel
+    shift_factor: list[float] = field(default_factory=list)
+
+
+@dataclass
 class TrainLoopConfig:
     """What one worker needs. `tubelet train`'s TrainConfig extends it with cluster settings."""
 
@@ -79,6 +91,7 @@ class TrainLoopConfig:
     seed: int = 0  # model init and per-sample noise
     log_every: int = 10  # progress line every N steps (metrics.jsonl gets every step)
     checkpoint_every: int = 500  # sharded checkpoint every N steps, and at the end
+    latents: LatentsRecord = field(default_factory=LatentsRecord)
 
     def validate(self) -> None:
         if min(self.steps, self.log_every, self.checkpoint_every) < 1:

@@ -240,8 +240,8 @@ def ema_model(cfg: VAETrainLoopConfig, ema: EMA, device: torch.device) -> VideoV
 def export_vae(cfg: VAETrainLoopConfig, ema: EMA, buffer: ClipBuffer, device: torch.device,
                folder: Path) -> None:
     """`folder`/vae.safetensors: the EMA weights, the latent scaling (`cfg.scaling`) fitted on
-    training crops (fixed generator; not with a frozen encoder, whose latents keep `init`'s scaling), written
-    whole in `export_dtype` (load_vae casts back to float32)."""
+    training crops (fixed generator; not with a frozen encoder, whose latents keep `init`'s
+    scaling), written whole in `export_dtype` (load_vae casts back to float32)."""
     model = ema_model(cfg, ema, device)
     if len(buffer) and not cfg.freeze_encoder:
         g = torch.Generator().manual_seed(cfg.seed)

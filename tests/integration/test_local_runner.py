@@ -23,6 +23,7 @@ from models.export import load_exported
 from models.vae import VideoVAE, load_vae, save_vae
 from pipeline.config import to_dict
 from pipeline.synth import SynthConfig, synthesize
+from tests.exports import write_vae
 from tests.unit.test_train_data import write_latents
 from tests.unit.test_train_worker import debug_config
 from tests.unit.test_vae_jobs import CONFIGS as VAE_CONFIGS
@@ -53,6 +54,8 @@ def local(*args: str) -> subprocess.CompletedProcess:
 
 def test_dit_trains_in_one_process_without_ray(tmp_path):
     latents = write_latents(tmp_path / "latents")
+    vae = write_vae(tmp_path / "vae.safetensors", scaling_factor=(0.5, 1.0, 2.0, 4.0))
+    (tmp_path / "run.json").write_text(json.dumps({"vae": str(vae)}))  # preprocess's record
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump(to_dict(debug_config())))
     run = tmp_path / "run"
@@ -62,9 +65,14 @@ def test_dit_trains_in_one_process_without_ray(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13))
+    # the loss map: each real sample's flow time and its loss per latent frame
+    assert all(len(r["t"]) == len(r["frame_loss"]) == r["samples"] for r in rows)
+    assert {len(f) for r in rows for f in r["frame_loss"]} == {2, 3}  # the buckets' latent T
     assert (run / "checkpoints" / "step_00000012" / ".metadata").is_file()
     dit, _, exported = load_exported(run / "export")
     assert exported["step"] == 12 and sum(p.numel() for p in dit.parameters()) > 0
+    assert exported["train"]["latents"] == {"vae": str(vae), "shift_factor": [0.0],
+                                            "scaling_factor": [0.5, 1.0, 2.0, 4.0]}
     record = json.loads((run / "run.json").read_text())
     assert record["runner"] == "pipeline.local" and record["steps"] == 12
     # --resume continues the run where it stopped, as the Ray job does
