@@ -40,8 +40,9 @@ demo: $(STAMP)
 	@echo "[demo] 3/5 train: a short FSDP2 run on 2 Ray Train workers (the training path)"
 	$(VENV)/bin/tubelet train --data $(DEMO)/pre/latents --output $(DEMO)/run \
 	  --config configs/train/debug.yaml --workers 2 --set steps=100
-	@echo "[demo] 4/5 generate with $(DEMO_DIT): 8 prompts at 16:9, 9:16, 1:1, 9 and 17 frames"
-	@echo "[demo]     (the shipped model of configs/train/demo.yaml, trained here on 800 videos;"
+	@echo "[demo] 4/5 generate with $(DEMO_DIT): 32 prompts (colour x shape x direction, none a"
+	@echo "[demo]     training caption) at 16:9, 9:16, 1:1, 9 and 17 frames"
+	@echo "[demo]     (the shipped model of configs/train/demo.yaml, trained on 800 videos;"
 	@echo "[demo]     the 100-step run above only shows the training path)"
 	$(VENV)/bin/tubelet generate --checkpoint $(DEMO_DIT) --prompts configs/prompts/demo.jsonl \
 	  --output $(DEMO)/generated --steps 30

@@ -3,7 +3,7 @@ direction, none a training caption; 16:9, 9:16, 1:1; 9 and 17 frames) for each s
 `tubelet eval` against reference videos; one table per seed and the mean ± std over seeds.
 
     python benchmarks/demo_eval.py --checkpoint weights/dit-demo [--reference demo/videos]
-        [--seeds 0 1] [--steps 30] [--out runs/demo-eval]
+        [--vae VAE] [--seeds 0 1] [--steps 30] [--out runs/demo-eval]
 
 The issue's targets for the demo model: colour >= 90%, shape >= 60%, direction >= 70%,
 vanish <= 5%, colour flicker and morphing <= 3x the reference videos'.
@@ -28,7 +28,7 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict:
     out = args.out / f"seed{seed}"
     gen_s = tubelet("generate", "--checkpoint", str(args.checkpoint), "--prompts",
                     str(args.prompts), "--output", str(out / "gen"), "--steps", str(args.steps),
-                    "--seed", str(seed))
+                    "--seed", str(seed), *(["--vae", str(args.vae)] if args.vae else []))
     tubelet("eval", "--videos", str(out / "gen"), "--reference", str(args.reference),
             "--output", str(out / "eval"))
     report = json.loads((out / "eval" / "eval.json").read_text())
@@ -43,6 +43,8 @@ def main() -> None:
     p.add_argument("--prompts", type=Path, default=ROOT / "configs/prompts/demo.jsonl")
     p.add_argument("--reference", type=Path, default=ROOT / "demo/videos",
                    help="training-domain videos (make demo's: tubelet synth --seed 0)")
+    p.add_argument("--vae", default=None, help="the VAE to decode with (default: the one the "
+                   "export records, else the shipped one)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--out", type=Path, default=ROOT / "runs/demo-eval")
