@@ -81,6 +81,11 @@ class SynthConfig:
     # turning over a natural photo of scikit-image (pipeline/photos.py), from `photo_split`.
     kind: str = "shapes"
     photo_split: str = "train"  # "train" or "held-out": disjoint sets of photos
+    # True: the shape bounces off the edges, so a long or fast video turns back and its caption
+    # ("moving left") holds only until the first bounce. False: each video's start and speed
+    # keep the whole path inside the frame (a speed too fast for the video's length is cut to
+    # fit), so every frame moves the captioned way; what a text-to-video model should learn.
+    bounce: bool = True
 
     def validate(self) -> None:
         if self.kind not in ("shapes", "photos"):
@@ -165,6 +170,14 @@ def make_background(
     return name, img, mean  # type: ignore[return-value]
 
 
+def _start(rng: np.random.Generator, room: float, path: float) -> float:
+    """A start coordinate in [0, room] from which a signed `path` (pixels) stays inside."""
+    if path == 0:
+        return float(rng.uniform(0.2, 0.8) * room)
+    lo, hi = (0.0, room - path) if path > 0 else (-path, room)
+    return float(rng.uniform(lo, max(lo, hi)))
+
+
 def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
@@ -201,16 +214,24 @@ def render_video(cfg: SynthConfig, index: int, out_dir: Path) -> dict[str, Any]:
     mask = shape_mask(shape, size)
     rgb = np.asarray(COLORS[color], np.uint8)
 
-    # Start where the initial motion has room to show before the first bounce.
     dx, dy = DIRECTIONS[direction]
-    x = float(rng.uniform(0.3, 0.45) * (width - size)) if dx >= 0 else float(
-        rng.uniform(0.55, 0.7) * (width - size))
-    y = float(rng.uniform(0.3, 0.45) * (height - size)) if dy >= 0 else float(
-        rng.uniform(0.55, 0.7) * (height - size))
-    if dx == 0:
-        x = float(rng.uniform(0.2, 0.8) * (width - size))
-    if dy == 0:
-        y = float(rng.uniform(0.2, 0.8) * (height - size))
+    if cfg.bounce:  # start where the initial motion has room to show before the first bounce
+        x = float(rng.uniform(0.3, 0.45) * (width - size)) if dx >= 0 else float(
+            rng.uniform(0.55, 0.7) * (width - size))
+        y = float(rng.uniform(0.3, 0.45) * (height - size)) if dy >= 0 else float(
+            rng.uniform(0.55, 0.7) * (height - size))
+        if dx == 0:
+            x = float(rng.uniform(0.2, 0.8) * (width - size))
+        if dy == 0:
+            y = float(rng.uniform(0.2, 0.8) * (height - size))
+    else:  # the whole path inside the frame: cap the speed, then start where it fits
+        travel = (num_frames - 1) / fps  # seconds of motion
+        rooms = [(width - size) / abs(dx) if dx else math.inf,
+                 (height - size) / abs(dy) if dy else math.inf]
+        speed = min(speed, 0.9 * min(rooms) / travel)
+        x, y = (_start(rng, room, d * speed * travel)
+                for room, d in ((width - size, dx), (height - size, dy)))
+        speed_name = "fast" if speed >= SPEEDS["fast"][0] * width else "slow"
     vx, vy = dx * speed / fps, dy * speed / fps  # pixels per frame
 
     rel = f"video_{index:05d}.mp4"

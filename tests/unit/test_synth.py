@@ -66,6 +66,29 @@ def test_motion_follows_the_caption_direction(dataset):
             assert y1 > y0
 
 
+def test_without_bounces_every_frame_moves_the_captioned_way(tmp_path):
+    """`bounce: false`: no box leaves the frame and no velocity component changes sign, so the
+    caption's direction holds in every frame (with bounces, long or fast videos turn back)."""
+    rows = synthesize(SynthConfig(num_videos=16, seed=5, workers=1, bounce=False,
+                                  min_seconds=2.0, max_seconds=3.0), tmp_path)
+    for row in rows:
+        boxes = np.asarray(row["bboxes"], float)
+        assert boxes[:, :2].min() >= 0
+        assert (boxes[:, 2] <= row["width"]).all() and (boxes[:, 3] <= row["height"]).all()
+        steps = np.diff(boxes[:, :2], axis=0)  # (T-1, 2) x, y per frame
+        for axis, sign in enumerate(np.sign(_direction(row["direction"]))):
+            moved = steps[:, axis]
+            assert (moved * sign >= 0).all() if sign else (moved == 0).all(), row["path"]
+        total = boxes[-1, :2] - boxes[0, :2]
+        assert np.hypot(*total) >= 0.5 * (len(boxes) - 1) / row["fps"] * 0.15 * row["width"]
+
+
+def _direction(name: str) -> tuple[float, float]:
+    from pipeline.synth import DIRECTIONS
+
+    return DIRECTIONS[name]
+
+
 def test_same_seed_same_dataset(tmp_path, dataset):
     _, rows = dataset
     again = synthesize(SynthConfig(num_videos=12, seed=3, workers=1), tmp_path)
