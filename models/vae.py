@@ -68,6 +68,11 @@ class VAEConfig:
     scaling_factor: float | tuple[float, ...] = 1.0
     shift_factor: float | tuple[float, ...] = 0.0
 
+    def __post_init__(self) -> None:
+        for key in ("scaling_factor", "shift_factor"):  # one per channel: a tuple
+            if isinstance(getattr(self, key), list):
+                setattr(self, key, tuple(float(v) for v in getattr(self, key)))
+
     def validate(self) -> None:
         """Value rules; the config loader and `VideoVAE` call it (as every config's)."""
         if len(self.temporal_strides) != len(self.channels) - 1:
@@ -435,12 +440,15 @@ def _along_channels(value: float | Tensor, z: Tensor) -> float | Tensor:
 
 
 def scale_latent(z: Tensor, scaling: float | Tensor, shift: float | Tensor) -> Tensor:
-    """Raw latent (B, C, ...) -> what the DiT sees: (z - shift) * scaling, floats or (C,)."""
-    return (z - _along_channels(shift, z)) * _along_channels(scaling, z)
+    """Raw latent (B, C, ...) -> what the DiT sees: (z - shift) * scaling, floats or (C,);
+    in float32 (bf16 would round per-channel factors), returned in z's dtype."""
+    x = z.float()
+    return ((x - _along_channels(shift, x)) * _along_channels(scaling, x)).to(z.dtype)
 
 
 def unscale_latent(z: Tensor, scaling: float | Tensor, shift: float | Tensor) -> Tensor:
-    return z / _along_channels(scaling, z) + _along_channels(shift, z)
+    x = z.float()
+    return (x / _along_channels(scaling, x) + _along_channels(shift, x)).to(z.dtype)
 
 
 # ---- training loss -----------------------------------------------------------------------

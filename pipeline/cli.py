@@ -253,8 +253,9 @@ def add_generate(sub: Sub) -> argparse.ArgumentParser:
                    "(config: sampler.cfg_parallel)")
     p.add_argument("--vae", default=None, help="VAE checkpoint the latents were made with (a "
                    ".safetensors file or a diffusers VAE folder); the same as "
-                   "--set vae.checkpoint=CKPT (default: a pipeline folder's own VAE, else "
-                   "the shipped VAE)")
+                   "--set vae.checkpoint=CKPT (default: a pipeline folder's own VAE; for a "
+                   "DiT, the VAE its export records, else the shipped VAE; one that "
+                   "normalises latents otherwise than the DiT's training data is refused)")
     p.add_argument("--save-latents", action="store_true", default=None,
                    help="also write each row's latents before decode as DIR/latents/<name>.npy "
                    "(config: save_latents)")

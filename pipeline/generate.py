@@ -174,12 +174,12 @@ def inspect_model(checkpoint: str | Path, vae: VAEStageConfig) -> Model:
         model = load_checkpoint_vae(path)
     except VAELoadError as e:
         raise ConfigError(str(e)) from None
-    check_normalisation(model, latents, export, path)
     if model.latent_channels != channels:
         what = "transformer" if isinstance(record, PipelineRecord) else "DiT"
         raise ConfigError(f"VAE {path} makes {model.latent_channels}-channel latents "
                           f"but the {what} of {export} takes {channels}; pass the VAE the "
                           "training data was preprocessed with (vae.checkpoint)")
+    check_normalisation(model, latents, export, path)
     s, t = model.spatial_factor, model.temporal_factor
     return Model(export, model_digest, record, path,
                  Grid(spatial=math.lcm(s * ph, s * pw), temporal=t, patch_t=pt), t, s)

@@ -26,12 +26,12 @@ import pyarrow.dataset as pds
 
 def channel_moments(latents: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-channel sum, sum of squares and count (float64, (C,) each) over every row."""
-    table = pds.dataset(str(latents), format="parquet").to_table(
-        columns=["latent", "latent_shape"])
     total = total_sq = count = None
-    for flat, shape in zip(table.column("latent").to_numpy(zero_copy_only=False),
-                           table.column("latent_shape").to_pylist(), strict=True):
-        z = np.asarray(flat, np.float64).reshape(shape[0], -1)  # (C, T*H*W)
+    rows = (row for batch in pds.dataset(str(latents), format="parquet").to_batches(
+        columns=["latent", "latent_shape"], batch_size=64) for row in batch.to_pylist())
+    for row in rows:
+        shape = row["latent_shape"]
+        z = np.asarray(row["latent"], np.float64).reshape(shape[0], -1)  # (C, T*H*W)
         if total is None:
             total, total_sq, count = np.zeros(len(z)), np.zeros(len(z)), np.zeros(len(z))
         if len(z) != len(total):
@@ -66,7 +66,10 @@ def refit(vae_path: str | Path, latents: str | Path, output: str | Path,
     scale = np.broadcast_to(np.asarray(as_floats(config.scaling_factor)), mean.shape)
     shift = np.broadcast_to(np.asarray(as_floats(config.shift_factor)), mean.shape)
     new_shift, new_scale = shift + mean / scale, scale / std
-    pick = (lambda v: tuple(float(x) for x in v)) if per_channel else (lambda v: float(v[0]))
+    # one pair only where it stays one pair: a per-channel source composes to per-channel
+    single = not per_channel and not isinstance(config.scaling_factor, tuple) \
+        and not isinstance(config.shift_factor, tuple)
+    pick = (lambda v: float(v[0])) if single else (lambda v: tuple(float(x) for x in v))
     with safe_open(str(vae_path), framework="pt") as f:  # load_vae casts to float32
         dtype = f.get_tensor(next(iter(f.keys()))).dtype  # the file's own: kept
     model = load_vae(vae_path)
@@ -84,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latents", required=True, help="a latent dataset (preprocess output)")
     ap.add_argument("--output", required=True, help="the refitted VAE file to write")
     ap.add_argument("--global", dest="per_channel", action="store_false",
-                    help="one shift and scale for all channels")
+                    help="one mean and std over all channels (a per-channel VAE stays per "
+                    "channel: its channels' scales already differ)")
     args = ap.parse_args(argv)
     try:
         mean, std = refit(args.vae, args.latents, args.output, args.per_channel)

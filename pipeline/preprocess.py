@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.dataset as pds
 
 from actors.common.stage import StageSpec
-from actors.common.vae import VAELoadError, resolve_checkpoint
+from actors.common.vae import VAELoadError, resolve_checkpoint, vae_normalisation
 from actors.write import LatentWriter, read_error_paths, read_ids
 from pipeline.config import ConfigError, to_dict, writable_dir, write_run_record
 from pipeline.pools import sized
@@ -128,5 +128,5 @@ def run_preprocess(cfg: PreprocessConfig, src: str, output: str | Path,
     summary = summarize(out, stats, wall, cfg, sources.num_rows, len(done_ids))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_run_record(out, "preprocess", cfg, input=str(src), vae=checkpoint or None,
-                     clips_written=written)
+                     vae_normalisation=vae_normalisation(checkpoint), clips_written=written)
     return summary

@@ -228,7 +228,8 @@ def render_video(cfg: SynthConfig, index: int, out_dir: Path) -> dict[str, Any]:
         travel = (num_frames - 1) / fps  # seconds of motion
         rooms = [(width - size) / abs(dx) if dx else math.inf,
                  (height - size) / abs(dy) if dy else math.inf]
-        speed = min(speed, 0.9 * min(rooms) / travel)
+        if travel > 0:  # a one-frame video does not move
+            speed = min(speed, 0.9 * min(rooms) / travel)
         x, y = (_start(rng, room, d * speed * travel)
                 for room, d in ((width - size, dx), (height - size, dy)))
         speed_name = "fast" if speed >= SPEEDS["fast"][0] * width else "slow"

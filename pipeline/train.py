@@ -34,7 +34,7 @@ import pyarrow as pa
 from actors.common.stage import StageResources, StageSpec, apply_all
 from actors.workers.train_data import BatchPlan, PlanLoader, read_index
 from actors.workers.train_dit import LatentsRecord, TrainLoopConfig
-from models.vae import as_floats, read_vae_config
+from actors.common.vae import VAELoadError, resolve_checkpoint, vae_normalisation
 from pipeline.config import to_dict, write_run_record
 from pipeline.pools import check_workers, cluster_of, sized, train_workers
 from pipeline.ray_train import (
@@ -138,26 +138,31 @@ def with_channels(cfg: TrainConfig, channels: int) -> TrainConfig:
     return replace(cfg, model=replace(cfg.model, in_channels=channels))
 
 
-def latents_record(vae: str) -> LatentsRecord:
-    """What the export records of the VAE that made the latents: its path and, for a tubelet
-    VAE file, its latent normalisation (a diffusers folder's is fixed by the folder)."""
-    if not vae or not Path(vae).is_file():
-        return LatentsRecord(vae=vae)
+def latents_record(vae: str, normalisation: dict[str, list[float]] | None = None
+                   ) -> LatentsRecord:
+    """What the export records of the VAE that made the latents: its path and its latent
+    normalisation, as the dataset recorded it (`normalisation`) or else as the file says
+    now (a diffusers folder's is fixed by the folder: not recorded)."""
     try:
-        config = read_vae_config(vae)
-    except ValueError:  # not a tubelet VAE file
-        return LatentsRecord(vae=vae)
-    return LatentsRecord(vae, as_floats(config.scaling_factor), as_floats(config.shift_factor))
+        path = resolve_checkpoint(vae)
+    except VAELoadError:
+        path = ""
+    norm = normalisation or vae_normalisation(path)
+    if not norm:
+        return LatentsRecord(vae=path or vae)
+    return LatentsRecord(path, list(norm["scaling_factor"]), list(norm["shift_factor"]))
 
 
-def data_vae(data: str | Path) -> str:
-    """The VAE a latent dataset was made with: the `vae` of the preprocess record (run.json)
-    beside it (PRE/latents -> PRE/run.json); "" when there is none."""
+def data_vae(data: str | Path) -> tuple[str, dict[str, list[float]] | None]:
+    """The VAE a latent dataset was made with and the normalisation it encoded with, from the
+    preprocess record (run.json) beside it (PRE/latents -> PRE/run.json); ("", None) when
+    there is none."""
     for folder in (Path(data), Path(data).parent):
         record = folder / "run.json"
         if record.is_file():
-            return str(json.loads(record.read_text()).get("vae") or "")
-    return ""
+            run = json.loads(record.read_text())
+            return str(run.get("vae") or ""), run.get("vae_normalisation")
+    return "", None
 
 
 def planned_data(cfg: TrainConfig, data: str | Path, world_size: int
@@ -167,7 +172,7 @@ def planned_data(cfg: TrainConfig, data: str | Path, world_size: int
     try:
         index = read_index(data)
         cfg = with_channels(cfg, data_channels(index, data))
-        cfg = replace(cfg, latents=latents_record(data_vae(data)))
+        cfg = replace(cfg, latents=latents_record(*data_vae(data)))
         return cfg, index, BatchPlan(index, cfg.data, world_size)
     except (ValueError, FileNotFoundError) as e:
         raise TrainError(str(e)) from None

@@ -68,6 +68,23 @@ def resolve_checkpoint(path: str) -> str:
                        f"in {ROOT}); pass {WHAT}, or vae.checkpoint: '' for a random init")
 
 
+def vae_normalisation(path: str) -> dict[str, list[float]] | None:
+    """{"scaling_factor": [...], "shift_factor": [...]} of a tubelet VAE file (one value or
+    one per channel), from its header; None for a diffusers folder, a random init or a file
+    that is not ours. What a latent dataset records of the VAE that made it: the file may be
+    refitted later (pipeline/latent_stats.py), the latents stay as they were encoded."""
+    from models.vae import as_floats, read_vae_config
+
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        config = read_vae_config(path)
+    except ValueError:
+        return None
+    return {"scaling_factor": as_floats(config.scaling_factor),
+            "shift_factor": as_floats(config.shift_factor)}
+
+
 def load_checkpoint_vae(path: str, device: str | torch.device = "cpu") -> VideoAutoencoder:
     """A `save_vae` file or a diffusers VAE folder (looked up as `resolve_checkpoint` does),
     in eval mode."""

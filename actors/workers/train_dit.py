@@ -89,7 +89,8 @@ class TrainLoopConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     steps: int = 1000  # optimizer steps in all (epochs follow from the dataset size)
     seed: int = 0  # model init and per-sample noise
-    log_every: int = 10  # progress line every N steps (metrics.jsonl gets every step)
+    log_every: int = 10  # progress line (and loss-map samples) every N steps; metrics.jsonl
+    # gets every step
     checkpoint_every: int = 500  # sharded checkpoint every N steps, and at the end
     latents: LatentsRecord = field(default_factory=LatentsRecord)
 
@@ -199,11 +200,12 @@ def train_loop(cfg: TrainLoopConfig, backend: Backend, batches: Callable[[int], 
                    "grad_norm": grad_norm, "bucket": batch.bucket, "samples": int(samples),
                    "tokens_per_s": tokens / dt, "tokens_per_s_per_worker": tokens / dt / W,
                    "samples_per_s": samples / dt, "step_s": dt, "data_s": t_data,
-                   "memory_mb": memory_mb(device), "time": time.time(),
-                   # this worker's real samples: flow time and MSE per latent frame (loss map)
-                   "t": [round(v, 4) for v in t[batch.weight > 0].tolist()],
-                   "frame_loss": [[round(v, 5) for v in r]
-                                  for r in frames[0][batch.weight > 0].tolist()]}
+                   "memory_mb": memory_mb(device), "time": time.time()}
+            if step % cfg.log_every == 0:  # the loss map (benchmarks/loss_map.py): this
+                real_rows = batch.weight > 0  # worker's samples' flow time, MSE per frame
+                row["t"] = [round(v, 4) for v in t[real_rows].tolist()]
+                row["frame_loss"] = [[round(v, 5) for v in r]
+                                     for r in frames[0][real_rows].tolist()]
             log.write(row)
             progress(step, f"loss {row['loss']:.4f} lr {lr:.2e} gnorm {grad_norm:.3f} "
                            f"{row['tokens_per_s']:.0f} tok/s {row['samples_per_s']:.1f} "

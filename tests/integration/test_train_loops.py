@@ -205,7 +205,8 @@ def test_train_loop_lowers_val_loss_and_resumes(tmp_path):
     ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert ckpts == ["step_00000015", "step_00000030", "step_00000045"]
     vae = load_vae(run / "export" / "vae.safetensors")  # safetensors + JSON, no code
-    assert vae.latent_channels == 4 and vae.scaling_factor != 1.0  # scaling was fitted
+    assert vae.latent_channels == 4  # scaling fitted per channel (scaling: channel)
+    assert len(vae.config.scaling_factor) == 4 and 1.0 not in vae.config.scaling_factor
     same = load_vae(run / "checkpoints" / "step_00000045" / "vae.safetensors")
     for a, b in zip(vae.state_dict().values(), same.state_dict().values(), strict=True):
         assert torch.equal(a, b)

@@ -88,6 +88,20 @@ def test_weighted_flow_loss_is_the_weighted_sum_of_per_sample_errors():
     torch.testing.assert_close(ones / 3, flow_loss(zero, x0, t, noise))  # the default: mean
 
 
+def test_frame_losses_are_each_latent_frames_mse():
+    """The loss map's values: the (B, T) MSE of each sample's latent frames, whose mean over
+    frames is the sample's loss (equal-size frames)."""
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 5, 2, 2, generator=g), torch.randn(3, 4, 5, 2, 2, generator=g)
+    t = torch.rand(3, generator=g)
+    pred = torch.randn(3, 4, 5, 2, 2, generator=g)
+    frames: list[torch.Tensor] = []
+    loss = flow_loss(lambda x, t: pred, x0, t, noise, frames=frames)
+    want = (pred - (noise - x0)).square().mean(dim=(1, 3, 4))  # (B, T)
+    torch.testing.assert_close(frames[0], want)
+    torch.testing.assert_close(frames[0].mean(), loss)
+
+
 def test_sigmas_run_from_noise_to_data():
     s = flow_sigmas(10, shift=3.0)
     assert s.shape == (11,) and s[0] == 1 and s[-1] == 0 and (s[1:] < s[:-1]).all()

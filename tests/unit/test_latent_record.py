@@ -23,13 +23,17 @@ def test_the_record_names_the_vae_and_its_normalisation(tmp_path):
     assert record.shift_factor == list(PER_CHANNEL["shift_factor"])
     scalar = latents_record(str(write_vae(tmp_path / "scalar.safetensors")))
     assert (scalar.scaling_factor, scalar.shift_factor) == ([1.0], [0.0])
-    assert latents_record("") == latents_record("")  # unknown: nothing recorded
-    assert latents_record("").scaling_factor == []
-    # a latent dataset names its VAE in the preprocess record beside it
+    unknown = latents_record("")  # a random-init VAE: nothing to record
+    assert (unknown.vae, unknown.scaling_factor, unknown.shift_factor) == ("", [], [])
+    # a latent dataset names its VAE and the normalisation it encoded with in the preprocess
+    # record beside it; that record wins over the file (refitted since, say)
     (tmp_path / "pre" / "latents").mkdir(parents=True)
-    (tmp_path / "pre" / "run.json").write_text(json.dumps({"vae": vae}))
-    assert data_vae(tmp_path / "pre" / "latents") == vae
-    assert data_vae(tmp_path / "elsewhere") == ""
+    then = {"scaling_factor": [0.25], "shift_factor": [0.5]}
+    (tmp_path / "pre" / "run.json").write_text(json.dumps({"vae": vae,
+                                                           "vae_normalisation": then}))
+    assert data_vae(tmp_path / "pre" / "latents") == (vae, then)
+    assert latents_record(*data_vae(tmp_path / "pre" / "latents")).scaling_factor == [0.25]
+    assert data_vae(tmp_path / "elsewhere") == ("", None)
 
 
 def test_generate_decodes_with_the_recorded_vae_and_refuses_another_scaling(tmp_path):
@@ -43,6 +47,11 @@ def test_generate_decodes_with_the_recorded_vae_and_refuses_another_scaling(tmp_
     with pytest.raises(ConfigError, match="normalises latents otherwise") as e:
         inspect_model(export, VAEStageConfig(checkpoint=str(other)))
     assert str(other) in str(e.value) and str(vae) in str(e.value)
+    # the same channel count, other values: refused too
+    shifted = write_vae(tmp_path / "shifted.safetensors", scaling_factor=(0.5, 1.0, 2.0, 4.0),
+                        shift_factor=(0.1, 0.0, -0.1, 0.3))
+    with pytest.raises(ConfigError, match="normalises latents otherwise"):
+        inspect_model(export, VAEStageConfig(checkpoint=str(shifted)))
     # an export from before the record: not checked
     old = write_export(tmp_path / "old")
     assert inspect_model(old, VAEStageConfig(checkpoint=str(other))).vae == str(other)

@@ -33,6 +33,17 @@ def test_refit_gives_unit_latents_per_channel_and_the_same_pixels(tmp_path, caps
     torch.testing.assert_close(per_channel.mean(1), torch.zeros(4), atol=1e-4, rtol=0)
     torch.testing.assert_close(per_channel.std(1, correction=0), torch.ones(4), atol=1e-3,
                                rtol=0)
+    # --global on a per-channel VAE stays per channel (its channels' scales already differ):
+    # one mean / std over all channels of the data, composed with each channel's own
+    rows = [{"latent": v.flatten().tolist(), "latent_shape": list(v.shape)} for v in z2]
+    (tmp_path / "refitted").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "refitted" / "part-0.parquet")
+    again = tmp_path / "global.safetensors"
+    assert main(["--vae", str(out), "--latents", str(tmp_path / "refitted"), "--output",
+                 str(again), "--global"]) == 0
+    with torch.no_grad():
+        z3 = load_vae(again).encode(videos)
+    torch.testing.assert_close(z3, z2, atol=1e-3, rtol=0)  # z2 is already mean 0, std 1
     # a dataset of another channel count: one line, exit 2
     bad = [{"latent": [0.0] * 8, "latent_shape": [8, 1, 1, 1]}]
     (tmp_path / "bad").mkdir()
