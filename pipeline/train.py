@@ -32,9 +32,9 @@ from typing import Any
 import pyarrow as pa
 
 from actors.common.stage import StageResources, StageSpec, apply_all
+from actors.common.vae import VAELoadError, resolve_checkpoint, vae_normalisation
 from actors.workers.train_data import BatchPlan, PlanLoader, read_index
 from actors.workers.train_dit import LatentsRecord, TrainLoopConfig
-from actors.common.vae import VAELoadError, resolve_checkpoint, vae_normalisation
 from pipeline.config import to_dict, write_run_record
 from pipeline.pools import check_workers, cluster_of, sized, train_workers
 from pipeline.ray_train import (
