@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.dataset as pds
 import torch
 
-from models.vae import load_vae
+from models.vae import load_vae, moments_to_stats
 from pipeline.latent_stats import channel_moments
 
 
@@ -81,9 +81,7 @@ def main() -> None:
     ap.add_argument("--videos", type=Path, default=None)
     ap.add_argument("--decode-clips", type=int, default=6)
     args = ap.parse_args()
-    total, total_sq, count = channel_moments(args.latents)
-    mean = total / count
-    std = np.sqrt(total_sq / count - mean**2)
+    mean, std = (v.numpy() for v in moments_to_stats(*channel_moments(args.latents), True))
     share = std**2 / (std**2).sum()
     print("per channel std: " + ", ".join(f"{v:.2f}" for v in std))
     print("per channel mean: " + ", ".join(f"{v:.2f}" for v in mean))

@@ -70,7 +70,7 @@ class VAEConfig:
 
     def __post_init__(self) -> None:
         for key in ("scaling_factor", "shift_factor"):  # one per channel: a tuple
-            if isinstance(getattr(self, key), list):
+            if isinstance(getattr(self, key), list | tuple):
                 setattr(self, key, tuple(float(v) for v in getattr(self, key)))
 
     def validate(self) -> None:
@@ -127,9 +127,6 @@ class VAEConfig:
         for key in ("channels", "temporal_strides", "spatial_strides"):  # JSON gives lists
             if key in d:
                 d[key] = tuple(int(v) for v in d[key])
-        for key in ("scaling_factor", "shift_factor"):  # a float, or one per channel
-            if isinstance(d.get(key), list | tuple):
-                d[key] = tuple(float(v) for v in d[key])
         config = cls(**d)
         config.validate()
         return config
@@ -404,11 +401,7 @@ class VideoVAE(nn.Module):
         stats = [latent_moments(self.encode_posterior(x).mode()) for x in videos]
         if not stats:
             raise ValueError("fit_scaling got no videos")
-        total, total_sq, count = (sum(v) for v in zip(*stats, strict=True))
-        if not per_channel:
-            total, total_sq, count = total.sum(), total_sq.sum(), count.sum()
-        mean = total / count
-        std = (total_sq / count - mean**2).clamp(min=1e-12).sqrt()
+        mean, std = moments_to_stats(*(sum(v) for v in zip(*stats, strict=True)), per_channel)
         pick = (lambda v: tuple(v.tolist())) if per_channel else (lambda v: v.item())
         self.config = replace(self.config, shift_factor=pick(mean), scaling_factor=pick(1 / std))
         return self.scaling_factor, self.shift_factor
@@ -423,8 +416,21 @@ def latent_moments(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return z.sum(1), z.square().sum(1), torch.full_like(z[:, 0], z.shape[1])
 
 
-def as_floats(value: float | tuple[float, ...]) -> list[float]:
-    """A config's scaling / shift as a list: one value, or one per channel."""
+def moments_to_stats(total: Tensor, total_sq: Tensor, count: Tensor, per_channel: bool
+                     ) -> tuple[Tensor, Tensor]:
+    """Mean and std from `latent_moments` sums: per channel ((C,) each), or one value over
+    all channels (0-d)."""
+    if not per_channel:
+        total, total_sq, count = total.sum(), total_sq.sum(), count.sum()
+    mean = total / count
+    return mean, (total_sq / count - mean**2).clamp(min=1e-12).sqrt()
+
+
+def as_floats(value: float | tuple[float, ...] | Tensor) -> list[float]:
+    """Scaling / shift (a config's float or tuple, or a VAE's float or (C,) tensor) as a
+    list: one value, or one per channel."""
+    if isinstance(value, Tensor):
+        return [float(v) for v in value.reshape(-1).tolist()]
     return [float(v) for v in value] if isinstance(value, tuple) else [float(value)]
 
 

@@ -58,6 +58,7 @@ from models.pipelines import (
     read_pipeline,
     vae_folder,
 )
+from models.vae import as_floats
 from pipeline.config import ConfigError, UsageError, to_dict, writable_dir, write_run_record
 from pipeline.pools import cluster_of, sized
 from pipeline.prompts import Defaults, Grid, read_prompts
@@ -162,7 +163,7 @@ def inspect_model(checkpoint: str | Path, vae: VAEStageConfig) -> Model:
     A VAE that normalises latents otherwise than the DiT's training latents is refused."""
     export = resolve_export(checkpoint)
     record, model_digest, channels, (pt, ph, pw) = model_record(export)
-    latents = record.train.get("latents") or {} if isinstance(record, ExportRecord) else {}
+    latents = (record.train.get("latents") or {}) if isinstance(record, ExportRecord) else {}
     path = vae.checkpoint
     if path == "auto":
         if isinstance(record, PipelineRecord):
@@ -191,8 +192,7 @@ def check_normalisation(vae: Any, latents: dict[str, Any], export: Path, path: s
     want = [latents.get("scaling_factor") or [], latents.get("shift_factor") or []]
     if not want[0]:
         return
-    have = [np.atleast_1d(np.asarray(v.tolist() if hasattr(v, "tolist") else v, float)).tolist()
-            for v in (vae.scaling_factor, vae.shift_factor)]  # a float or a (C,) tensor
+    have = [as_floats(v) for v in (vae.scaling_factor, vae.shift_factor)]
     if any(len(a) != len(b) or not np.allclose(a, b, rtol=1e-5, atol=1e-8)
            for a, b in zip(have, want, strict=True)):
         raise ConfigError(

@@ -22,24 +22,28 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pds
+import torch
+
+from models.vae import as_floats, latent_moments, moments_to_stats
 
 
-def channel_moments(latents: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-channel sum, sum of squares and count (float64, (C,) each) over every row."""
-    total = total_sq = count = None
-    rows = (row for batch in pds.dataset(str(latents), format="parquet").to_batches(
-        columns=["latent", "latent_shape"], batch_size=64) for row in batch.to_pylist())
-    for row in rows:
-        shape = row["latent_shape"]
-        z = np.asarray(row["latent"], np.float64).reshape(shape[0], -1)  # (C, T*H*W)
-        if total is None:
-            total, total_sq, count = np.zeros(len(z)), np.zeros(len(z)), np.zeros(len(z))
-        if len(z) != len(total):
-            raise ValueError(f"{latents}: rows with {len(total)} and {len(z)} channels")
-        total, total_sq, count = total + z.sum(1), total_sq + (z**2).sum(1), count + z.shape[1]
+def channel_moments(latents: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel sum, sum of squares and count (float64, (C,) each) over every row
+    (`models.vae.latent_moments` per row, summed)."""
+    total = None
+    for batch in pds.dataset(str(latents), format="parquet").to_batches(
+            columns=["latent", "latent_shape"], batch_size=64):
+        for row in batch.to_pylist():
+            z = torch.tensor(row["latent"], dtype=torch.float64).reshape(row["latent_shape"])
+            moments = latent_moments(z[None])  # (1, C, T, H, W)
+            if total is not None and len(moments[0]) != len(total[0]):
+                raise ValueError(f"{latents}: rows with {len(total[0])} and "
+                                 f"{len(moments[0])} channels")
+            total = moments if total is None else [a + b for a, b in zip(total, moments,
+                                                                          strict=True)]
     if total is None:
         raise ValueError(f"{latents}: no latent rows")
-    return total, total_sq, count
+    return tuple(total)
 
 
 def refit(vae_path: str | Path, latents: str | Path, output: str | Path,
@@ -48,19 +52,16 @@ def refit(vae_path: str | Path, latents: str | Path, output: str | Path,
     returns the data's (mean, std) per channel, as measured before the refit."""
     from safetensors import safe_open
 
-    from models.vae import as_floats, load_vae, read_vae_config, save_vae
+    from models.vae import load_vae, read_vae_config, save_vae
 
     config = read_vae_config(vae_path)
-    total, total_sq, count = channel_moments(latents)
-    if len(total) != config.latent_channels:
-        raise ValueError(f"{latents} has {len(total)}-channel latents; {vae_path} makes "
+    moments = channel_moments(latents)
+    channels = len(moments[0])
+    if channels != config.latent_channels:
+        raise ValueError(f"{latents} has {channels}-channel latents; {vae_path} makes "
                          f"{config.latent_channels}")
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
-    if not per_channel:
-        mean_all = total.sum() / count.sum()
-        std_all = np.sqrt(max(total_sq.sum() / count.sum() - mean_all**2, 1e-12))
-        mean, std = np.full_like(mean, mean_all), np.full_like(std, std_all)
+    mean, std = (np.broadcast_to(v.numpy(), (channels,))
+                 for v in moments_to_stats(*moments, per_channel))
     # stored = (z - shift) * scale; wanted = (stored - mean) / std
     #        = (z - (shift + mean / scale)) * (scale / std)
     scale = np.broadcast_to(np.asarray(as_floats(config.scaling_factor)), mean.shape)

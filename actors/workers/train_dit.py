@@ -185,7 +185,8 @@ def train_loop(cfg: TrainLoopConfig, backend: Backend, batches: Callable[[int], 
             set_lr(state.optim, lr)
             noise, t, drop = draw(batch, cfg)
             total_w = reduce_sum(batch.weight.sum().reshape(1))  # over the global batch
-            frames: list[torch.Tensor] = []
+            # the loss map's per-frame errors, only on the steps that log them
+            frames: list[torch.Tensor] | None = [] if (step + 1) % cfg.log_every == 0 else None
             weighted = flow_loss(model, batch.x, t, noise, weight=batch.weight, frames=frames,
                                  fps=batch.fps, drop_text=drop, **text_inputs(batch, frozen))
             grad_norm = optimizer_step(state, weighted, total_w, W, cfg.optim.grad_clip)
@@ -201,7 +202,7 @@ def train_loop(cfg: TrainLoopConfig, backend: Backend, batches: Callable[[int], 
                    "tokens_per_s": tokens / dt, "tokens_per_s_per_worker": tokens / dt / W,
                    "samples_per_s": samples / dt, "step_s": dt, "data_s": t_data,
                    "memory_mb": memory_mb(device), "time": time.time()}
-            if step % cfg.log_every == 0:  # the loss map (benchmarks/loss_map.py): this
+            if frames:  # the loss map (benchmarks/loss_map.py): this
                 real_rows = batch.weight > 0  # worker's samples' flow time, MSE per frame
                 row["t"] = [round(v, 4) for v in t[real_rows].tolist()]
                 row["frame_loss"] = [[round(v, 5) for v in r]
