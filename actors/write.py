@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 
 from actors.common.errors import write_atomic
-from actors.common.schema import LATENT_COLUMNS, require_columns
+from actors.common.schema import LATENT_COLUMNS, TEXT_COLUMNS, require_columns
 from actors.common.stage import StageSpec
 
 STATS_SCHEMA = pa.schema([
@@ -39,20 +39,24 @@ class LatentWriter:
 
     @classmethod
     def spec(cls, cfg: Any, latents_dir: str) -> StageSpec:
-        """From a preprocess config: its `write` pool, writing into `latents_dir`."""
-        return StageSpec("write", cls, dict(latents_dir=latents_dir), cfg.write)
+        """From a preprocess config: its `write` pool, writing into `latents_dir` (with a
+        pipeline `model`, the caption features too)."""
+        columns = LATENT_COLUMNS + (TEXT_COLUMNS if getattr(cfg, "model", "") else ())
+        return StageSpec("write", cls, dict(latents_dir=latents_dir, columns=columns),
+                         cfg.write)
 
-    def __init__(self, latents_dir: str):
+    def __init__(self, latents_dir: str, columns: tuple[str, ...] = LATENT_COLUMNS):
         self.dir = Path(latents_dir)
+        self.columns = tuple(columns)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        require_columns(batch, self.READS, "write")
+        require_columns(batch, self.READS + self.columns, "write")
         if batch.num_rows == 0:
             return STATS_SCHEMA.empty_table()
         start = time.perf_counter()
         ids = batch.column("id").to_pylist()
         name = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:24]
-        write_atomic(batch.select(LATENT_COLUMNS), self.dir / f"part-{name}.parquet")
+        write_atomic(batch.select(self.columns), self.dir / f"part-{name}.parquet")
         took = (time.perf_counter() - start) / batch.num_rows
         rows: dict[tuple[str, str], dict] = {}
         for r in batch.select(("bucket", "decode_node", "num_frames", "decode_seconds",

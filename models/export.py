@@ -81,11 +81,12 @@ class ExportRecord:
 
 def model_kind(path: str | Path) -> str:
     """"tubelet" (an export: config.json + model.safetensors), "diffusers" (a pipeline folder
-    with model_index.json) or "" (neither)."""
+    with model_index.json, or a LoRA export of one: tubelet_lora.json, models/pipelines.py)
+    or "" (neither)."""
     folder = Path(path)
     if (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file():
         return "tubelet"
-    if (folder / "model_index.json").is_file():
+    if (folder / "model_index.json").is_file() or (folder / "tubelet_lora.json").is_file():
         return "diffusers"
     return ""
 

@@ -21,6 +21,7 @@ layout.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -85,6 +86,10 @@ WEIGHTED = ("text_encoder", "transformer", "vae")  # the components with weights
 CONFIG_FILE = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}
 
 
+LORA_RECORD = "tubelet_lora.json"  # a LoRA export: its base folder, digest and settings
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
+
+
 class PipelineError(ValueError):
     """A folder that is not a usable pipeline; the message is one line naming it."""
 
@@ -100,9 +105,19 @@ class PipelineRecord:
     # model_index.json's expand_timesteps (Wan 2.2 TI2V): the transformer is given one
     # timestep per token (B, N) instead of one per video (B,)
     expand_timesteps: bool = False
+    # A LoRA export of `tubelet train --lora` (models/finetune.py): `folder` is its base
+    # pipeline, `lora` the adapter weights (diffusers' LoRA format) applied to the transformer,
+    # `source` the export folder the user named (what travels to the sampler ranks).
+    lora: Path | None = None
+    source: Path | None = None
 
     def path(self, component: str) -> Path:
         return self.folder / component
+
+    @property
+    def given(self) -> Path:
+        """The folder this record was read from (a LoRA export, else the pipeline folder)."""
+        return self.source or self.folder
 
     @property
     def family(self) -> Family:
@@ -177,8 +192,12 @@ def _check_weights(folder: Path, component: str) -> None:
 def read_pipeline(path: str | Path) -> PipelineRecord:
     """A diffusers pipeline folder -> its record, from JSON alone. Refuses, in one line, an
     unsupported pipeline or component class, a second transformer (Wan 2.2 A14B), a missing
-    component, weights that are not safetensors, and components that do not fit together."""
+    component, weights that are not safetensors, and components that do not fit together.
+    A LoRA export (`LORA_RECORD`, written by `tubelet train --lora`) is its base pipeline's
+    record with the adapter weights attached (`read_lora_export`)."""
     folder = Path(path).resolve()
+    if not (folder / INDEX).is_file() and (folder / LORA_RECORD).is_file():
+        return read_lora_export(folder)
     if not (folder / INDEX).is_file():
         raise PipelineError(f"{folder}: not a diffusers pipeline folder (needs {INDEX}, written "
                             "by DiffusionPipeline.save_pretrained)")
@@ -235,6 +254,42 @@ def read_pipeline(path: str | Path) -> PipelineRecord:
                             f"({record.temporal_factor}, {record.spatial_factor}) are not what its "
                             f"layers compress by {layers}; fix vae/config.json")
     return record
+
+
+def read_lora_export(folder: Path) -> PipelineRecord:
+    """A LoRA export -> its base pipeline's record with `lora` (the adapter file) and `source`
+    set. The base must still be the folder it was trained on (same `pipeline_digest`)."""
+    record = _json(folder / LORA_RECORD, folder)
+    base = Path(str(record.get("base", "")))
+    if not (folder / LORA_WEIGHTS).is_file():
+        raise PipelineError(f"{folder}: {LORA_WEIGHTS} is missing; the LoRA export is "
+                            "incomplete (rerun the export or the training)")
+    try:
+        parent = read_pipeline(base)
+    except PipelineError as e:
+        raise PipelineError(f"{folder}: the LoRA's base pipeline cannot be read ({e}); put "
+                            f"the base folder back at {base}") from None
+    if parent.lora is not None:
+        raise PipelineError(f"{folder}: its base {base} is itself a LoRA export")
+    digest = pipeline_digest(parent)
+    if record.get("base_digest") not in (None, digest):
+        raise PipelineError(f"{folder}: its base pipeline {base} changed since training "
+                            f"(digest {digest}, trained on {record['base_digest']}); put the "
+                            "original base back or fine-tune again")
+    return dataclasses.replace(parent, lora=folder / LORA_WEIGHTS, source=folder)
+
+
+def apply_lora(record: PipelineRecord, transformer: torch.nn.Module) -> None:
+    """The record's LoRA adapter loaded into `transformer` as the family pipeline's
+    `load_lora_weights` loads it (its `lora_state_dict`, then `load_lora_into_transformer`,
+    with the saved adapter metadata: rank, alpha, targets), unfused."""
+    if record.lora is None:
+        return
+    pipeline = getattr(_library("diffusers"), record.pipeline)
+    state, metadata = pipeline.lora_state_dict(str(record.lora.parent),
+                                               weight_name=record.lora.name,
+                                               return_lora_metadata=True)
+    pipeline.load_lora_into_transformer(state, transformer=transformer, metadata=metadata)
 
 
 def _library(name: str) -> Any:
@@ -352,6 +407,7 @@ def load_transformer(record: PipelineRecord, device: str | torch.device = "cpu",
         why = " ".join(str(e).split())[:300]
         raise PipelineError(f"{record.folder}/transformer: weights do not fit its config.json "
                             f"({why})") from None
+    apply_lora(record, model)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -447,14 +503,36 @@ def pipeline_digest(record: PipelineRecord) -> str:
     the same header would not change it (their mtimes are not hashed, so a copy of the folder
     keeps its digest)."""
     import hashlib
-    import struct
 
     h = hashlib.sha256((record.folder / INDEX).read_bytes())
     for component in sorted(record.components):
-        h.update(json.dumps(record.configs[component], sort_keys=True).encode())
-        for file in sorted((record.folder / component).rglob("*.safetensors")):
-            with file.open("rb") as f:
-                (size,) = struct.unpack("<Q", f.read(8))
-                h.update(f"{file.relative_to(record.folder)}|{file.stat().st_size}|".encode())
-                h.update(f.read(min(size, 100 << 20)))
+        _hash_component(h, record, component)
+    if record.lora is not None:  # a LoRA export: its adapter (megabytes) in full
+        h.update(record.lora.read_bytes())
     return h.hexdigest()[:16]
+
+
+def _hash_component(h: Any, record: PipelineRecord, component: str) -> None:
+    """A component's config JSON and each of its safetensors files' name, size and header."""
+    import struct
+
+    h.update(json.dumps(record.configs[component], sort_keys=True).encode())
+    for file in sorted((record.folder / component).rglob("*.safetensors")):
+        with file.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            h.update(f"{file.relative_to(record.folder)}|{file.stat().st_size}|".encode())
+            h.update(f.read(min(size, 100 << 20)))
+
+
+def text_encoder_id(record: PipelineRecord) -> str:
+    """Which encoder made a caption's features: `<class>:<digest>` of the pipeline's tokenizer
+    and text encoder (configs, weight headers) and its text length. A latent dataset records
+    it per row; fine-tuning refuses features whose id is not the pipeline's own."""
+    import hashlib
+
+    h = hashlib.sha256(f"{record.pipeline}|{record.family.text_length}".encode())
+    for component in ("tokenizer", "text_encoder"):
+        _hash_component(h, record, component)
+    for file in sorted(p for p in record.path("tokenizer").rglob("*") if p.is_file()):
+        h.update(file.name.encode() + file.read_bytes())  # the vocabulary (a few MB)
+    return f"{record.components['text_encoder']}:{h.hexdigest()[:16]}"

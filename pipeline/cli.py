@@ -105,6 +105,9 @@ def add_preprocess(sub: Sub) -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, type=Path, help="output directory")
     p.add_argument("--vae", default=None, help="VAE checkpoint (safetensors from train-vae, or "
                    "a local diffusers video-VAE folder); the same as --set vae.checkpoint=CKPT")
+    p.add_argument("--model", default=None, metavar="FOLDER",
+                   help="a diffusers pipeline folder (Wan): latents from its VAE and caption "
+                   "features from its text encoder, for `train --init FOLDER` (config: model)")
     add_address(p)
     return p
 
@@ -114,7 +117,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
     from pipeline.report import print_preprocess_summary
     from pipeline.streams import PreprocessConfig
 
-    cfg = config(PreprocessConfig, args, **{"vae.checkpoint": args.vae})
+    cfg = config(PreprocessConfig, args, **{"vae.checkpoint": args.vae, "model": args.model})
     summary = run_preprocess(cfg, args.input, args.output, address=args.address)
     print_preprocess_summary(summary)
     return 0
@@ -205,6 +208,12 @@ def add_train(sub: Sub) -> argparse.ArgumentParser:
     src.add_argument("--data", type=Path, help="latent dataset (DIR/latents of preprocess)")
     src.add_argument("--input", help="videos: stream them through decode + VAE into training "
                      "(no latent copy; config section 'preprocess')")
+    p.add_argument("--init", default=None, metavar="FOLDER",
+                   help="fine-tune this diffusers pipeline folder's transformer (Wan) on "
+                   "latents of `preprocess --model FOLDER` (config: finetune.init)")
+    p.add_argument("--lora", type=int, default=None, metavar="RANK",
+                   help="with --init: train LoRA adapters of this rank, not every weight "
+                   "(config: finetune.lora.rank)")
     add_run_flags(p)
     return p
 
@@ -212,7 +221,14 @@ def add_train(sub: Sub) -> argparse.ArgumentParser:
 def run_train(args: argparse.Namespace) -> int:
     from pipeline.train import TrainConfig, run_train
 
-    cfg = config(TrainConfig, args, num_workers=args.workers)
+    if args.lora is not None and args.lora < 1:
+        raise UsageError(f"--lora {args.lora}: the LoRA rank must be >= 1 (leave --lora out "
+                         "to fine-tune every weight)")
+    if args.lora is not None and not args.init:
+        raise UsageError("--lora needs --init FOLDER (the pipeline whose transformer gets "
+                         "the adapters)")
+    cfg = config(TrainConfig, args, num_workers=args.workers,
+                 **{"finetune.init": args.init, "finetune.lora.rank": args.lora})
     summary = run_train(cfg, args.output, data=args.data, input_src=args.input,
                         resume=args.resume, address=args.address)
     print(f"trained {summary['steps']} steps in {summary['wall_seconds']}s; final loss "

@@ -109,12 +109,11 @@ class CheckpointError(UsageError):
 
 def resolve_export(checkpoint: str | Path) -> Path:
     """A run folder (RUN, holding export/), an export folder, or a diffusers pipeline folder
-    (model_index.json) -> the model folder."""
+    (model_index.json; a fine-tune's RUN/export is one, or a LoRA export of one) -> the model
+    folder."""
     path = Path(checkpoint)
-    if model_kind(path) == "diffusers":
-        return path.resolve()
-    for candidate in (path, path / "export"):
-        if model_kind(candidate) == "tubelet":
+    for candidate in (path, path / "export"):  # RUN/export: a DiT's, or a fine-tune's
+        if model_kind(candidate):
             return candidate.resolve()
     raise CheckpointError(f"--checkpoint {checkpoint}: not a training run, an export or a "
                           "diffusers pipeline folder (needs config.json and model.safetensors, "

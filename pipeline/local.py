@@ -47,9 +47,8 @@ def train_local(cfg: Any, data: str, output: str, device: str, resume: bool = Fa
                 ) -> dict[str, Any]:
     """`tubelet train --data` in this process (cfg: a pipeline.train.TrainConfig)."""
     from actors.workers.toolkit import LocalBackend
-    from actors.workers.train_data import Collate, PlanLoader
-    from actors.workers.train_dit import local_batches, prefetched, train_loop
-    from models.text_encoder import caption_tokenizer
+    from actors.workers.train_data import PlanLoader, data_columns
+    from actors.workers.train_dit import local_batches, prefetched, train_loop, trainee_of
     from pipeline.ray_train import prepare_run
     from pipeline.report import plot_losses, read_metrics
     from pipeline.train import planned_data
@@ -63,10 +62,13 @@ def train_local(cfg: Any, data: str, output: str, device: str, resume: bool = Fa
     write_run_record(run, "train", cfg, data=str(data), resume=resume, device=device,
                      runner="pipeline.local", clips=index.num_rows)
     start = time.perf_counter()
-    batches = prefetched(local_batches(PlanLoader(index, cfg.data, 1, 0),
-                                       Collate(caption_tokenizer(cfg.text_encoder))),
+    trainee = trainee_of(cfg)
+    batches = prefetched(local_batches(PlanLoader(index, cfg.data, 1, 0,
+                                                  columns=data_columns(cfg)),
+                                       trainee.collate()),
                          cfg.data.prefetch_steps, cfg.steps)
-    out = train_loop(cfg, LocalBackend(run, device), batches, run, resolved, plan.fingerprint)
+    out = train_loop(cfg, LocalBackend(run, device), batches, run, resolved, plan.fingerprint,
+                     trainee=trainee)
     rows = read_metrics(run)
     plot_losses(rows, run / "loss.png")
     summary = {"steps": out["step"], "wall_seconds": round(time.perf_counter() - start, 2),

@@ -2,7 +2,9 @@
 
 A streaming Ray Data graph of actor-pool stages with Arrow batches between them; only small
 per-batch stats rows come back to the driver. Output, in DIR:
-  latents/   the latent dataset (docs/design.md contract), one whole Parquet file per batch
+  latents/   the latent dataset (docs/design.md contract), one whole Parquet file per batch;
+             with `--model FOLDER` (a diffusers pipeline) also each caption's features from
+             that pipeline's text encoder (actors/caption_encode.py)
   errors/    one row per unusable input or skipped video (path, stage, kind, error)
   summary.json, config.yaml, run.json
 Resume: clips already in latents/ and paths already in errors/ are not done again, so a rerun
@@ -36,6 +38,36 @@ def preprocess_stages(cfg: PreprocessConfig, out: Path, done_ids: set[str] | fro
     """The whole preprocess graph: `latent_stages` (pipeline/streams.py) + the Parquet writer."""
     return [*latent_stages(cfg, out / "errors", done_ids),
             LatentWriter.spec(cfg, str(out / "latents"))]
+
+
+def with_model(cfg: PreprocessConfig, latents: Path) -> tuple[PreprocessConfig, str]:
+    """`--model FOLDER`: (cfg with vae.checkpoint = FOLDER/vae, the text encoder's id), or one
+    ConfigError line: not a pipeline folder, another VAE asked for as well, or latents
+    already in the output whose caption features another encoder made (or none)."""
+    from models.pipelines import PipelineError, read_pipeline, text_encoder_id, vae_folder
+
+    try:
+        record = read_pipeline(cfg.model)
+    except PipelineError as e:
+        raise ConfigError(f"--model: {e}") from None
+    vae = str(vae_folder(record))
+    if cfg.vae.checkpoint and Path(cfg.vae.checkpoint).resolve() != Path(vae):
+        raise ConfigError(f"--model {cfg.model} encodes with its own VAE ({vae}); drop --vae "
+                          f"{cfg.vae.checkpoint} (vae.checkpoint), or drop --model")
+    encoder = text_encoder_id(record)
+    files = sorted(latents.glob("part-*.parquet"))
+    if files:
+        import pyarrow.parquet as pq
+
+        table = pq.ParquetFile(files[0])
+        found = (pq.read_table(files[0], columns=["text_encoder"]).column(0)[0].as_py()
+                 if "text_encoder" in table.schema_arrow.names and table.metadata.num_rows
+                 else None)
+        if found != encoder:
+            what = f"features from {found}" if found else "no caption features"
+            raise ConfigError(f"{latents} already holds latents with {what}, not {encoder} "
+                              f"of {cfg.model}; write to a new --output")
+    return replace(cfg, model=str(record.folder), vae=replace(cfg.vae, checkpoint=vae)), encoder
 
 
 def reason_of(error: str) -> str:
@@ -93,6 +125,9 @@ def run_preprocess(cfg: PreprocessConfig, src: str, output: str | Path,
                    address: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Raises ConfigError (no such VAE) or SourceError (bad input) before starting Ray."""
     out = Path(output)
+    text_encoder = ""
+    if cfg.model:  # a pipeline folder: its VAE, its text encoder
+        cfg, text_encoder = with_model(cfg, out / "latents")
     try:  # refuse a missing VAE before starting anything
         checkpoint = resolve_checkpoint(cfg.vae.checkpoint)
     except VAELoadError as e:
@@ -128,5 +163,6 @@ def run_preprocess(cfg: PreprocessConfig, src: str, output: str | Path,
     summary = summarize(out, stats, wall, cfg, sources.num_rows, len(done_ids))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_run_record(out, "preprocess", cfg, input=str(src), vae=checkpoint or None,
-                     vae_normalisation=vae_normalisation(checkpoint), clips_written=written)
+                     vae_normalisation=vae_normalisation(checkpoint), clips_written=written,
+                     model=cfg.model or None, text_encoder=text_encoder or None)
     return summary

@@ -20,6 +20,7 @@ from typing import Literal
 import pyarrow as pa
 
 from actors.assign import AssignStage
+from actors.caption_encode import CaptionEncodeStage
 from actors.common.buckets import BucketConfig, BucketTable
 from actors.common.stage import StageResources, StageSpec, apply_all
 from actors.common.vae import VAEStageConfig
@@ -92,6 +93,12 @@ class PreprocessConfig(ClipConfig):
 
     vae: VAEStageConfig = field(default_factory=VAEStageConfig)
     latent_dtype: Literal["float16", "float32"] = "float16"
+    # A diffusers pipeline folder (`preprocess --model`): latents from its VAE (vae.checkpoint
+    # is set to FOLDER/vae) and each caption's features from its text encoder, in a `text`
+    # pool of their own (actors/caption_encode.py), written as `text_dtype` beside the latents.
+    model: str = ""
+    text_dtype: Literal["float32", "float16"] = "float32"
+    text: StageResources = field(default_factory=lambda: StageResources(0.25, batch_size=16))
     # Decode inside the VAE encode actors (actors/decode_encode.py; `encode` resources, the
     # `decode` pool unused): frames never enter the object store or cross nodes, but decode
     # and encode take turns instead of overlapping. See docs/preprocess.md "Decode next to the VAE".
@@ -119,12 +126,13 @@ def clip_stages(cfg: ClipConfig, errors_dir: str | Path | None,
 def latent_stages(cfg: PreprocessConfig, errors_dir: str | Path | None,
                   done_ids: set[str] | frozenset[str] = frozenset()) -> list[StageSpec]:
     """`clip_stages` + VAE encode (with `fuse_decode`, `plan_stages` + decode and encode in one
-    actor): latent rows. `preprocess` adds the writer; `train --input` feeds the rows straight
-    to the trainer."""
+    actor), + caption encode with a pipeline `model`: latent rows. `preprocess` adds the
+    writer; `train --input` feeds the rows straight to the trainer."""
     errors = _str(errors_dir)
+    text = [CaptionEncodeStage.spec(cfg)] if cfg.model else []
     if cfg.fuse_decode:
-        return [*plan_stages(cfg, errors, done_ids), DecodeEncodeStage.spec(cfg, errors)]
-    return [*clip_stages(cfg, errors, done_ids), VAEEncodeStage.spec(cfg, errors)]
+        return [*plan_stages(cfg, errors, done_ids), DecodeEncodeStage.spec(cfg, errors), *text]
+    return [*clip_stages(cfg, errors, done_ids), VAEEncodeStage.spec(cfg, errors), *text]
 
 
 def _str(path: str | Path | None) -> str | None:

@@ -171,11 +171,56 @@ def planned_data(cfg: TrainConfig, data: str | Path, world_size: int
     `world_size` workers); an unusable dataset is a TrainError naming it."""
     try:
         index = read_index(data)
-        cfg = with_channels(cfg, data_channels(index, data))
-        cfg = replace(cfg, latents=latents_record(*data_vae(data)))
+        channels = data_channels(index, data)
+        if cfg.finetune.init:
+            cfg = finetune_config(cfg, index, data, channels)
+        else:
+            cfg = with_channels(cfg, channels)
+            cfg = replace(cfg, latents=latents_record(*data_vae(data)))
         return cfg, index, BatchPlan(index, cfg.data, world_size)
     except (ValueError, FileNotFoundError) as e:
         raise TrainError(str(e)) from None
+
+
+def finetune_config(cfg: TrainConfig, index: pa.Table, data: str | Path,
+                    channels: int) -> TrainConfig:
+    """`--init FOLDER`: `cfg` with the flow shift of the folder's scheduler (unless
+    finetune.shift is set) and the folder's VAE recorded, after checking, each in one line,
+    that the folder is a pipeline we fine-tune, that the latents have its transformer's
+    channels and that every clip's caption features were made by its text encoder."""
+    import pyarrow.parquet as pq
+
+    from models.finetune import scheduler_shift, trainable_record
+    from models.pipelines import PipelineError, text_encoder_id, vae_folder
+
+    tune = cfg.finetune
+    try:
+        record = trainable_record(tune.init)
+    except PipelineError as e:
+        raise TrainError(f"--init: {e}") from None
+    if channels != record.latent_channels:
+        raise TrainError(f"{data}: latents with {channels} channels, the transformer of "
+                         f"{tune.init} takes {record.latent_channels}; preprocess the videos "
+                         f"with --model {tune.init}")
+    want = text_encoder_id(record)
+    found: set[str | None] = set()
+    for f in sorted(set(index.column("file").to_pylist())):
+        if "text_encoder" not in pq.ParquetFile(f).schema_arrow.names:
+            found.add(None)
+            continue
+        found.update(pq.read_table(f, columns=["text_encoder"]).column(0).unique().to_pylist())
+    if found != {want}:
+        other = sorted(str(x) for x in found - {want})
+        raise TrainError(f"{data}: caption features from {', '.join(other)} (no features: "
+                         f"None), not from {want}, the text encoder of {tune.init}; preprocess "
+                         f"the videos with --model {tune.init}")
+    shift = tune.shift or scheduler_shift(record)
+    what = f"LoRA rank {tune.lora.rank}" if tune.lora.rank else "full"
+    print(f"[train] fine-tuning the {record.components['transformer']} of {record.folder} "
+          f"({what}); flow shift {shift:g}", flush=True)
+    return replace(cfg, finetune=replace(tune, init=str(record.folder)),
+                   flow=replace(cfg.flow, resolution_shift=False, shift_scale=shift),
+                   latents=LatentsRecord(vae=str(vae_folder(record))))
 
 
 def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = None,
@@ -190,6 +235,9 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
         raise TrainError("give exactly one of --data (a latent dataset) or --input (videos)")
     run = Path(output).resolve()
     streaming = input_src is not None
+    if streaming and cfg.finetune.init:
+        raise TrainError("--init trains on caption features precomputed by `tubelet preprocess "
+                         "--model FOLDER`: pass its DIR/latents with --data, not --input")
 
     def graph(c: TrainConfig) -> list[StageSpec]:  # --input: videos -> latents, streamed
         return latent_stages(c.preprocess, run / "errors")

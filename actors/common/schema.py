@@ -15,6 +15,11 @@ import pyarrow as pa
 # The latent dataset: `latent` is a flat float16 list, `latent_shape` its (C, T, H, W).
 LATENT_COLUMNS = ("id", "path", "caption", "bucket", "fps", "num_frames", "height", "width",
                   "start", "latent", "latent_shape")
+# A pretrained pipeline's caption features (`preprocess --model`, actors/caption_encode.py):
+# `text_features` a flat float32/float16 list of the caption's (n, D) rows at their real length
+# n, `text_shape` its (n, D), `text_len` n, `text_encoder` which encoder made them
+# (`models.pipelines.text_encoder_id`). Fine-tuning reads them beside LATENT_COLUMNS.
+TEXT_COLUMNS = ("text_features", "text_shape", "text_len", "text_encoder")
 # What training reads before any latent: enough to plan batches.
 INDEX_COLUMNS = ("id", "bucket", "latent_shape")
 

@@ -32,7 +32,11 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 
 from models.denoiser import Denoiser, FrozenTextSlot
 from models.export import ExportRecord, write_export
@@ -44,8 +48,8 @@ class EMA:
     (DTensor shards under FSDP), updated on the local shards only: no communication."""
 
     def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.params = {n: p for n, p in model.named_parameters()}
+        self.decay = decay  # trained parameters only (a LoRA run: its adapters)
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.shadow = {n: p.detach().clone().float() for n, p in self.params.items()}
 
     @staticmethod
@@ -145,8 +149,15 @@ class SafePlanner(dcp.DefaultLoadPlanner):
             self.state_dict[fqn] = obj
 
 
+def _options(model: nn.Module) -> StateDictOptions:
+    """Frozen weights (a LoRA run's base model) are not checkpointed: they are the pretrained
+    folder's, loaded again at every start."""
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
+
 def _state(model: nn.Module, optim: torch.optim.Optimizer, ema: EMA, train: dict) -> dict:
-    model_sd, optim_sd = get_state_dict(model, optim)
+    model_sd, optim_sd = get_state_dict(model, optim, options=_options(model))
     return {"model": model_sd, "optim": optim_sd, "ema": ema.shadow, "train": dict(train)}
 
 
@@ -176,7 +187,7 @@ def load_checkpoint(path: Path, model: nn.Module, optim: torch.optim.Optimizer,
                                            .strip()) from None
         raise
     set_state_dict(model, optim, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
+                   optim_state_dict=state["optim"], options=_options(model))
     return state["train"]
 
 

@@ -58,20 +58,32 @@ def _recomputed(block: nn.Module, forward):
 
 def parallelize(model: Denoiser, cfg: ParallelConfig, device: torch.device) -> Denoiser:
     """Shard `model` in place over the default process group and move its shards to `device`."""
+    return shard(model, [*model.text.blocks, *model.dit.blocks], model.dit.blocks, cfg, device)
+
+
+def shard(model: nn.Module, blocks: list[nn.Module], recompute: Iterable[nn.Module],
+          cfg: ParallelConfig, device: torch.device, cast_inputs: bool = True) -> nn.Module:
+    """The order every model is parallelised in: activation checkpointing and compile of the
+    `recompute` blocks, FSDP2 `fully_shard` of each of `blocks`, then of the root `model`.
+    `cast_inputs` False: the root's forward gets its inputs as given (a model that keeps
+    its timesteps in float32 casts the rest itself: models/finetune.py)."""
     if not dist.is_initialized():
         raise RuntimeError("parallelize needs torch.distributed initialised (a 1-rank group "
                            "is fine); the train worker does this")
+    recompute = list(recompute)
     if cfg.activation_checkpointing:
-        apply_ac(model.dit.blocks)
+        apply_ac(recompute)
     if cfg.compile:
-        for block in model.dit.blocks:
+        for block in recompute:
             block.compile()  # in place: parameter names (and checkpoints) unchanged
     # The DiT returns a cropped view (unpatchify); training never edits it in place.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
-    mp = MixedPrecisionPolicy(param_dtype=torch_dtype(cfg.param_dtype),
-                              reduce_dtype=torch.float32)
-    for block in [*model.text.blocks, *model.dit.blocks]:
+    dtype = torch_dtype(cfg.param_dtype)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in blocks:
         fully_shard(block, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
     # The root holds what is left; its weights are needed again at once by backward.
-    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+    root = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
+                                cast_forward_inputs=cast_inputs)
+    fully_shard(model, mp_policy=root, reshard_after_forward=False)
     return model.to(device)

@@ -83,7 +83,7 @@ class PipelineSampler:
 
     def __init__(self, folder: str | Path, cfg: SamplerConfig):
         self.record = read_pipeline(folder)
-        self.group = SamplerGroup(PipelineModel(self.record.folder), cfg)
+        self.group = SamplerGroup(PipelineModel(self.record.given), cfg)
         self.length = self.record.family.text_length  # Wan 512, CogVideoX 226
 
     def __del__(self):

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from actors.common.schema import INDEX_COLUMNS, LATENT_COLUMNS, require_columns
+from actors.common.schema import INDEX_COLUMNS, LATENT_COLUMNS, TEXT_COLUMNS, require_columns
 from actors.common.stage import StageSpec
 from models.text_encoder import Tokenizer
 
@@ -177,11 +177,13 @@ class PlanLoader:
         """From a train config (pipeline/train.py `TrainConfig`): its `data:` section, worker
         count and `loader` pool, for Ray Train worker `rank`."""
         return StageSpec("loader", cls, dict(index=index, data=cfg.data,
-                                             world_size=cfg.num_workers, rank=rank), cfg.loader)
+                                             world_size=cfg.num_workers, rank=rank,
+                                             columns=data_columns(cfg)), cfg.loader)
 
     def __init__(self, index: pa.Table, data: TrainDataConfig, world_size: int, rank: int,
-                 cache_mb: float = 512):
+                 cache_mb: float = 512, columns: tuple[str, ...] = LATENT_COLUMNS):
         self.index, self.rank, self.world_size = index, rank, world_size
+        self.columns = tuple(columns)  # + TEXT_COLUMNS when fine-tuning a pipeline
         self.plan = BatchPlan(index, data, world_size)
         self.files = index.column("file").to_pylist()
         self.rows = index.column("row").to_numpy()
@@ -197,7 +199,7 @@ class PlanLoader:
         starts = self.groups[file]
         g = int(np.searchsorted(starts, row, side="right") - 1)
         if (file, g) not in self.cache:
-            group = pq.ParquetFile(file).read_row_group(g, columns=list(LATENT_COLUMNS))
+            group = pq.ParquetFile(file).read_row_group(g, columns=list(self.columns))
             self.cache[(file, g)] = group
             self.cached_bytes += group.nbytes
             while self.cached_bytes > self.cache_bytes and len(self.cache) > 1:
@@ -211,9 +213,11 @@ class PlanLoader:
         slots = range(len(batch.rows))[part]
         rows = [self._row_group(self.files[i], int(self.rows[i])) for i in batch.rows[part]]
         tables = [t.slice(r, 1) for t, r in rows]
-        types = {t.schema.field("latent").type for t in tables}
-        if len(types) > 1:  # float16 and float32 files mixed: one type per batch
-            tables = [_cast_latent(t, pa.list_(pa.float32())) for t in tables]
+        for column in ("latent", "text_features"):
+            types = {t.schema.field(column).type for t in tables
+                     if column in t.column_names}
+            if len(types) > 1:  # float16 and float32 files mixed: one type per batch
+                tables = [_cast(t, column, pa.list_(pa.float32())) for t in tables]
         out = pa.concat_tables(tables).combine_chunks()
         n = out.num_rows
         return (out.append_column("step", pa.array([step] * n, pa.int64()))
@@ -225,9 +229,15 @@ class PlanLoader:
         return pa.concat_tables([self.load_step(s) for s in steps.column("step").to_pylist()])
 
 
-def _cast_latent(table: pa.Table, type_: pa.DataType) -> pa.Table:
-    i = table.column_names.index("latent")
-    return table.set_column(i, "latent", table.column("latent").cast(type_))
+def _cast(table: pa.Table, column: str, type_: pa.DataType) -> pa.Table:
+    i = table.column_names.index(column)
+    return table.set_column(i, column, table.column(column).cast(type_))
+
+
+def data_columns(cfg: Any) -> tuple[str, ...]:
+    """The dataset columns a train config reads: the latents, and the caption features when
+    it fine-tunes a pretrained pipeline (`finetune.init`)."""
+    return LATENT_COLUMNS + (TEXT_COLUMNS if cfg.finetune.init else ())
 
 
 def split_steps(blocks: Iterable[pa.Table]) -> Iterator[pa.Table]:
@@ -290,6 +300,10 @@ class StepBatch:
     text_mask: torch.Tensor  # (B, L) bool
     weight: torch.Tensor  # (B,) 1 = sample, 0 = padding
     slot: list[int]  # position in the global batch: seeds each sample's noise
+    # (B, L, D) float32 precomputed caption features (a pretrained pipeline's, `preprocess
+    # --model`), zeros after each caption's rows; then text_ids is empty and text_mask marks
+    # the real rows
+    text: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> StepBatch:
         moved = {k: v.to(device, non_blocking=True) for k, v in vars(self).items()
@@ -342,16 +356,40 @@ def _latents(table: pa.Table, shape: tuple[int, ...]) -> np.ndarray:
     return values.astype(np.float32).reshape(table.num_rows, *shape)
 
 
+def _features(table: pa.Table, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' precomputed caption features -> (B, length, D) float32, zeros after each
+    caption's n rows, and the (B, length) mask of its rows (n > length is refused)."""
+    shapes = [tuple(s) for s in table.column("text_shape").to_pylist()]
+    dims = {s[1] for s in shapes}
+    if len(dims) != 1:
+        raise ValueError(f"collate: caption features of widths {sorted(dims)} in one batch "
+                         f"(id(s) {_ids(table)}); preprocess with one --model")
+    lengths = [s[0] for s in shapes]
+    if max(lengths) > length:
+        raise ValueError(f"collate: caption features of {max(lengths)} rows, more than the "
+                         f"model's text length {length} (id(s) {_ids(table)})")
+    values = table.column("text_features").combine_chunks().flatten()
+    flat = values.to_numpy(zero_copy_only=False).astype(np.float32)
+    text = torch.zeros(table.num_rows, length, dims.pop())
+    lo = 0
+    for i, (n, d) in enumerate(shapes):
+        text[i, :n] = torch.from_numpy(flat[lo:lo + n * d].reshape(n, d))
+        lo += n * d
+    mask = torch.arange(length)[None] < torch.tensor(lengths)[:, None]
+    return text, mask
+
+
 class Collate:
     """Latent rows of one bucket (+ step, slot, weight when planned) -> StepBatch, the last step
     before the model. A batch that mixes buckets or shapes, or whose latents do not match
     their `latent_shape`, is refused naming the ids. `tokenizer`:
-    `models.text_encoder.caption_tokenizer` (bytes, or a pretrained encoder's own)."""
+    `models.text_encoder.caption_tokenizer` (bytes, or a pretrained encoder's own); or, with
+    `text_length` > 0, the rows' precomputed caption features (TEXT_COLUMNS) padded to it."""
 
     READS = ("id", "caption", "bucket", "fps", "latent", "latent_shape")
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Tokenizer | None, text_length: int = 0):
+        self.tokenizer, self.text_length = tokenizer, text_length
 
     def __call__(self, table: pa.Table, step: int = -1, slot_base: int = 0) -> StepBatch:
         require_columns(table, self.READS, "collate")
@@ -362,7 +400,14 @@ class Collate:
         if None in fps:
             raise ValueError(f"collate: null fps for id(s) {_ids(table, [f is None for f in fps])}")
         names, n = table.column_names, table.num_rows
-        text_ids, text_mask = self.tokenizer([c or "" for c in table.column("caption").to_pylist()])
+        text = None
+        if self.text_length:
+            require_columns(table, TEXT_COLUMNS, "collate")
+            text, text_mask = _features(table, self.text_length)
+            text_ids = torch.zeros(n, 0, dtype=torch.long)
+        else:
+            text_ids, text_mask = self.tokenizer(
+                [c or "" for c in table.column("caption").to_pylist()])
         return StepBatch(
             step=int(table.column("step")[0].as_py()) if "step" in names else step,
             bucket=table.column("bucket")[0].as_py(), ids=table.column("id").to_pylist(), x=x,
@@ -370,7 +415,7 @@ class Collate:
             weight=(torch.from_numpy(table.column("weight").to_numpy().copy())
                     if "weight" in names else torch.ones(n)),
             slot=(table.column("slot").to_pylist() if "slot" in names
-                  else list(range(slot_base, slot_base + n))),
+                  else list(range(slot_base, slot_base + n))), text=text,
         )
 
 

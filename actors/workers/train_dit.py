@@ -50,10 +50,11 @@ from actors.workers.toolkit import (
     set_lr,
     train_state,
 )
-from actors.workers.train_data import StepBatch, TrainDataConfig
+from actors.workers.train_data import Collate, StepBatch, TrainDataConfig, data_columns
 from models.denoiser import Denoiser
 from models.device import torch_dtype
 from models.dit import DiTConfig, dit_debug
+from models.finetune import FinetuneConfig
 from models.flow import FlowConfig, flow_loss, sample_timesteps
 from models.patching import PatchGrid
 from models.text_encoder import (
@@ -93,10 +94,15 @@ class TrainLoopConfig:
     # gets every step
     checkpoint_every: int = 500  # sharded checkpoint every N steps, and at the end
     latents: LatentsRecord = field(default_factory=LatentsRecord)
+    # `init` set: fine-tune that diffusers pipeline's transformer instead of the DiT (then
+    # `model` and `text_encoder` are unused; actors/workers/finetune.py)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
         if min(self.steps, self.log_every, self.checkpoint_every) < 1:
             raise ValueError("steps, log_every and checkpoint_every: must be >= 1")
+        if self.finetune.init:  # the pipeline's own text encoder: checked against the data
+            return
         enc = self.text_encoder
         width = text_width(enc)
         if self.model.text_dim != width:
@@ -106,17 +112,21 @@ class TrainLoopConfig:
                              f"({width})")
 
 
-def draw(batch: StepBatch, cfg: TrainLoopConfig) -> tuple[torch.Tensor, ...]:
+def draw(batch: StepBatch, cfg: TrainLoopConfig, patch: tuple[int, int, int] | None = None,
+         dropout: float | None = None) -> tuple[torch.Tensor, ...]:
     """Noise, flow time and text drop for each sample, from that sample's own generator (drawn
-    in that order: noise, then t's normal, then the drop's uniform; resume depends on it)."""
+    in that order: noise, then t's normal, then the drop's uniform; resume depends on it).
+    `patch` and `dropout`: the trained model's (default: the DiT's, cfg.model)."""
     x = batch.x
-    num_tokens = PatchGrid(tuple(x.shape[2:]), cfg.model.patch).num_tokens
+    patch = tuple(cfg.model.patch) if patch is None else patch
+    dropout = cfg.model.text_dropout if dropout is None else dropout
+    num_tokens = PatchGrid(tuple(x.shape[2:]), patch).num_tokens
     gens = [torch.Generator(device=x.device).manual_seed(sample_seed(cfg.seed, batch.step, slot))
             for slot in batch.slot]
     noise = torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device) for g in gens])
     t = sample_timesteps(len(gens), cfg.flow, num_tokens, x.device, generator=gens)
     u = torch.cat([torch.rand(1, generator=g, device=x.device) for g in gens])
-    return noise, t, u < cfg.model.text_dropout
+    return noise, t, u < dropout
 
 
 def empty_batch(cfg: TrainLoopConfig) -> StepBatch:
@@ -143,18 +153,63 @@ def text_inputs(batch: StepBatch, frozen: PretrainedTextEncoder | None) -> dict[
     return {"text": frozen(batch.text_ids, batch.text_mask), "text_mask": batch.text_mask}
 
 
+class DiTTrainee:
+    """What the loop trains by default: tubelet's DiT with its text encoder (`Denoiser`),
+    sharded by `parallelize`, exported by `export_ema`. The seam a pretrained transformer
+    plugs into (actors/workers/finetune.py `PipelineTrainee`: the same attributes and methods).
+    """
+
+    def __init__(self, cfg: TrainLoopConfig):
+        self.cfg = cfg
+        self.in_channels, self.patch = cfg.model.in_channels, tuple(cfg.model.patch)
+        self.text_dropout = cfg.model.text_dropout
+        self.frozen: PretrainedTextEncoder | None = None
+
+    def collate(self) -> Collate:
+        return Collate(caption_tokenizer(self.cfg.text_encoder))
+
+    def build(self, device: torch.device) -> torch.nn.Module:
+        """The sharded model (called after the trainer seeds torch's generator)."""
+        return parallelize(Denoiser(self.cfg.model, self.cfg.text_encoder), self.cfg.parallel,
+                           device)
+
+    def setup(self, device: torch.device) -> None:
+        """What runs beside the trained model (before seeding): a frozen text encoder."""
+        self.frozen = frozen_text_encoder(self.cfg, device)
+
+    def inputs(self, batch: StepBatch) -> dict[str, Any]:
+        return text_inputs(batch, self.frozen)
+
+    def empty_batch(self) -> StepBatch:
+        return empty_batch(self.cfg)
+
+    def export(self, out: Path, ema: Any, model: torch.nn.Module, resolved: dict[str, Any],
+               step: int) -> None:
+        export_ema(out, ema, model, resolved, step, self.frozen)
+
+
+def trainee_of(cfg: TrainLoopConfig) -> Any:
+    """The model a config trains: a pipeline folder's transformer (`finetune.init`) or the DiT."""
+    if cfg.finetune.init:
+        from actors.workers.finetune import PipelineTrainee
+
+        return PipelineTrainee(cfg)
+    return DiTTrainee(cfg)
+
+
 def train_loop(cfg: TrainLoopConfig, backend: Backend, batches: Callable[[int], Iterator],
                run_dir: Path, resolved: dict[str, Any], fingerprint: str = "",
-               stream: bool = False) -> dict[str, Any]:
+               stream: bool = False, trainee: Any = None) -> dict[str, Any]:
     """Train until `cfg.steps`. `batches(start)` yields this worker's StepBatch of each step from
-    `start` (and ends with the data); `stream=True`: a finished pass starts a new epoch."""
+    `start` (and ends with the data); `stream=True`: a finished pass starts a new epoch.
+    `trainee`: what is trained (default `trainee_of(cfg)`)."""
     run_dir, rank, W, device = Path(run_dir), backend.rank, backend.world_size, backend.device
+    trainee = trainee or trainee_of(cfg)
     with process_group(device):
         record_worker(run_dir, backend)
-        frozen = frozen_text_encoder(cfg, device)
-        state = train_state(
-            lambda: parallelize(Denoiser(cfg.model, cfg.text_encoder), cfg.parallel, device),
-            cfg.optim, cfg.seed, backend, "train", fingerprint=fingerprint)
+        trainee.setup(device)
+        state = train_state(lambda: trainee.build(device), cfg.optim, cfg.seed, backend,
+                            "train", fingerprint=fingerprint)
         model, start = state.model, state.start
         model.train()
         log = MetricsLog(run_dir, start, rank == 0)
@@ -172,10 +227,10 @@ def train_loop(cfg: TrainLoopConfig, backend: Backend, batches: Callable[[int], 
                 it = batches(step)  # next epoch of the stream
                 continue
             if batch is None:  # this worker ran out first: a zero-weight step keeps FSDP in step
-                batch = dummy or empty_batch(cfg)
-            if batch.x.shape[1] != cfg.model.in_channels:
+                batch = dummy or trainee.empty_batch()
+            if batch.x.shape[1] != trainee.in_channels:
                 raise ValueError(f"latents of bucket {batch.bucket!r} have {batch.x.shape[1]} "
-                                 f"channels, model.in_channels is {cfg.model.in_channels}")
+                                 f"channels, the model takes {trainee.in_channels}")
             batch = replace(batch, step=step)  # stream batches carry no step of their own
             dummy = replace(batch, weight=torch.zeros_like(batch.weight))
             batch = batch.to(device)
@@ -183,16 +238,16 @@ def train_loop(cfg: TrainLoopConfig, backend: Backend, batches: Callable[[int], 
 
             lr = cfg.optim.lr_at(step, cfg.steps)
             set_lr(state.optim, lr)
-            noise, t, drop = draw(batch, cfg)
+            noise, t, drop = draw(batch, cfg, trainee.patch, trainee.text_dropout)
             total_w = reduce_sum(batch.weight.sum().reshape(1))  # over the global batch
             # the loss map's per-frame errors, only on the steps that log them
             frames: list[torch.Tensor] | None = [] if (step + 1) % cfg.log_every == 0 else None
             weighted = flow_loss(model, batch.x, t, noise, weight=batch.weight, frames=frames,
-                                 fps=batch.fps, drop_text=drop, **text_inputs(batch, frozen))
+                                 fps=batch.fps, drop_text=drop, **trainee.inputs(batch))
             grad_norm = optimizer_step(state, weighted, total_w, W, cfg.optim.grad_clip)
             step += 1
 
-            n_tokens = PatchGrid(tuple(batch.x.shape[2:]), cfg.model.patch).num_tokens
+            n_tokens = PatchGrid(tuple(batch.x.shape[2:]), trainee.patch).num_tokens
             real = float((batch.weight > 0).sum())
             loss_sum, samples, tokens = reduce_sum(
                 [weighted.item(), real, real * n_tokens], device).tolist()
@@ -214,8 +269,8 @@ def train_loop(cfg: TrainLoopConfig, backend: Backend, batches: Callable[[int], 
             if due(step, cfg.checkpoint_every, cfg.steps):
                 state.save(backend, step, row, resolved, fingerprint)
                 if step < cfg.steps:  # a long run can be sampled while it trains
-                    export_ema(run_dir / "export", state.ema, model, resolved, step, frozen)
-        export_ema(run_dir / "export", state.ema, model, resolved, step, frozen)  # every rank
+                    trainee.export(run_dir / "export", state.ema, model, resolved, step)
+        trainee.export(run_dir / "export", state.ema, model, resolved, step)  # every rank
     return {"step": step, "start": start, "last": row}
 
 
@@ -273,21 +328,22 @@ def ray_worker(args: dict[str, Any]) -> None:
     stream split across the workers; False: this rank's planned dataset `rank<r>`)."""
     import ray.train
 
-    from actors.workers.train_data import Collate, PlanLoader, planned_batches, streamed_batches
+    from actors.workers.train_data import PlanLoader, planned_batches, streamed_batches
 
     cfg = args["cfg"]
     with ray_backend(cfg.worker.torch_threads()) as backend:
-        collate = Collate(caption_tokenizer(cfg.text_encoder))
+        trainee = trainee_of(cfg)
+        collate = trainee.collate()
         r, W = backend.rank, backend.world_size
         if args["stream"]:
             batches = streamed_batches(ray.train.get_dataset_shard("train"), collate, cfg.data,
                                        r, W)
         elif cfg.data.loader == "worker":  # this rank's planned rows, read right here
-            loader = PlanLoader(args["index"], cfg.data, W, r)
+            loader = PlanLoader(args["index"], cfg.data, W, r, columns=data_columns(cfg))
             batches = prefetched(local_batches(loader, collate), cfg.data.prefetch_steps,
                                  cfg.steps)
         else:
             batches = planned_batches(ray.train.get_dataset_shard(f"rank{r}"), collate,
                                       cfg.data.prefetch_steps)
         train_loop(cfg, backend, batches, Path(args["run"]), args["resolved"],
-                   args["fingerprint"], stream=args["stream"])
+                   args["fingerprint"], stream=args["stream"], trainee=trainee)
