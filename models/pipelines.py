@@ -524,9 +524,22 @@ def _hash_component(h: Any, record: PipelineRecord, component: str) -> None:
             h.update(f.read(min(size, 100 << 20)))
 
 
+def _hash_samples(h: Any, file: Path, count: int = 256, size: int = 4096) -> None:
+    """`count` blocks of `size` bytes at evenly spaced offsets of `file` (all of a small one)."""
+    total = file.stat().st_size
+    with file.open("rb") as f:
+        if total <= count * size:
+            h.update(f.read())
+            return
+        for i in range(count):
+            f.seek(i * (total - size) // (count - 1))
+            h.update(f.read(size))
+
+
 def text_encoder_id(record: PipelineRecord) -> str:
     """Which encoder made a caption's features: `<class>:<digest>` of the pipeline's tokenizer
-    and text encoder (configs, weight headers) and its text length. A latent dataset records
+    (every file) and text encoder (config, weight headers, 1 MB of sampled weight bytes per
+    file) and its text length. A latent dataset records
     it per row; fine-tuning refuses features whose id is not the pipeline's own."""
     import hashlib
 
@@ -535,4 +548,8 @@ def text_encoder_id(record: PipelineRecord) -> str:
         _hash_component(h, record, component)
     for file in sorted(p for p in record.path("tokenizer").rglob("*") if p.is_file()):
         h.update(file.name.encode() + file.read_bytes())  # the vocabulary (a few MB)
+    # the weights' values too, sampled (headers alone do not tell two checkpoints of one
+    # architecture apart; reading all of UMT5-XXL's 11 GB would cost a minute per start)
+    for file in sorted(record.path("text_encoder").rglob("*.safetensors")):
+        _hash_samples(h, file)
     return f"{record.components['text_encoder']}:{h.hexdigest()[:16]}"

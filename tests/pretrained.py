@@ -145,3 +145,23 @@ def diffusers_cogvideox(folder: Path):
     pipe = diffusers.CogVideoXPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def write_caption_latents(folder: Path, out: Path, **kwargs) -> Path:
+    """A small latent dataset (tests/unit/test_train_data.py `write_latents`: 4 channels,
+    three buckets) with each caption's features from the pipeline `folder`'s own text encoder,
+    added by the caption encode stage itself (actors/caption_encode.py), as `preprocess
+    --model folder` writes them."""
+    import pyarrow.parquet as pq
+
+    from actors.caption_encode import CaptionEncodeStage
+    from actors.common.schema import LATENT_COLUMNS, TEXT_COLUMNS
+    from tests.unit.test_train_data import write_latents
+
+    plain = write_latents(out.with_name(out.name + "-plain"), **kwargs)
+    stage = CaptionEncodeStage(str(folder))
+    out.mkdir(parents=True, exist_ok=True)
+    for file in sorted(plain.glob("*.parquet")):
+        table = stage(pq.read_table(file)).select(LATENT_COLUMNS + TEXT_COLUMNS)
+        pq.write_table(table, out / file.name, row_group_size=2)
+    return out

@@ -95,10 +95,12 @@ def test_cogvideox_parallel_samplers_are_refused_before_ray(tmp_path):
 
 
 def check_stages(folder, rows: list[dict], spatial: int, tmp_path, load=diffusers_pipeline,
-                 frames_first: bool = False) -> None:
+                 frames_first: bool = False, vae=None) -> None:
+    """`folder` (a pipeline folder, or a fine-tune's RUN: `vae` its base's VAE folder)
+    through the stages equals `load(folder)`'s pipeline, row by row."""
     cfg = replace(GenerateConfig(defaults=Defaults(fps=8.0)), save_latents=True)
     model = inspect_model(folder, cfg.vae)  # vae.checkpoint auto: the folder's own VAE
-    assert model.vae == str(folder / "vae") and model.grid.spatial == spatial
+    assert model.vae == str(vae or folder / "vae") and model.grid.spatial == spatial
     cfg = replace(cfg, vae=replace(cfg.vae, checkpoint=model.vae, device="cpu"))
     rows = pa.Table.from_pylist([{**r, "name": r["id"], "fps": 8.0} for r in rows])
     out = tmp_path / "gen"
