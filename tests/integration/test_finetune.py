@@ -120,7 +120,9 @@ def test_preprocess_with_a_model_writes_its_latents_and_its_prompt_features(
         ours = np.array(row["latent"], np.float32).reshape(row["latent_shape"])
         np.testing.assert_allclose(ours, want, rtol=0, atol=1e-4, err_msg=row["id"])
         # features: the pipeline's own encode_prompt of the caption, at their real length
-        embeds, _ = pipe.encode_prompt(captions[row["path"]], do_classifier_free_guidance=False)
+        with torch.no_grad():
+            embeds, _ = pipe.encode_prompt(captions[row["path"]],
+                                           do_classifier_free_guidance=False)
         n, d = row["text_shape"]
         assert row["text_len"] == n and d == embeds.shape[-1]
         feats = np.array(row["text_features"], np.float32).reshape(n, d)

@@ -91,7 +91,7 @@ def test_lr_warmup_then_schedule():
     assert OptimConfig(lr=2.0, warmup_steps=0).lr_at(50, 100) == 2.0
 
 
-@pytest.mark.parametrize("name", ["debug", "default", "cluster"])
+@pytest.mark.parametrize("name", ["debug", "default", "cluster", "finetune"])
 def test_shipped_configs_load_and_round_trip(name):
     cfg = load_config(TrainConfig, CONFIGS / f"{name}.yaml")
     assert from_dict(TrainConfig, to_dict(cfg)) == cfg
@@ -113,6 +113,8 @@ def test_cluster_workers_fit_a_gpu_train_node():
     (["model.grad_checkpointing=true"], "unknown key 'model.grad_checkpointing'"),  # parallel.*
     (["parallel.param_dtype=fp8"], "key 'parallel.param_dtype'"),
     (["data.batch_size=0"], "batch_size and bucket_batch_sizes: must be >= 1"),
+    (["finetune.lora.rank=-1"], "lora: rank and alpha must be >= 0"),
+    (["finetune.text_dropout=1.5"], "text_dropout in [0, 1)"),
 ])
 def test_bad_config_names_the_key(sets, needle):
     with pytest.raises(ConfigError) as e:
