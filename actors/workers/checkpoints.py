@@ -50,6 +50,8 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay  # trained parameters only (a LoRA run: its adapters)
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        # frozen ones (a LoRA base, a frozen VAE encoder) are their own average
+        self.frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
         self.shadow = {n: p.detach().clone().float() for n, p in self.params.items()}
 
     @staticmethod
@@ -62,10 +64,12 @@ class EMA:
         params = [self._local(p.detach()).float() for p in self.params.values()]
         torch._foreach_lerp_(shadow, params, 1.0 - self.decay)
 
-    def full_state(self) -> dict[str, torch.Tensor]:
-        """Unsharded EMA weights on CPU (a collective under FSDP: every rank must call it)."""
-        return {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
-                for n, t in self.shadow.items()}
+    def full_state(self, frozen: bool = False) -> dict[str, torch.Tensor]:
+        """Unsharded EMA weights on CPU (a collective under FSDP: every rank must call it);
+        `frozen`: with the frozen parameters as they are, i.e. a whole model's state."""
+        tensors = {**self.shadow, **(self.frozen if frozen else {})}
+        return {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().float().cpu()
+                for n, t in tensors.items()}
 
 
 class UntrustedCheckpointError(ValueError):

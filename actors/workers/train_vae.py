@@ -233,7 +233,7 @@ def validate(cfg: VAETrainLoopConfig, model: VideoVAE, val: torch.Tensor,
 
 def ema_model(cfg: VAETrainLoopConfig, ema: EMA, device: torch.device) -> VideoVAE:
     model = VideoVAE(replace(cfg.model)).to(device)
-    model.load_state_dict({k: v.to(device) for k, v in ema.full_state().items()})
+    model.load_state_dict({k: v.to(device) for k, v in ema.full_state(frozen=True).items()})
     return model
 
 
