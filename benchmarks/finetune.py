@@ -163,7 +163,7 @@ def bench_speed(args, folder: Path, latents: Path, root: Path) -> None:
         results[mode] = summary(ours, warm), summary(plain, warm)
     n = params_on_meta(lambda: transformer_on_meta(folder, 0))
     print(f"fine-tune step, small random Wan 2.1 transformer ({n / 1e6:.2f}M params, 6 layers, "
-          f"6 x 32 heads), {args.threads} thread(s), global batch 4 over 3 buckets, "
+          f"6 x 32 heads),\n  {args.threads} thread(s), global batch 4 over 3 buckets, "
           f"{args.steps} steps, medians after {warm}:")
     print(f"  {'loop':26s} {'mode':9s} {'s/step':>8s} {'tokens/s':>9s}  plain / tubelet")
     for mode, ((t_ours, tok_ours), (t_plain, tok_plain)) in results.items():
@@ -206,9 +206,10 @@ def gib(n: float) -> str:
 
 def bench_memory_computed(args, folder: Path) -> None:
     workers = (1, 2, 8)
-    print(f"memory per worker, computed (GiB; full: 20 P / N; LoRA r{args.lora_rank}: "
-          "(4 P + 20 A) / N; plus activations and the gathered block):")
-    print(f"  {'model':22s} {'P':>10s} {'A':>9s} {'mode':5s}"
+    print(f"memory per worker, computed (GiB): full 20 P / N, LoRA r{args.lora_rank} "
+          "(4 P + 20 A) / N;\n  P params, A adapter params; activations and the gathered "
+          "block come on top:")
+    print(f"  {'model':22s} {'P':>13s} {'A':>11s} {'mode':5s}"
           + "".join(f"{f'N={n}':>10s}" for n in workers))
     for name in ("Wan 2.1 T2V 1.3B", folder):
         P = params_on_meta(lambda name=name: transformer_on_meta(name, 0))
@@ -216,7 +217,7 @@ def bench_memory_computed(args, folder: Path) -> None:
         check = analytic_adapter_params(transformer_on_meta(name, 0), args.lora_rank)
         label = name if isinstance(name, str) else "tiny (speed's folder)"
         for mode, total in (("full", 20 * P), ("LoRA", 4 * P + 20 * A)):
-            print(f"  {label:22s} {P:10,d} {A:9,d} {mode:5s}"
+            print(f"  {label:22s} {P:13,d} {A:11,d} {mode:5s}"
                   + "".join(f" {gib(total / n)}" for n in workers))
             label = ""
         if check != A:

@@ -33,8 +33,8 @@ from models.pipelines import (
     LORA_RECORD,
     PipelineError,
     PipelineRecord,
+    base_digest,
     load_transformer,
-    pipeline_digest,
     read_pipeline,
 )
 
@@ -190,7 +190,7 @@ def write_pipeline_export(out: Path, record: PipelineRecord, weights: dict[str, 
     shutil.copy2(record.folder / "model_index.json", tmp / "model_index.json")
     (tmp / FULL_RECORD).write_text(json.dumps(
         {"format": "tubelet-finetune-v1", "kind": "full", "base": str(record.folder),
-         "base_digest": pipeline_digest(record), "step": step, "train": train},
+         "base_digest": base_digest(record), "step": step, "train": train},
         indent=2, default=str))
     _swap_in(tmp, out)
     return out
@@ -217,7 +217,7 @@ def write_lora_export(out: Path, record: PipelineRecord, transformer: nn.Module,
         transformer_lora_adapter_metadata=metadata)
     (tmp / LORA_RECORD).write_text(json.dumps(
         {"format": "tubelet-lora-v1", "base": str(record.folder),
-         "base_digest": pipeline_digest(record), "rank": lora.rank,
+         "base_digest": base_digest(record), "rank": lora.rank,
          "alpha": lora.alpha or lora.rank, "targets": list(lora.targets), "step": step,
          "train": train}, indent=2, default=str))
     _swap_in(tmp, out)

@@ -258,7 +258,7 @@ def read_pipeline(path: str | Path) -> PipelineRecord:
 
 def read_lora_export(folder: Path) -> PipelineRecord:
     """A LoRA export -> its base pipeline's record with `lora` (the adapter file) and `source`
-    set. The base must still be the folder it was trained on (same `pipeline_digest`)."""
+    set. The base must still be the folder it was trained on (same `base_digest`)."""
     record = _json(folder / LORA_RECORD, folder)
     base = Path(str(record.get("base", "")))
     if not (folder / LORA_WEIGHTS).is_file():
@@ -271,7 +271,7 @@ def read_lora_export(folder: Path) -> PipelineRecord:
                             f"the base folder back at {base}") from None
     if parent.lora is not None:
         raise PipelineError(f"{folder}: its base {base} is itself a LoRA export")
-    digest = pipeline_digest(parent)
+    digest = base_digest(parent)
     if record.get("base_digest") not in (None, digest):
         raise PipelineError(f"{folder}: its base pipeline {base} changed since training "
                             f"(digest {digest}, trained on {record['base_digest']}); put the "
@@ -522,6 +522,18 @@ def _hash_component(h: Any, record: PipelineRecord, component: str) -> None:
             (size,) = struct.unpack("<Q", f.read(8))
             h.update(f"{file.relative_to(record.folder)}|{file.stat().st_size}|".encode())
             h.update(f.read(min(size, 100 << 20)))
+
+
+def base_digest(record: PipelineRecord) -> str:
+    """What a fine-tune records of its base folder: `pipeline_digest` plus sampled weight
+    values of its transformer (`_hash_samples`), so a base rewritten with other weights of
+    the same shapes no longer passes for the one a LoRA was trained on."""
+    import hashlib
+
+    h = hashlib.sha256(pipeline_digest(record).encode())
+    for file in sorted(record.path("transformer").rglob("*.safetensors")):
+        _hash_samples(h, file)
+    return h.hexdigest()[:16]
 
 
 def _hash_samples(h: Any, file: Path, count: int = 256, size: int = 4096) -> None:

@@ -233,3 +233,18 @@ def test_wrong_inputs_are_refused_before_ray(folder, latents, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2 and needle in err and len(err.splitlines()) == 1, (args, err)
     assert not ray.is_initialized()
+
+
+def test_a_lora_whose_base_was_rewritten_is_refused(tmp_path):
+    from models.pipelines import PipelineError
+
+    base = write_wan_pipeline(tmp_path / "base", seed=1)
+    data = write_caption_latents(base, tmp_path / "latents")
+    run = tmp_path / "run"
+    train_here(tune_config(base, 4, "steps=2"), data, run)
+    assert read_pipeline(run / "export").lora is not None  # reads while the base is as trained
+    other = write_wan_pipeline(tmp_path / "other", seed=3)  # same shapes, other weights
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    shutil.copy(other / weights, base / weights)
+    with pytest.raises(PipelineError, match="changed since training"):
+        read_pipeline(run / "export")
