@@ -120,7 +120,8 @@ class FlowTransformer(nn.Module):
         # the timestep stays float32 (bf16 would round t * 1000 by up to 4)
         timestep = t.float() * self.timesteps
         if self.expand_timesteps:  # Wan 2.2 TI2V: one timestep per token
-            tokens = x.shape[2] * (x.shape[3] // 2) * (x.shape[4] // 2)
+            pt, ph, pw = self.transformer.config.patch_size
+            tokens = (x.shape[2] // pt) * (x.shape[3] // ph) * (x.shape[4] // pw)
             timestep = timestep[:, None].expand(-1, tokens)
         dtype = self.transformer.patch_embedding.weight.dtype  # bf16 under mixed precision
         return self.transformer(hidden_states=x.to(dtype), timestep=timestep,

@@ -80,8 +80,11 @@ def shard(model: nn.Module, blocks: list[nn.Module], recompute: Iterable[nn.Modu
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
     dtype = torch_dtype(cfg.param_dtype)
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    # one rank's shard is the whole weight: freeing it after forward saves nothing and
+    # gathers it again for backward
+    reshard = cfg.reshard_after_forward and dist.get_world_size() > 1
     for block in blocks:
-        fully_shard(block, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+        fully_shard(block, mp_policy=mp, reshard_after_forward=reshard)
     # The root holds what is left; its weights are needed again at once by backward.
     root = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
                                 cast_forward_inputs=cast_inputs)
