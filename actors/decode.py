@@ -32,8 +32,16 @@ from av.video.reformatter import Interpolation, VideoReformatter
 from actors.common.errors import ErrorSink
 from actors.common.schema import require_columns
 from actors.common.stage import StageSpec
+from actors.common.storage import is_uri
 from actors.common.tensors import pack, with_columns
-from actors.probe import FIX, VideoRejected, pixel_limit, sample_aspect, video_stream
+from actors.probe import (
+    FIX,
+    VideoRejected,
+    pixel_limit,
+    remote_source,
+    sample_aspect,
+    video_stream,
+)
 
 
 class ClipError(ValueError):
@@ -116,7 +124,7 @@ def _check_args(start: float, fps: float, num_frames: int, height: int, width: i
 def decode_clip(path: str, start: float, fps: float, num_frames: int, height: int,
                 width: int, rotation: int = 0, threads: int = 0,
                 stats: dict[str, Any] | None = None,
-                budget: DecodeBudget | None = None) -> np.ndarray:
+                budget: DecodeBudget | None = None, fs: Any = None) -> np.ndarray:
     """uint8 (num_frames, height, width, 3): the clip of `path` starting at `start` seconds
     (from the first frame), resampled to `fps` (module docstring). rotation: the probe's
     counter-clockwise display rotation. threads: decoder threads (0 = FFmpeg's choice).
@@ -124,11 +132,28 @@ def decode_clip(path: str, start: float, fps: float, num_frames: int, height: in
     scaled to RGB) and "restarts" (1 when a seek landed past the start and it re-read from 0).
     budget: wall seconds and decoder frames one clip may cost (a hostile stream that decodes
     forever, or thousands of frames before its start, becomes an error row, not a hang).
-    Raises ClipError with a one-line reason."""
+    fs: the filesystem of an object-store `path` (a URI): read through a buffered file with
+    seeks, no local copy. Raises ClipError with a one-line reason."""
     _check_args(start, fps, num_frames, height, width, rotation)
     budget = (budget or DecodeBudget()).start()
     stats = stats if stats is not None else {}
     stats.update(decoded=0, converted=0, restarts=0)
+    source = path
+    if fs is not None and is_uri(path):  # an object-store video, read through a buffer
+        try:
+            source = remote_source(path, fs)
+        except VideoRejected as e:
+            raise ClipError(str(e)) from None
+    try:
+        return _decode(source, start, fps, num_frames, height, width, rotation, threads,
+                       budget, stats)
+    finally:
+        if source is not path:
+            source.close()
+
+
+def _decode(path: Any, start: float, fps: float, num_frames: int, height: int, width: int,
+            rotation: int, threads: int, budget: Any, stats: dict) -> np.ndarray:
     try:
         # FFmpeg's own interrupt: a single read that stalls (a hung mount) ends at the budget
         timeout = budget.seconds or None
@@ -301,15 +326,15 @@ class DecodeStage:
     WRITES = ("frames", "frames_shape", "decode_seconds", "decode_node")
 
     @classmethod
-    def spec(cls, cfg: Any, errors_dir: str | None) -> StageSpec:
+    def spec(cls, cfg: Any, errors_dir: Any, fs: Any = None) -> StageSpec:
         """From a clip config (`ClipConfig`): decoder threads, the decode budget, its
-        `decode` pool."""
+        `decode` pool; `fs`: the filesystem of object-store inputs."""
         return StageSpec("decode", cls, dict(errors_dir=errors_dir, threads=cfg.decode_threads,
-                                             budget=cfg.decode_budget), cfg.decode)
+                                             budget=cfg.decode_budget, fs=fs), cfg.decode)
 
-    def __init__(self, errors_dir: str | None = None, threads: int = 0,
-                 budget: DecodeBudget | None = None):
-        self.threads, self.budget = threads, budget or DecodeBudget()
+    def __init__(self, errors_dir: Any = None, threads: int = 0,
+                 budget: DecodeBudget | None = None, fs: Any = None):
+        self.threads, self.budget, self.fs = threads, budget or DecodeBudget(), fs
         self.errors = ErrorSink(errors_dir, "decode")
         self.node = _node_id()
 
@@ -324,7 +349,7 @@ class DecodeStage:
                 clip = decode_clip(str(row["path"]), float(row["start"]), float(row["fps"]),
                                    int(row["num_frames"]), int(row["height"]),
                                    int(row["width"]), int(row["rotation"] or 0), self.threads,
-                                   budget=self.budget)
+                                   budget=self.budget, fs=self.fs)
             except ClipError as e:
                 self.errors.add(str(row["path"]), str(e))
                 keep.append(False)

@@ -41,18 +41,19 @@ class DecodeEncodeStage:
     WRITES = ("decode_seconds", "decode_node", *VAEEncodeStage.WRITES)
 
     @classmethod
-    def spec(cls, cfg: Any, errors_dir: str | None) -> StageSpec:
+    def spec(cls, cfg: Any, errors_dir: Any, fs: Any = None) -> StageSpec:
         """From a preprocess config: the VAE encode stage's settings and `encode` pool, plus
-        the decode stage's threads and budget (its `decode` pool is not used)."""
+        the decode stage's threads and budget (its `decode` pool is not used); `fs`: the
+        filesystem of object-store inputs."""
         encode = VAEEncodeStage.spec(cfg, errors_dir)
         return StageSpec("encode", cls, dict(**encode.kwargs, threads=cfg.decode_threads,
-                                             budget=cfg.decode_budget), cfg.encode)
+                                             budget=cfg.decode_budget, fs=fs), cfg.encode)
 
     def __init__(self, vae: VAEStageConfig, buckets: BucketConfig,
-                 errors_dir: str | None = None, latent_dtype: str = "float16",
+                 errors_dir: Any = None, latent_dtype: str = "float16",
                  num_cpus: float = 1.0, threads: int = 0,
-                 budget: DecodeBudget | None = None):
-        self.decode = DecodeStage(errors_dir, threads, budget)
+                 budget: DecodeBudget | None = None, fs: Any = None):
+        self.decode = DecodeStage(errors_dir, threads, budget, fs)
         self.encode = VAEEncodeStage(vae, buckets, errors_dir, latent_dtype, num_cpus)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

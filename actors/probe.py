@@ -36,6 +36,7 @@ import pyarrow as pa
 from actors.common.errors import ErrorSink
 from actors.common.schema import require_columns
 from actors.common.stage import StageSpec
+from actors.common.storage import is_uri, open_source, storage_reason
 from actors.common.tensors import with_columns
 
 FIX = "remove it from the input or fix the file"
@@ -107,10 +108,34 @@ def _check_path(path: str) -> None:
                             "the input")
 
 
-def _open_error(path: str, error: av.error.FFmpegError, detail: str) -> str:
+def remote_source(path: str, fs: Any) -> Any:
+    """An object-store video (`path` a URI, `fs` its filesystem) opened for PyAV, or
+    VideoRejected: no such object, a prefix, an empty object, a read the store refused."""
+    try:
+        return open_source(path, fs)
+    except FileNotFoundError:
+        raise VideoRejected("no such object; check the path or remove it from the input"
+                            ) from None
+    except IsADirectoryError:
+        raise VideoRejected("is a prefix (a folder), not a video; list its videos in the "
+                            "input instead") from None
+    except EOFError:
+        raise VideoRejected(f"empty object (0 bytes); {FIX}") from None
+    except OSError as e:
+        raise VideoRejected(f"cannot read it ({storage_reason(e)})") from None
+
+
+def _head(source: Any) -> bytes:
+    if isinstance(source, str):
+        with open(source, "rb") as f:
+            return f.read(512)
+    source.seek(0)
+    return source.read(512)
+
+
+def _open_error(source: Any, error: av.error.FFmpegError, detail: str) -> str:
     """One line for a file FFmpeg cannot open, with a guess at why from its first bytes."""
-    with open(path, "rb") as f:
-        head = f.read(512)
+    head = _head(source)
     if head[4:8] == b"ftyp" and "moov atom not found" in detail:
         return ("truncated mp4: no index (moov atom), the file was cut short or is still "
                 f"being written; {FIX}")
@@ -171,11 +196,23 @@ def sample_aspect(stream: Any) -> float:
 
 
 def probe_video(path: str, max_pixels: int = 8192 * 8192, max_side: int = 16384,
-                seconds: float = 30.0, max_frames: int = 0) -> dict[str, Any]:
+                seconds: float = 30.0, max_frames: int = 0, fs: Any = None) -> dict[str, Any]:
     """Header facts of one video (OUTPUT_TYPES' columns), or VideoRejected with the reason.
     seconds: how long FFmpeg may wait for data while opening (0 = no limit); max_frames: the
-    most frames a file's header may claim (0 = no limit), checked before any decoding."""
+    most frames a file's header may claim (0 = no limit), checked before any decoding.
+    fs: the filesystem of an object-store `path` (a URI), read through a buffered file."""
+    if fs is not None and is_uri(path):
+        source = remote_source(path, fs)
+        try:
+            return _probe(source, max_pixels, max_side, seconds, max_frames)
+        finally:
+            source.close()
     _check_path(path)
+    return _probe(path, max_pixels, max_side, seconds, max_frames)
+
+
+def _probe(path: Any, max_pixels: int, max_side: int, seconds: float,
+           max_frames: int) -> dict[str, Any]:
     with _ffmpeg_log() as logs:
         try:
             # max_pixels also reaches the decoder FFmpeg runs while opening (to learn the
@@ -247,15 +284,17 @@ class ProbeStage:
     WRITES = tuple(OUTPUT_TYPES)
 
     @classmethod
-    def spec(cls, cfg: Any, errors_dir: str | None) -> StageSpec:
+    def spec(cls, cfg: Any, errors_dir: Any, fs: Any = None) -> StageSpec:
         """From a clip config (pipeline/streams.py `ClipConfig`): its header limits and its
-        `probe` pool."""
+        `probe` pool; `fs`: the filesystem of object-store inputs."""
         return StageSpec("probe", cls, dict(
             errors_dir=errors_dir, max_pixels=cfg.max_pixels, max_side=cfg.max_side,
-            seconds=cfg.probe_seconds, max_frames=cfg.max_frames), cfg.probe)
+            seconds=cfg.probe_seconds, max_frames=cfg.max_frames, fs=fs), cfg.probe)
 
-    def __init__(self, errors_dir: str | None = None, max_pixels: int = 8192 * 8192,
-                 max_side: int = 16384, seconds: float = 30.0, max_frames: int = 0):
+    def __init__(self, errors_dir: Any = None, max_pixels: int = 8192 * 8192,
+                 max_side: int = 16384, seconds: float = 30.0, max_frames: int = 0,
+                 fs: Any = None):
+        self.fs = fs
         self.max_pixels = max_pixels
         self.max_side = max_side
         self.seconds = seconds
@@ -269,7 +308,7 @@ class ProbeStage:
         for path in batch.column("path").to_pylist():
             try:
                 facts.append(probe_video(str(path), self.max_pixels, self.max_side,
-                                         self.seconds, self.max_frames))
+                                         self.seconds, self.max_frames, self.fs))
                 keep.append(True)
             except VideoRejected as e:
                 self.errors.add(str(path), str(e))

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pds
 
 from actors.common.errors import write_atomic
 from actors.common.schema import LATENT_COLUMNS, TEXT_COLUMNS, require_columns
 from actors.common.stage import StageSpec
+from actors.common.storage import Store, resolve
 
 STATS_SCHEMA = pa.schema([
     ("bucket", pa.string()),
@@ -38,15 +38,15 @@ class LatentWriter:
     WRITES = tuple(STATS_SCHEMA.names)
 
     @classmethod
-    def spec(cls, cfg: Any, latents_dir: str) -> StageSpec:
+    def spec(cls, cfg: Any, latents_dir: str | Store) -> StageSpec:
         """From a preprocess config: its `write` pool, writing into `latents_dir` (with a
         pipeline `model`, the caption features too)."""
         columns = LATENT_COLUMNS + (TEXT_COLUMNS if getattr(cfg, "model", "") else ())
         return StageSpec("write", cls, dict(latents_dir=latents_dir, columns=columns),
                          cfg.write)
 
-    def __init__(self, latents_dir: str, columns: tuple[str, ...] = LATENT_COLUMNS):
-        self.dir = Path(latents_dir)
+    def __init__(self, latents_dir: str | Store, columns: tuple[str, ...] = LATENT_COLUMNS):
+        self.dir = latents_dir if isinstance(latents_dir, Store) else resolve(latents_dir)
         self.columns = tuple(columns)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -56,7 +56,7 @@ class LatentWriter:
         start = time.perf_counter()
         ids = batch.column("id").to_pylist()
         name = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:24]
-        write_atomic(batch.select(self.columns), self.dir / f"part-{name}.parquet")
+        write_atomic(batch.select(self.columns), self.dir.child(f"part-{name}.parquet"))
         took = (time.perf_counter() - start) / batch.num_rows
         rows: dict[tuple[str, str], dict] = {}
         for r in batch.select(("bucket", "decode_node", "num_frames", "decode_seconds",
@@ -71,17 +71,27 @@ class LatentWriter:
         return pa.Table.from_pylist(list(rows.values()), schema=STATS_SCHEMA)
 
 
-def read_ids(latents_dir: str | Path) -> list[str]:
-    """Ids of every clip in a latent dataset (only the `id` column is read)."""
-    files = sorted(Path(latents_dir).glob("part-*.parquet"))
+def parquet_files(folder: str | Path | Store, prefix: str = "") -> list[Store]:
+    """The `*.parquet` files directly in `folder` (local or in an object store) whose names
+    start with `prefix` (temp files, `.name.tmp-...`, are not listed)."""
+    store = folder if isinstance(folder, Store) else resolve(folder)
+    return [f for f in store.files(recursive=False)
+            if f.name.endswith(".parquet") and f.name.startswith(prefix)
+            and not f.name.startswith(".")]
+
+
+def read_parquet_column(files: list[Store], column: str) -> list:
+    """One column of every file in `files` (they share one filesystem)."""
     if not files:
         return []
-    return pds.dataset(files, format="parquet").to_table(columns=["id"]).column("id").to_pylist()
+    data = pds.dataset([f.path for f in files], format="parquet", filesystem=files[0].fs)
+    return data.to_table(columns=[column]).column(column).to_pylist()
 
 
-def read_error_paths(errors_dir: str | Path) -> set[str]:
-    files = sorted(Path(errors_dir).glob("*.parquet"))
-    if not files:
-        return set()
-    table = pds.dataset(files, format="parquet").to_table(columns=["path"])
-    return set(pc.unique(table.column("path")).to_pylist())
+def read_ids(latents_dir: str | Path | Store) -> list[str]:
+    """Ids of every clip in a latent dataset (only the `id` column is read)."""
+    return read_parquet_column(parquet_files(latents_dir, "part-"), "id")
+
+
+def read_error_paths(errors_dir: str | Path | Store) -> set[str]:
+    return set(read_parquet_column(parquet_files(errors_dir), "path"))

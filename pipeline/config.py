@@ -71,6 +71,29 @@ def writable_dir(path: str | Path) -> Path:
     return path
 
 
+def output_store(output: Any, storage: Any = None) -> Any:
+    """An output location (a folder or an object-store URI) as a `Store`, proven writable
+    before any work: a folder as `writable_dir` does; a prefix by one small object written
+    and removed there (no bucket, no credentials, access denied, an endpoint that does not
+    answer: one OutputError line, in a bounded time)."""
+    from actors.common.storage import StorageError, check_reachable, resolve, storage_reason
+
+    try:
+        store = resolve(output, storage)
+        if not store.remote:
+            writable_dir(store.path)
+            return store
+        check_reachable(store, "output")
+        probe = store.child(f".tubelet-write-check-{os.getpid()}")
+        probe.write_bytes(b"")
+        probe.delete()
+    except StorageError as e:
+        raise OutputError(str(e)) from None
+    except OSError as e:
+        raise OutputError(f"output {output}: {storage_reason(e)}") from None
+    return store
+
+
 def unwritable(error: BaseException) -> str | None:
     """If `error` (or what caused it, through Ray's task-error wrappers) is an output write
     that the disk refused (full, read-only, gone), one line saying so; else None."""
@@ -352,12 +375,15 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def write_run_record(out_dir: str | Path, command: str, cfg: Any, **extra: Any) -> Path:
-    """Write `config.yaml` (loadable with --config) and `run.json` (command, versions)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def write_run_record(out_dir: Any, command: str, cfg: Any, **extra: Any) -> Any:
+    """Write `config.yaml` (loadable with --config) and `run.json` (command, versions) into
+    `out_dir` (a folder, or a `Store`: actors/common/storage.py). Any URI's query string (where
+    keys could be passed) is cut from both."""
+    from actors.common.storage import Store, redact, resolve
+
+    out = out_dir if isinstance(out_dir, Store) else resolve(out_dir)
     resolved = to_dict(cfg)
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    out.child("config.yaml").write_text(redact(yaml.safe_dump(resolved, sort_keys=False)))
     record = {
         "command": command,
         "argv": sys.argv,
@@ -366,6 +392,6 @@ def write_run_record(out_dir: str | Path, command: str, cfg: Any, **extra: Any) 
         "config": resolved,
         **extra,
     }
-    path = out / "run.json"
-    path.write_text(json.dumps(record, indent=2, default=str))
-    return path
+    path = out.child("run.json")
+    path.write_text(redact(json.dumps(record, indent=2, default=str)))
+    return path if path.remote else path.local()

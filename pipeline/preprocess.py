@@ -24,23 +24,27 @@ import pyarrow as pa
 import pyarrow.dataset as pds
 
 from actors.common.stage import StageSpec
+from actors.common.storage import Store, is_uri, redact, resolve
 from actors.common.vae import VAELoadError, resolve_checkpoint, vae_normalisation
-from actors.write import LatentWriter, read_error_paths, read_ids
-from pipeline.config import ConfigError, to_dict, writable_dir, write_run_record
+from actors.write import LatentWriter, parquet_files, read_error_paths, read_ids
+from pipeline.config import ConfigError, output_store, to_dict, write_run_record
 from pipeline.pools import sized
 from pipeline.runtime import ray_session
 from pipeline.sources import list_sources
 from pipeline.streams import PreprocessConfig, latent_stages, stream
 
 
-def preprocess_stages(cfg: PreprocessConfig, out: Path, done_ids: set[str] | frozenset[str]
-                      = frozenset()) -> list[StageSpec]:
-    """The whole preprocess graph: `latent_stages` (pipeline/streams.py) + the Parquet writer."""
-    return [*latent_stages(cfg, out / "errors", done_ids),
-            LatentWriter.spec(cfg, str(out / "latents"))]
+def preprocess_stages(cfg: PreprocessConfig, out: Path | Store,
+                      done_ids: set[str] | frozenset[str] = frozenset(), fs: Any = None
+                      ) -> list[StageSpec]:
+    """The whole preprocess graph: `latent_stages` (pipeline/streams.py) + the Parquet writer.
+    `out`: a folder or a Store (an object-store prefix); `fs`: the inputs' filesystem."""
+    out = out if isinstance(out, Store) else resolve(out)
+    return [*latent_stages(cfg, out.child("errors"), done_ids, fs),
+            LatentWriter.spec(cfg, out.child("latents"))]
 
 
-def with_model(cfg: PreprocessConfig, latents: Path) -> tuple[PreprocessConfig, str]:
+def with_model(cfg: PreprocessConfig, latents: Store) -> tuple[PreprocessConfig, str]:
     """`--model FOLDER`: (cfg with vae.checkpoint = FOLDER/vae, the text encoder's id), or one
     ConfigError line: not a pipeline folder, another VAE asked for as well, or latents
     already in the output whose caption features another encoder made (or none)."""
@@ -55,14 +59,15 @@ def with_model(cfg: PreprocessConfig, latents: Path) -> tuple[PreprocessConfig, 
         raise ConfigError(f"--model {cfg.model} encodes with its own VAE ({vae}); drop --vae "
                           f"{cfg.vae.checkpoint} (vae.checkpoint), or drop --model")
     encoder = text_encoder_id(record)
-    files = sorted(latents.glob("part-*.parquet"))
+    files = parquet_files(latents, "part-")
     if files:
         import pyarrow.parquet as pq
 
-        table = pq.ParquetFile(files[0])
-        found = (pq.read_table(files[0], columns=["text_encoder"]).column(0)[0].as_py()
-                 if "text_encoder" in table.schema_arrow.names and table.metadata.num_rows
-                 else None)
+        with files[0].fs.open_input_file(files[0].path) as f:
+            table = pq.ParquetFile(f)
+            found = (table.read(columns=["text_encoder"]).column(0)[0].as_py()
+                     if "text_encoder" in table.schema_arrow.names and table.metadata.num_rows
+                     else None)
         if found != encoder:
             what = f"features from {found}" if found else "no caption features"
             raise ConfigError(f"{latents} already holds latents with {what}, not {encoder} "
@@ -75,7 +80,7 @@ def reason_of(error: str) -> str:
     return error.split(":", 1)[0].strip()
 
 
-def summarize(out: Path, stats: list[dict], wall: float, cfg: PreprocessConfig,
+def summarize(out: Store, stats: list[dict], wall: float, cfg: PreprocessConfig,
               inputs: int, resumed_clips: int) -> dict[str, Any]:
     per_bucket: Counter = Counter()
     nodes: Counter = Counter()
@@ -89,8 +94,9 @@ def summarize(out: Path, stats: list[dict], wall: float, cfg: PreprocessConfig,
             seconds[k] += s[k]
     written = sum(per_bucket.values())
     total_frames = sum(frames.values())
-    err_files = sorted((out / "errors").glob("*.parquet"))
-    errors = (pds.dataset(err_files).to_table().to_pylist() if err_files else [])
+    err_files = parquet_files(out.child("errors"))
+    errors = (pds.dataset([f.path for f in err_files], filesystem=err_files[0].fs)
+              .to_table().to_pylist() if err_files else [])
     by_reason = Counter(f"{e['kind']} at {e['stage']}: {reason_of(e['error'])}" for e in errors)
 
     def rate(n: float, busy: float) -> float | None:
@@ -100,7 +106,7 @@ def summarize(out: Path, stats: list[dict], wall: float, cfg: PreprocessConfig,
         "inputs": inputs,
         "clips_written": written,
         "clips_already_done": resumed_clips,
-        "clips_in_dataset": len(read_ids(out / "latents")),
+        "clips_in_dataset": len(read_ids(out.child("latents"))),
         "frames_written": total_frames,
         "per_bucket": dict(sorted(per_bucket.items())),
         "decode_nodes": dict(nodes),  # clips decoded per Ray node id
@@ -123,11 +129,13 @@ def summarize(out: Path, stats: list[dict], wall: float, cfg: PreprocessConfig,
 
 def run_preprocess(cfg: PreprocessConfig, src: str, output: str | Path,
                    address: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Raises ConfigError (no such VAE) or SourceError (bad input) before starting Ray."""
-    out = Path(output)
+    """Raises ConfigError (no such VAE), SourceError (bad input) or OutputError (an output
+    that cannot be written: no bucket, no credentials, ...) before starting Ray. `src` and
+    `output` may be object-store URIs (actors/common/storage.py)."""
+    out = output_store(output, cfg.storage)
     text_encoder = ""
     if cfg.model:  # a pipeline folder: its VAE, its text encoder
-        cfg, text_encoder = with_model(cfg, out / "latents")
+        cfg, text_encoder = with_model(cfg, out.child("latents"))
     try:  # refuse a missing VAE before starting anything
         checkpoint = resolve_checkpoint(cfg.vae.checkpoint)
     except VAELoadError as e:
@@ -138,18 +146,18 @@ def run_preprocess(cfg: PreprocessConfig, src: str, output: str | Path,
         return preprocess_stages(c, out)
 
     cfg = sized("preprocess", cfg, graph, address)  # before Ray
-    writable_dir(out)
     start = time.perf_counter()
-    sources = list_sources(src, tuple(cfg.video_extensions))
-    done_ids = set(read_ids(out / "latents"))
-    seen_errors = read_error_paths(out / "errors")
+    sources = list_sources(src, tuple(cfg.video_extensions), cfg.storage)
+    inputs = resolve(str(src), cfg.storage).fs if is_uri(str(src)) else None
+    done_ids = set(read_ids(out.child("latents")))
+    seen_errors = read_error_paths(out.child("errors"))
     todo = sources.filter(pa.array([p not in seen_errors for p in
                                     sources.column("path").to_pylist()]))
     stats: list[dict] = []
     if todo.num_rows:
         with ray_session(address, cfg.ray):
             cfg = sized("preprocess", cfg, graph, address)  # a joined cluster's own size
-            ds = stream(cfg, todo, preprocess_stages(cfg, out, done_ids))
+            ds = stream(cfg, todo, preprocess_stages(cfg, out, done_ids, inputs))
             last = 0.0
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 stats.extend(batch.to_pylist())
@@ -161,8 +169,8 @@ def run_preprocess(cfg: PreprocessConfig, src: str, output: str | Path,
     wall = time.perf_counter() - start
     written = sum(s["clips"] for s in stats)
     summary = summarize(out, stats, wall, cfg, sources.num_rows, len(done_ids))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_run_record(out, "preprocess", cfg, input=str(src), vae=checkpoint or None,
+    out.child("summary.json").write_text(redact(json.dumps(summary, indent=2)))
+    write_run_record(out, "preprocess", cfg, input=redact(str(src)), vae=checkpoint or None,
                      vae_normalisation=vae_normalisation(checkpoint), clips_written=written,
                      model=cfg.model or None, text_encoder=text_encoder or None)
     return summary

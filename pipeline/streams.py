@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pyarrow as pa
 
@@ -23,6 +23,7 @@ from actors.assign import AssignStage
 from actors.caption_encode import CaptionEncodeStage
 from actors.common.buckets import BucketConfig, BucketTable
 from actors.common.stage import StageResources, StageSpec, apply_all
+from actors.common.storage import StorageConfig, Store
 from actors.common.vae import VAEStageConfig
 from actors.decode import DecodeBudget, DecodeStage
 from actors.decode_encode import DecodeEncodeStage
@@ -52,6 +53,9 @@ class ClipConfig:
     # read (a network mount, a device) becomes an error row instead of a stuck probe actor
     probe_seconds: float = 30.0
     video_extensions: list[str] = field(default_factory=lambda: list(VIDEO_EXTENSIONS))
+    # object-store access (s3:// paths): endpoint, region, anonymous; credentials come from
+    # the AWS_* variables / the SDK's chain, never from here (actors/common/storage.py)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     probe: StageResources = field(default_factory=lambda: StageResources(0.2, batch_size=16))
     assign: StageResources = field(default_factory=lambda: StageResources(0.1, batch_size=16))
     decode: StageResources = field(default_factory=lambda: StageResources(0.5, batch_size=4))
@@ -108,36 +112,42 @@ class PreprocessConfig(ClipConfig):
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-def plan_stages(cfg: ClipConfig, errors_dir: str | Path | None,
-                done_ids: set[str] | frozenset[str] = frozenset()) -> list[StageSpec]:
-    """Videos -> probe -> bucket: clip plan rows (one per clip to make, `done_ids` left out)."""
+def plan_stages(cfg: ClipConfig, errors_dir: str | Path | Store | None,
+                done_ids: set[str] | frozenset[str] = frozenset(), fs: Any = None
+                ) -> list[StageSpec]:
+    """Videos -> probe -> bucket: clip plan rows (one per clip to make, `done_ids` left out).
+    `fs`: the filesystem the input URIs are read through (`Store.fs` of the input)."""
     errors = _str(errors_dir)
-    return [ProbeStage.spec(cfg, errors), AssignStage.spec(cfg, errors, done_ids)]
+    return [ProbeStage.spec(cfg, errors, fs), AssignStage.spec(cfg, errors, done_ids)]
 
 
-def clip_stages(cfg: ClipConfig, errors_dir: str | Path | None,
-                done_ids: set[str] | frozenset[str] = frozenset()) -> list[StageSpec]:
+def clip_stages(cfg: ClipConfig, errors_dir: str | Path | Store | None,
+                done_ids: set[str] | frozenset[str] = frozenset(), fs: Any = None
+                ) -> list[StageSpec]:
     """`plan_stages` + decode: decoded clip rows (`frames` + `frames_shape`). `train-vae`
     trains on these, `eval-vae` reconstructs them."""
     errors = _str(errors_dir)
-    return [*plan_stages(cfg, errors, done_ids), DecodeStage.spec(cfg, errors)]
+    return [*plan_stages(cfg, errors, done_ids, fs), DecodeStage.spec(cfg, errors, fs)]
 
 
-def latent_stages(cfg: PreprocessConfig, errors_dir: str | Path | None,
-                  done_ids: set[str] | frozenset[str] = frozenset()) -> list[StageSpec]:
+def latent_stages(cfg: PreprocessConfig, errors_dir: str | Path | Store | None,
+                  done_ids: set[str] | frozenset[str] = frozenset(), fs: Any = None
+                  ) -> list[StageSpec]:
     """`clip_stages` + VAE encode (with `fuse_decode`, `plan_stages` + decode and encode in one
     actor), + caption encode with a pipeline `model`: latent rows. `preprocess` adds the
     writer; `train --input` feeds the rows straight to the trainer."""
     errors = _str(errors_dir)
     text = [CaptionEncodeStage.spec(cfg)] if cfg.model else []
     if cfg.fuse_decode:
-        return [*plan_stages(cfg, errors, done_ids), DecodeEncodeStage.spec(cfg, errors), *text]
-    return [*clip_stages(cfg, errors, done_ids), VAEEncodeStage.spec(cfg, errors), *text]
+        return [*plan_stages(cfg, errors, done_ids, fs), DecodeEncodeStage.spec(cfg, errors, fs),
+                *text]
+    return [*clip_stages(cfg, errors, done_ids, fs), VAEEncodeStage.spec(cfg, errors), *text]
 
 
-def _str(path: str | Path | None) -> str | None:
-    """A stage's errors folder as its actors take it (a str crosses to them; None: no rows)."""
-    return None if path is None else str(path)
+def _str(path: str | Path | Store | None) -> str | Store | None:
+    """A stage's errors folder as its actors take it (a str or a Store crosses to them; None:
+    no rows)."""
+    return None if path is None else path if isinstance(path, Store) else str(path)
 
 
 def source_dataset(sources: pa.Table, rows_per_block: int):
@@ -153,7 +163,7 @@ def source_dataset(sources: pa.Table, rows_per_block: int):
 def stream(cfg: ClipConfig, sources: pa.Table | str, specs: list[StageSpec]):
     """The Ray Dataset of `specs` over `sources` (a listing, or a folder / file to list)."""
     if isinstance(sources, str):
-        sources = list_sources(sources, tuple(cfg.video_extensions))
+        sources = list_sources(sources, tuple(cfg.video_extensions), cfg.storage)
     return apply_all(source_dataset(sources, cfg.probe.batch_size), specs)
 
 

@@ -1,10 +1,11 @@
 """The errors table: every input a stage could not use becomes a row, never a crash or silence.
 
 Stages drop a failed row from their output and hand it here; it is written at once as a small
-Parquet file (`ERRORS_DIR/<stage>-<hash of its rows>.parquet`, written to a temp name and
-renamed, so a killed job never leaves half a file). The name is the content's hash: when Ray
-retries a batch whose actor was killed after it wrote its rows, the retry rewrites the same file
-instead of adding a second copy, so every bad input is one row however often it was tried.
+Parquet file (`ERRORS_DIR/<stage>-<hash of its rows>.parquet`, in a folder or an object store:
+actors/common/storage.py; whole or absent, so a killed job never leaves half a file). The
+name is the content's hash: when Ray retries a batch whose actor was killed after it wrote its
+rows, the retry rewrites the same file instead of adding a second copy, so every bad input is
+one row however often it was tried.
 Columns: `path`, `stage`, `kind` ("error" for a broken input, "skip" for a usable video that
 no bucket fits), `error` (one line for the user).
 """
@@ -20,6 +21,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from actors.common.storage import Store, resolve
+
 ERROR_SCHEMA = pa.schema([
     ("path", pa.string()),
     ("stage", pa.string()),
@@ -34,12 +37,21 @@ def error_row(path: str, stage: str, error: str | BaseException, kind: str = "er
     return {"path": path, "stage": stage, "kind": kind, "error": error}
 
 
-def write_atomic(table: pa.Table, path: Path) -> None:
-    """Write Parquet to a temp name in the same folder, then rename (atomic on POSIX).
+def write_atomic(table: pa.Table, path: Path | Store) -> None:
+    """Write Parquet whole or not at all: to an object store in one PUT of the finished file
+    (`Store.write_bytes`); locally to a temp name in the same folder, then rename (atomic on
+    POSIX).
 
     Every step goes through one open handle on the folder (`dir_fd`), so the file ends whole
     in the folder it was started in even if that folder is renamed or replaced meanwhile (a
     user moving the output aside mid-job); on failure the temp file is removed from there."""
+    if isinstance(path, Store):
+        if path.remote:
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink)
+            path.write_bytes(sink.getvalue().to_pybytes())
+            return
+        path = path.local()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -65,8 +77,9 @@ class ErrorSink:
     """Collects error rows of one stage call and writes them in one file (or keeps them in
     memory when `errors_dir` is None, e.g. a stage called on a table in a test)."""
 
-    def __init__(self, errors_dir: str | Path | None, stage: str):
-        self.dir = Path(errors_dir) if errors_dir is not None else None
+    def __init__(self, errors_dir: str | Path | Store | None, stage: str):
+        self.dir = (None if errors_dir is None else errors_dir if isinstance(errors_dir, Store)
+                    else resolve(errors_dir))
         self.stage = stage
         self.rows: list[dict] = []
 
@@ -79,5 +92,5 @@ class ErrorSink:
             table = pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
             key = "\n".join(f"{r['path']}\t{r['kind']}\t{r['error']}" for r in rows)
             name = hashlib.sha1(key.encode()).hexdigest()[:24]
-            write_atomic(table, self.dir / f"{self.stage}-{name}.parquet")
+            write_atomic(table, self.dir.child(f"{self.stage}-{name}.parquet"))
             self.rows = []
