@@ -38,7 +38,7 @@ def add_address(p: argparse.ArgumentParser) -> None:
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
     """The flags of a training run: its folder, worker count, resume, cluster."""
-    p.add_argument("--output", required=True, type=Path, help="run directory")
+    p.add_argument("--output", required=True, help="run directory")
     p.add_argument("--workers", type=int, help="Ray Train workers (config: num_workers)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --output from its last checkpoint")
@@ -102,7 +102,7 @@ def add_preprocess(sub: Sub) -> argparse.ArgumentParser:
     p.add_argument("--input", required=True,
                    help="a folder of videos (recursive; uses captions.jsonl beside them), a glob, "
                    "or a .jsonl/.csv/.parquet manifest with a 'path' column")
-    p.add_argument("--output", required=True, type=Path, help="output directory")
+    p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--vae", default=None, help="VAE checkpoint (safetensors from train-vae, or "
                    "a local diffusers video-VAE folder); the same as --set vae.checkpoint=CKPT")
     p.add_argument("--model", default=None, metavar="FOLDER",
@@ -205,7 +205,7 @@ def add_train(sub: Sub) -> argparse.ArgumentParser:
         "from the data (the latents' channels).",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", type=Path, help="latent dataset (DIR/latents of preprocess)")
+    src.add_argument("--data", help="latent dataset (DIR/latents of preprocess)")
     src.add_argument("--input", help="videos: stream them through decode + VAE into training "
                      "(no latent copy; config section 'preprocess')")
     p.add_argument("--init", default=None, metavar="FOLDER",
@@ -254,8 +254,8 @@ def add_generate(sub: Sub) -> argparse.ArgumentParser:
                    help="a training run folder (RUN), its export (RUN/export), or a local "
                    "diffusers pipeline folder (model_index.json; Wan 2.1 T2V, Wan 2.2 "
                    "TI2V-5B, CogVideoX: text-to-video)")
-    p.add_argument("--prompts", required=True, type=Path, metavar="FILE", help="prompt file")
-    p.add_argument("--output", required=True, type=Path, help="output directory")
+    p.add_argument("--prompts", required=True, metavar="FILE", help="prompt file")
+    p.add_argument("--output", required=True, help="output directory")
     for flag, kind, what in (("height", int, "pixels"), ("width", int, "pixels"),
                              ("frames", int, "1 + 4k"), ("fps", float, "frames per second"),
                              ("steps", int, "Euler steps"), ("cfg", float, "guidance scale"),
@@ -317,7 +317,7 @@ def add_eval(sub: Sub) -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None,
                    help="a .jsonl/.csv/.parquet manifest with 'path' and 'prompt' (or "
                    "'caption'): the prompts of --videos")
-    p.add_argument("--output", type=Path, default=None, help="report folder")
+    p.add_argument("--output", default=None, help="report folder")
     add_address(p)
     return p
 

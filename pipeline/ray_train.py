@@ -12,11 +12,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from actors.common.storage import StorageConfig, Store, as_store
 from pipeline.config import UsageError, writable_dir
 from pipeline.runtime import RayConfig
 
@@ -50,6 +50,8 @@ class ClusterConfig:
     max_failures: int = 2  # worker failures survived (restart from the last checkpoint)
     keep_checkpoints: int = 3  # newest N kept; 0 = all
     ray: RayConfig = field(default_factory=RayConfig)
+    # object-store access for s3:// paths (--data, --output, ...): actors/common/storage.py
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def check_cluster(self) -> None:
         if self.num_workers < 1 or self.keep_checkpoints < 0 or self.max_failures < -1:
@@ -99,26 +101,30 @@ def stream_split_config():
 # Run folders
 
 
-def prepare_run(run: Path, resume: bool) -> None:
+def prepare_run(run: Path | Store, resume: bool) -> None:
     """A fresh run refuses a RUN that holds checkpoints (unless resuming) and clears what a
-    failed start left behind (Ray's checkpoint folder, metrics)."""
-    writable_dir(run)
+    failed start left behind (Ray's checkpoint folder, metrics). RUN may be an object-store
+    prefix (a Store, proven writable by `output_store`)."""
+    run = as_store(run)
+    if not run.remote:
+        writable_dir(run.path)
     if resume:
         return
-    if any((run / "checkpoints").glob("step_*")):
+    checkpoints = run.child("checkpoints")
+    if any("/step_" in f.path for f in checkpoints.files()):
         raise TrainError(f"{run} already holds checkpoints: pass --resume to continue "
                          "that run, or choose a new --output")
-    shutil.rmtree(run / "checkpoints", ignore_errors=True)  # Ray's state of a failed start
-    (run / "metrics.jsonl").unlink(missing_ok=True)
+    checkpoints.delete()  # Ray's state of a failed start
+    run.child("metrics.jsonl").delete()
 
 
-def committed_step(run: Path) -> int:
+def committed_step(run: Path | Store) -> int:
     """Step of the last checkpoint Ray Train committed (written by `commit_log`), else 0."""
-    path = run / "checkpoints" / "latest.json"
-    return int(json.loads(path.read_text())["step"]) if path.is_file() else 0
+    latest = as_store(run).child("checkpoints", "latest.json")
+    return int(json.loads(latest.read_text())["step"]) if latest.is_file() else 0
 
 
-def commit_log(run: Path):
+def commit_log(run: Store):
     from ray.train import UserCallback
 
     class CommitLog(UserCallback):
@@ -128,11 +134,8 @@ def commit_log(run: Path):
         def after_report(self, run_context, metrics, checkpoint) -> None:
             if checkpoint is None:
                 return
-            latest = run / "checkpoints" / "latest.json"
-            tmp = latest.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"step": int(metrics[0]["step"]),
-                                       "path": checkpoint.path}))
-            tmp.replace(latest)
+            run.child("checkpoints", "latest.json").write_text(json.dumps(
+                {"step": int(metrics[0]["step"]), "path": checkpoint.path}))
 
     return CommitLog()
 
@@ -141,10 +144,12 @@ def commit_log(run: Path):
 # The trainer
 
 
-def torch_trainer(cfg: ClusterConfig, worker: Any, run: Path, loop_config: dict,
+def torch_trainer(cfg: ClusterConfig, worker: Any, run: Path | Store, loop_config: dict,
                   datasets: dict, dataset_config: Any) -> Any:
     """The TorchTrainer both trainers use: `worker(loop_config)` on `cfg.num_workers` workers
-    of `cfg.worker` resources; checkpoints go to RUN/checkpoints."""
+    of `cfg.worker` resources; checkpoints go to RUN/checkpoints (an object-store RUN: through
+    its filesystem, `storage_filesystem`, the prefix without scheme as `storage_path`)."""
+    run = as_store(run)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -157,7 +162,8 @@ def torch_trainer(cfg: ClusterConfig, worker: Any, run: Path, loop_config: dict,
             num_workers=cfg.num_workers, use_gpu=gpu,
             resources_per_worker={"CPU": cfg.worker.num_cpus, "GPU": cfg.worker.num_gpus}),
         run_config=RunConfig(
-            name="checkpoints", storage_path=str(run),
+            name="checkpoints", storage_path=run.path,
+            storage_filesystem=run.fs if run.remote else None,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
             callbacks=[commit_log(run)]),
@@ -175,5 +181,5 @@ def fit(trainer: Any, max_failures: int, run: Path) -> Any:
         return trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise TrainFailed(f"training failed after {max_failures} restart(s) (max_failures); "
-                          f"last checkpoint in {run / 'checkpoints'}, continue with --resume: "
+                          f"last checkpoint in {run}/checkpoints, continue with --resume: "
                           f"{e}") from e

@@ -5,17 +5,21 @@ Plots use matplotlib's Agg backend, imported when a plot is drawn (not at CLI st
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from actors.common.storage import Store, as_store
 
-def read_metrics(run: Path) -> list[dict]:
-    """RUN/metrics.jsonl as rows (none before the first step)."""
-    path = Path(run) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+
+def read_metrics(run: Path | Store) -> list[dict]:
+    """RUN/metrics.jsonl as rows (none before the first step); RUN may be a Store."""
+    path = as_store(run).child("metrics.jsonl")
+    return ([json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+            if path.is_file() else [])
 
 
 def _pyplot():
@@ -27,10 +31,18 @@ def _pyplot():
     return plt
 
 
-def plot_losses(rows: list[dict], png: Path) -> None:
+def save_figure(fig: Any, png: Path | Store, dpi: int = 100) -> None:
+    """A matplotlib figure as a PNG at `png` (a path or a Store: one whole write)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    as_store(png).write_bytes(buf.getvalue())
+
+
+def plot_losses(rows: list[dict], png: Path | Store) -> None:
     """Loss per step and a running mean (the raw loss is noisy: t is random per sample)."""
     if not rows:
         return
+    png = as_store(png)
     plt = _pyplot()
     steps, loss = [r["step"] for r in rows], np.array([r["loss"] for r in rows])
     k = max(1, len(loss) // 20)
@@ -40,7 +52,7 @@ def plot_losses(rows: list[dict], png: Path) -> None:
     ax.set(xlabel="step", ylabel="flow-matching loss", yscale="log", title=png.parent.name)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    save_figure(fig, png)
     plt.close(fig)
 
 

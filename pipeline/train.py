@@ -32,10 +32,11 @@ from typing import Any
 import pyarrow as pa
 
 from actors.common.stage import StageResources, StageSpec, apply_all
+from actors.common.storage import Store, as_store, is_uri, resolve, storage_reason
 from actors.common.vae import VAELoadError, resolve_checkpoint, vae_normalisation
 from actors.workers.train_data import BatchPlan, PlanLoader, read_index
 from actors.workers.train_dit import LatentsRecord, TrainLoopConfig
-from pipeline.config import to_dict, write_run_record
+from pipeline.config import output_store, to_dict, write_run_record
 from pipeline.pools import check_workers, cluster_of, sized, train_workers
 from pipeline.ray_train import (
     ClusterConfig,
@@ -83,19 +84,22 @@ def bound_read_ahead(ctx: Any, prefetch_steps: int) -> None:
         object_store_memory=max(64, 16 * prefetch_steps) * 2**20)
 
 
-def loader_stages(cfg: TrainConfig, index: pa.Table, rank: int) -> list[StageSpec]:
-    """The `train --data` graph of one rank: planned step numbers -> its latent rows."""
-    return [PlanLoader.spec(cfg, index, rank)]
+def loader_stages(cfg: TrainConfig, index: pa.Table, rank: int, fs: Any = None
+                  ) -> list[StageSpec]:
+    """The `train --data` graph of one rank: planned step numbers -> its latent rows (`fs`:
+    the dataset's filesystem when it is in an object store)."""
+    return [PlanLoader.spec(cfg, index, rank, fs)]
 
 
 @dataclass
 class RankData:
     """Dataset factory for one rank; Ray Train calls it at every (re)start of the workers."""
 
-    run: Path
+    run: Store
     index: pa.Table
     cfg: TrainConfig
     rank: int
+    fs: Any = None  # the dataset's filesystem (object store), None: local files
 
     def __call__(self):
         import ray.data
@@ -108,17 +112,11 @@ class RankData:
         keep_order(steps.context)  # PlanLoader's output must arrive step by step
         no_progress_bars(steps.context)
         bound_read_ahead(steps.context, self.cfg.data.prefetch_steps)
-        return apply_all(steps, loader_stages(self.cfg, self.index, self.rank))
+        return apply_all(steps, loader_stages(self.cfg, self.index, self.rank, self.fs))
 
 
 # ---------------------------------------------------------------------------------------------
 # The job
-
-
-def absolute_files(index: pa.Table) -> pa.Table:
-    """The index with absolute file paths: Train workers run in their own working folder."""
-    files = [str(Path(f).resolve()) for f in index.column("file").to_pylist()]
-    return index.set_column(index.schema.get_field_index("file"), "file", pa.array(files))
 
 
 def data_channels(index: pa.Table, data: str | Path) -> int:
@@ -153,12 +151,13 @@ def latents_record(vae: str, normalisation: dict[str, list[float]] | None = None
     return LatentsRecord(path, list(norm["scaling_factor"]), list(norm["shift_factor"]))
 
 
-def data_vae(data: str | Path) -> tuple[str, dict[str, list[float]] | None]:
+def data_vae(data: str | Path | Store) -> tuple[str, dict[str, list[float]] | None]:
     """The VAE a latent dataset was made with and the normalisation it encoded with, from the
     preprocess record (run.json) beside it (PRE/latents -> PRE/run.json); ("", None) when
     there is none."""
-    for folder in (Path(data), Path(data).parent):
-        record = folder / "run.json"
+    data = as_store(data)
+    for folder in (data, data.parent):
+        record = folder.child("run.json")
         if record.is_file():
             run = json.loads(record.read_text())
             return str(run.get("vae") or ""), run.get("vae_normalisation")
@@ -170,6 +169,7 @@ def planned_data(cfg: TrainConfig, data: str | Path, world_size: int
     """(cfg with the data's channels and VAE record, the dataset's index, its plan over
     `world_size` workers); an unusable dataset is a TrainError naming it."""
     try:
+        data = as_store(data, cfg.storage)
         index = read_index(data)
         channels = data_channels(index, data)
         if cfg.finetune.init:
@@ -180,9 +180,11 @@ def planned_data(cfg: TrainConfig, data: str | Path, world_size: int
         return cfg, index, BatchPlan(index, cfg.data, world_size)
     except (ValueError, FileNotFoundError) as e:
         raise TrainError(str(e)) from None
+    except OSError as e:  # an object store that refuses or does not answer
+        raise TrainError(f"--data {data}: {storage_reason(e)}") from None
 
 
-def finetune_config(cfg: TrainConfig, index: pa.Table, data: str | Path,
+def finetune_config(cfg: TrainConfig, index: pa.Table, data: Store,
                     channels: int) -> TrainConfig:
     """`--init FOLDER`: `cfg` with the flow shift of the folder's scheduler (unless
     finetune.shift is set) and the folder's VAE recorded, after checking, each in one line,
@@ -205,10 +207,12 @@ def finetune_config(cfg: TrainConfig, index: pa.Table, data: str | Path,
     want = text_encoder_id(record)
     found: set[str | None] = set()
     for f in sorted(set(index.column("file").to_pylist())):
-        if "text_encoder" not in pq.ParquetFile(f).schema_arrow.names:
-            found.add(None)
-            continue
-        found.update(pq.read_table(f, columns=["text_encoder"]).column(0).unique().to_pylist())
+        with data.fs.open_input_file(f) as handle:
+            table = pq.ParquetFile(handle)
+            if "text_encoder" not in table.schema_arrow.names:
+                found.add(None)
+                continue
+            found.update(table.read(columns=["text_encoder"]).column(0).unique().to_pylist())
     if found != {want}:
         other = sorted(str(x) for x in found - {want})
         raise TrainError(f"{data}: caption features from {', '.join(other)} (no features: "
@@ -233,14 +237,16 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
 
     if (data is None) == (input_src is None):
         raise TrainError("give exactly one of --data (a latent dataset) or --input (videos)")
-    run = Path(output).resolve()
     streaming = input_src is not None
     if streaming and cfg.finetune.init:
         raise TrainError("--init trains on caption features precomputed by `tubelet preprocess "
                          "--model FOLDER`: pass its DIR/latents with --data, not --input")
 
+    run = output_store(output, cfg.storage)
+    inputs = resolve(input_src, cfg.storage).fs if streaming and is_uri(input_src) else None
+
     def graph(c: TrainConfig) -> list[StageSpec]:  # --input: videos -> latents, streamed
-        return latent_stages(c.preprocess, run / "errors")
+        return latent_stages(c.preprocess, run.child("errors"), fs=inputs)
 
     workers = [train_workers(cfg)]
     if streaming:  # pools + workers this machine cannot hold: refused before Ray starts
@@ -249,7 +255,7 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
         check_workers(cfg.num_workers, cfg.worker.num_cpus, cfg.worker.num_gpus, local)
     prepare_run(run, resume)
     start = time.perf_counter()
-    fingerprint, counts, datasets = "", {}, {}
+    fingerprint, counts, datasets, data_fs = "", {}, {}, None
     if streaming:
         try:
             cfg = with_channels(cfg, latent_channels(cfg.preprocess.vae))
@@ -257,7 +263,9 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
         except ValueError as e:  # no such VAE checkpoint, not a VAE, unknown preset
             raise TrainError(f"preprocess.vae: {e}") from None
     else:
+        data = as_store(data, cfg.storage)
         cfg, index, plan = planned_data(cfg, data, cfg.num_workers)
+        data_fs = data.fs if data.remote else None
         counts = dict(sorted(Counter(index.column("bucket").to_pylist()).items()))
         fingerprint = plan.fingerprint
         print(f"[train] {index.num_rows} clips in {len(counts)} buckets "
@@ -265,7 +273,8 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
               f"{plan.steps_per_epoch} steps per epoch, {cfg.steps} steps "
               f"= {cfg.steps / plan.steps_per_epoch:.1f} epochs", flush=True)
         if cfg.data.loader == "ray":
-            datasets = {f"rank{r}": RankData(run, index, cfg, r) for r in range(cfg.num_workers)}
+            datasets = {f"rank{r}": RankData(run, index, cfg, r, data_fs)
+                        for r in range(cfg.num_workers)}
     resolved = to_dict(cfg)
     write_run_record(run, "train", cfg, data=str(data) if data else None, input=input_src,
                      resume=resume, clips=sum(counts.values()), buckets=counts)
@@ -277,18 +286,19 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
             datasets = {"train": stream(cfg.preprocess, input_src, graph(cfg))}
         trainer = torch_trainer(
             cfg, ray_worker, run,
-            {"cfg": cfg, "run": str(run), "resolved": resolved, "fingerprint": fingerprint,
-             "stream": streaming, "index": None if streaming else absolute_files(index)},
+            {"cfg": cfg, "run": run, "resolved": resolved, "fingerprint": fingerprint,
+             "stream": streaming, "index": None if streaming else index, "data_fs": data_fs},
             datasets,
             stream_split_config() if streaming else DataConfig(datasets_to_split=[]))
         result = fit(trainer, cfg.max_failures, run)
     wall = time.perf_counter() - start
     rows = read_metrics(run)
-    plot_losses(rows, run / "loss.png")
+    plot_losses(rows, run.child("loss.png"))
     summary = {"steps": rows[-1]["step"] if rows else 0, "wall_seconds": round(wall, 2),
                "final_loss": rows[-1]["loss"] if rows else None,
                "checkpoint": result.checkpoint.path if result.checkpoint else None,
-               "export": str(run / "export"), "clips": sum(counts.values()), "buckets": counts}
+               "export": str(run.child("export")), "clips": sum(counts.values()),
+               "buckets": counts}
     write_run_record(run, "train", cfg, data=str(data) if data else None, input=input_src,
                      resume=resume, **summary)
     return summary

@@ -207,6 +207,11 @@ class Store:
             self.fs.delete_file(self.path)
 
 
+def as_store(location: str | Path | Store, cfg: StorageConfig | None = None) -> Store:
+    """`location` as a Store (a Store is returned as it is)."""
+    return location if isinstance(location, Store) else resolve(location, cfg)
+
+
 def fs_path(uri: str) -> str:
     """The filesystem path of a URI (what its `Store.fs` takes): `bucket/key` for an object
     store, the path itself for a local one."""

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from actors.common.storage import Store, as_store
 from actors.workers.checkpoints import EMA, load_checkpoint, save_checkpoint
 
 
@@ -178,6 +179,36 @@ def process_group(device: torch.device | None = None) -> Iterator[None]:
     finally:
         if own:
             dist.destroy_process_group()
+
+
+class RunFolder:
+    """A run folder as a worker writes it: the folder itself when local; for an object-store
+    RUN (a Store), a local staging folder whose files `sync` uploads, each whole (one PUT),
+    and `pull` fetches back (a resumed run's metrics). Ray Train writes the checkpoints
+    through the store's filesystem itself."""
+
+    def __init__(self, run: Path | Store):
+        self.store = as_store(run)
+        self.local = (Path(tempfile.mkdtemp(prefix="tubelet-run-")) if self.store.remote
+                      else Path(self.store.path))
+
+    def pull(self, name: str) -> None:
+        remote = self.store.child(*Path(name).parts)
+        if self.store.remote and remote.is_file():
+            (self.local / name).parent.mkdir(parents=True, exist_ok=True)
+            (self.local / name).write_bytes(remote.read_bytes())
+
+    def sync(self, *names: str) -> None:
+        """Upload `names` (files, or folders: every file below) of the staging folder."""
+        if not self.store.remote:
+            return
+        for name in names:
+            path = self.local / name
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else (
+                [path] if path.is_file() else [])
+            for f in files:
+                rel = f.relative_to(self.local)
+                self.store.child(*rel.parts).write_bytes(f.read_bytes())
 
 
 def record_worker(run_dir: Path, backend: Backend) -> None:

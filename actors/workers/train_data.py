@@ -39,6 +39,7 @@ import torch
 
 from actors.common.schema import INDEX_COLUMNS, LATENT_COLUMNS, TEXT_COLUMNS, require_columns
 from actors.common.stage import StageSpec
+from actors.common.storage import Store, as_store
 from models.text_encoder import Tokenizer
 
 
@@ -69,28 +70,32 @@ class TrainDataConfig:
         return self.bucket_batch_sizes.get(bucket, self.batch_size)
 
 
-def latent_files(latents: str | Path) -> list[Path]:
-    """The Parquet files of a latent dataset: a file, or every *.parquet under a folder."""
-    path = Path(latents)
-    files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+def latent_files(latents: str | Path | Store) -> list[Store]:
+    """The Parquet files of a latent dataset: a file, or every *.parquet under a folder (a
+    local path or an object-store prefix)."""
+    store = as_store(latents)
+    files = [store] if store.is_file() else [
+        f for f in store.files() if f.name.endswith(".parquet") and not f.name.startswith(".")]
     if not files:
         raise FileNotFoundError(
-            f"no latent dataset at {path}: expected Parquet files (run `tubelet preprocess` "
+            f"no latent dataset at {store}: expected Parquet files (run `tubelet preprocess` "
             "and pass its DIR/latents)")
     return files
 
 
-def read_index(latents: str | Path) -> pa.Table:
-    """One row per clip: id, bucket, latent_shape, and where it lives (file, row). Sorted by id
-    so the plan does not depend on file order; a repeated id keeps its first copy."""
+def read_index(latents: str | Path | Store) -> pa.Table:
+    """One row per clip: id, bucket, latent_shape, and where it lives (file: its path in the
+    dataset's filesystem, row). Sorted by id so the plan does not depend on file order; a
+    repeated id keeps its first copy."""
     parts = []
     for f in latent_files(latents):
-        meta = pq.ParquetFile(f)
-        missing = [c for c in LATENT_COLUMNS if c not in meta.schema_arrow.names]
-        if missing:
-            raise ValueError(f"{f}: not a latent dataset file, lacks column(s) {missing}")
-        t = meta.read(columns=list(INDEX_COLUMNS))
-        parts.append(t.append_column("file", pa.array([str(f)] * t.num_rows))
+        with f.fs.open_input_file(f.path) as handle:
+            meta = pq.ParquetFile(handle)
+            missing = [c for c in LATENT_COLUMNS if c not in meta.schema_arrow.names]
+            if missing:
+                raise ValueError(f"{f}: not a latent dataset file, lacks column(s) {missing}")
+            t = meta.read(columns=list(INDEX_COLUMNS))
+        parts.append(t.append_column("file", pa.array([f.path] * t.num_rows))
                       .append_column("row", pa.array(np.arange(t.num_rows), pa.int64())))
     index = pa.concat_tables(parts).sort_by("id")
     ids = index.column("id").to_numpy(zero_copy_only=False)
@@ -173,16 +178,18 @@ class PlanLoader:
     WRITES = LATENT_COLUMNS + ("step", "slot", "weight")
 
     @classmethod
-    def spec(cls, cfg: Any, index: pa.Table, rank: int) -> StageSpec:
+    def spec(cls, cfg: Any, index: pa.Table, rank: int, fs: Any = None) -> StageSpec:
         """From a train config (pipeline/train.py `TrainConfig`): its `data:` section, worker
-        count and `loader` pool, for Ray Train worker `rank`."""
+        count and `loader` pool, for Ray Train worker `rank`; `fs`: the dataset's filesystem
+        (an object store's; None: local files)."""
         return StageSpec("loader", cls, dict(index=index, data=cfg.data,
                                              world_size=cfg.num_workers, rank=rank,
-                                             columns=data_columns(cfg)), cfg.loader)
+                                             columns=data_columns(cfg), fs=fs), cfg.loader)
 
     def __init__(self, index: pa.Table, data: TrainDataConfig, world_size: int, rank: int,
-                 cache_mb: float = 512, columns: tuple[str, ...] = LATENT_COLUMNS):
-        self.index, self.rank, self.world_size = index, rank, world_size
+                 cache_mb: float = 512, columns: tuple[str, ...] = LATENT_COLUMNS,
+                 fs: Any = None):
+        self.index, self.rank, self.world_size, self.fs = index, rank, world_size, fs
         self.columns = tuple(columns)  # + TEXT_COLUMNS when fine-tuning a pipeline
         self.plan = BatchPlan(index, data, world_size)
         self.files = index.column("file").to_pylist()
@@ -191,15 +198,18 @@ class PlanLoader:
         self.cache_bytes, self.cached_bytes = int(cache_mb * 2**20), 0
         self.groups: dict[str, np.ndarray] = {}  # file -> first row of each row group
 
+    def _open(self, file: str) -> Any:
+        return self.fs.open_input_file(file) if self.fs is not None else file
+
     def _row_group(self, file: str, row: int) -> tuple[pa.Table, int]:
         if file not in self.groups:
-            meta = pq.ParquetFile(file).metadata
+            meta = pq.ParquetFile(self._open(file)).metadata
             sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
             self.groups[file] = np.concatenate([[0], np.cumsum(sizes)])
         starts = self.groups[file]
         g = int(np.searchsorted(starts, row, side="right") - 1)
         if (file, g) not in self.cache:
-            group = pq.ParquetFile(file).read_row_group(g, columns=list(self.columns))
+            group = pq.ParquetFile(self._open(file)).read_row_group(g, columns=list(self.columns))
             self.cache[(file, g)] = group
             self.cached_bytes += group.nbytes
             while self.cached_bytes > self.cache_bytes and len(self.cache) > 1:

@@ -38,6 +38,7 @@ from actors.workers.toolkit import (
     MetricsLog,
     OptimConfig,
     Progress,
+    RunFolder,
     due,
     elapsed,
     memory_mb,
@@ -198,20 +199,24 @@ def trainee_of(cfg: TrainLoopConfig) -> Any:
 
 
 def train_loop(cfg: TrainLoopConfig, backend: Backend, batches: Callable[[int], Iterator],
-               run_dir: Path, resolved: dict[str, Any], fingerprint: str = "",
+               run_dir: Path | Any, resolved: dict[str, Any], fingerprint: str = "",
                stream: bool = False, trainee: Any = None) -> dict[str, Any]:
     """Train until `cfg.steps`. `batches(start)` yields this worker's StepBatch of each step from
     `start` (and ends with the data); `stream=True`: a finished pass starts a new epoch.
     `trainee`: what is trained (default `trainee_of(cfg)`)."""
-    run_dir, rank, W, device = Path(run_dir), backend.rank, backend.world_size, backend.device
+    folder = RunFolder(run_dir)  # an object-store RUN: staged here, uploaded by sync
+    run_dir, rank, W, device = folder.local, backend.rank, backend.world_size, backend.device
     trainee = trainee or trainee_of(cfg)
     with process_group(device):
         record_worker(run_dir, backend)
+        folder.sync(f"workers/rank{rank}.json")
         trainee.setup(device)
         state = train_state(lambda: trainee.build(device), cfg.optim, cfg.seed, backend,
                             "train", fingerprint=fingerprint)
         model, start = state.model, state.start
         model.train()
+        if rank == 0:
+            folder.pull("metrics.jsonl")  # a resumed object-store run's lines so far
         log = MetricsLog(run_dir, start, rank == 0)
         it, step, dummy = batches(start), start, None
         progress = Progress("train", start, cfg.steps, cfg.log_every, rank == 0)
@@ -267,10 +272,17 @@ def train_loop(cfg: TrainLoopConfig, backend: Backend, batches: Callable[[int], 
                            f"{row['tokens_per_s']:.0f} tok/s {row['samples_per_s']:.1f} "
                            f"samples/s data {t_data / dt:.0%} mem {row['memory_mb']:.0f} MB")
             if due(step, cfg.checkpoint_every, cfg.steps):
+                if rank == 0:
+                    folder.sync("metrics.jsonl")
                 state.save(backend, step, row, resolved, fingerprint)
                 if step < cfg.steps:  # a long run can be sampled while it trains
                     trainee.export(run_dir / "export", state.ema, model, resolved, step)
+                    folder.sync("export")
+            elif rank == 0 and due(step, cfg.log_every, cfg.steps):
+                folder.sync("metrics.jsonl")
         trainee.export(run_dir / "export", state.ema, model, resolved, step)  # every rank
+        if rank == 0:
+            folder.sync("metrics.jsonl", "export")
     return {"step": step, "start": start, "last": row}
 
 
@@ -339,11 +351,12 @@ def ray_worker(args: dict[str, Any]) -> None:
             batches = streamed_batches(ray.train.get_dataset_shard("train"), collate, cfg.data,
                                        r, W)
         elif cfg.data.loader == "worker":  # this rank's planned rows, read right here
-            loader = PlanLoader(args["index"], cfg.data, W, r, columns=data_columns(cfg))
+            loader = PlanLoader(args["index"], cfg.data, W, r, columns=data_columns(cfg),
+                                fs=args.get("data_fs"))
             batches = prefetched(local_batches(loader, collate), cfg.data.prefetch_steps,
                                  cfg.steps)
         else:
             batches = planned_batches(ray.train.get_dataset_shard(f"rank{r}"), collate,
                                       cfg.data.prefetch_steps)
-        train_loop(cfg, backend, batches, Path(args["run"]), args["resolved"],
+        train_loop(cfg, backend, batches, args["run"], args["resolved"],
                    args["fingerprint"], stream=args["stream"], trainee=trainee)
