@@ -9,6 +9,7 @@ name, then rename): a killed job leaves no half file under a final name.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pyarrow as pa
 
 from actors.common.schema import require_columns
 from actors.common.stage import StageSpec
+from actors.common.storage import Store, as_store
 from actors.common.tensors import unpack, with_columns
 from actors.common.video import contact_sheet, write_mp4
 
@@ -28,18 +30,27 @@ class Mp4EncodeStage:
     DROPS = ("video", "video_shape")
 
     @classmethod
-    def spec(cls, cfg: Any, output: str) -> StageSpec:
+    def spec(cls, cfg: Any, output: str | Store) -> StageSpec:
         """From a generate config: its mp4 settings and `encode` pool, writing under
         `output`."""
         return StageSpec("encode", cls, dict(output=output, codec=cfg.codec, crf=cfg.crf,
                                              preset=cfg.preset), cfg.encode)
 
-    def __init__(self, output: str, codec: str = "libx264", crf: int = 18,
+    def __init__(self, output: str | Store, codec: str = "libx264", crf: int = 18,
                  preset: str = "veryfast", threads: int = 1):
-        self.out = Path(output)
+        self.store = as_store(output)
+        # an object-store output: each file is made here, then uploaded whole (one PUT)
+        self.out = (Path(tempfile.mkdtemp(prefix="tubelet-mp4-")) if self.store.remote
+                    else Path(self.store.path))
         (self.out / "videos").mkdir(parents=True, exist_ok=True)
         (self.out / "sheets").mkdir(parents=True, exist_ok=True)
         self.codec, self.crf, self.preset, self.threads = codec, crf, preset, threads
+
+    def _upload(self, name: str) -> None:
+        if self.store.remote:
+            local = self.out / name
+            self.store.child(*Path(name).parts).write_bytes(local.read_bytes())
+            local.unlink()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns(batch, self.READS, "mp4 encode")
@@ -52,6 +63,8 @@ class Mp4EncodeStage:
             write_mp4(self.out / file, iter(frames), fps, self.codec, self.crf, self.preset,
                       self.threads)
             contact_sheet(frames, self.out / sheet)
+            self._upload(sheet)
+            self._upload(file)  # last: the video's presence marks the row done on resume
             files.append(file)
             sheets.append(sheet)
             seconds.append(time.perf_counter() - t0)

@@ -51,12 +51,13 @@ class SampleStage:
     DROPS = TEXT_COLUMNS
 
     @classmethod
-    def spec(cls, cfg: Any, export: str, temporal: int, spatial: int, gpus: bool
-             ) -> StageSpec:
+    def spec(cls, cfg: Any, export: str, temporal: int, spatial: int, gpus: bool,
+             source: Any = None) -> StageSpec:
         """From a generate config: its `sampler:` section, `max_batch` and `sample` pool
         (one GPU per actor when the cluster has GPUs and the sampler may use them). A
         sequence-parallel sampler starts `world_size - 1` rank actors of its own per pool
-        actor: the spec declares them, so the pool sizing counts them."""
+        actor: the spec declares them, so the pool sizing counts them. `source`: the object
+        store `export` was copied from (a node without the copy makes it)."""
         sample = cfg.sample
         if gpus and cfg.sampler.device in ("auto", "cuda") and sample.num_gpus == 0:
             sample = replace(sample, num_gpus=1)
@@ -67,12 +68,15 @@ class SampleStage:
         ) if ranks else ()
         return StageSpec("sample", cls, dict(
             export=export, sampler=asdict(cfg.sampler), temporal=temporal, spatial=spatial,
-            max_batch=cfg.max_batch), sample, companions)
+            max_batch=cfg.max_batch, source=source), sample, companions)
 
     def __init__(self, export: str, sampler: dict, temporal: int, spatial: int,
-                 max_batch: int = 4):
+                 max_batch: int = 4, source: Any = None):
+        from actors.common.storage import ensure_local
         from actors.workers.sampler import SamplerConfig, SamplerGroup
         from models.export import model_kind, read_export
+
+        ensure_local(export, source)
 
         self.group = self.pipeline = None
         self.temporal, self.spatial, self.max_batch = temporal, spatial, max_batch

@@ -37,14 +37,19 @@ class TextEncodeStage:
               "text_seconds")
 
     @classmethod
-    def spec(cls, cfg: Any, export: str) -> StageSpec:
+    def spec(cls, cfg: Any, export: str, source: Any = None) -> StageSpec:
         """From a generate config (pipeline/generate.py `GenerateConfig`): its `text` pool
-        (on the CPU: the encoder is small next to the sampler's DiT)."""
+        (on the CPU: the encoder is small next to the sampler's DiT). `source`: the object
+        store `export` was copied from (a node without the copy makes it)."""
         return StageSpec("text", cls, dict(export=export, device="cpu",
-                                           num_cpus=cfg.text.num_cpus), cfg.text)
+                                           num_cpus=cfg.text.num_cpus, source=source), cfg.text)
 
-    def __init__(self, export: str, device: str = "cpu", num_cpus: float = 0.25):
+    def __init__(self, export: str, device: str = "cpu", num_cpus: float = 0.25,
+                 source: Any = None):
+        from actors.common.storage import ensure_local
         from models.export import load_text_encoder, model_kind, read_export
+
+        ensure_local(export, source)
 
         self.device = pick_device(device, num_cpus)
         # The text encoder alone: the DiT's (or the pipeline's transformer's) tensors are the

@@ -12,8 +12,8 @@ a generation batch may differ in shape).
 
 from __future__ import annotations
 
+import io
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ import torch
 
 from actors.common.schema import require_columns
 from actors.common.stage import StageSpec
+from actors.common.storage import as_store
 from actors.common.tensors import pack, unpack, with_columns
 from actors.common.vae import VAEStageConfig, load_stage_vae
 from actors.common.video import to_uint8
@@ -34,16 +35,22 @@ class VAEDecodeStage:
     DROPS = ("latent", "latent_shape")
 
     @classmethod
-    def spec(cls, cfg: Any, output: str = "") -> StageSpec:
+    def spec(cls, cfg: Any, output: Any = "", source: Any = None, export: str = ""
+             ) -> StageSpec:
         """From a generate config: its `vae:` section, `chunk_frames` and `decode` pool (whose
-        CPU share is also torch's thread count); `output`: save each row's latents there."""
+        CPU share is also torch's thread count); `output`: save each row's latents there;
+        `source` / `export`: an object-store model and its local copy (a pipeline folder's
+        VAE lives in it: a node without the copy makes it)."""
         return StageSpec("decode", cls, dict(vae=cfg.vae, num_cpus=cfg.decode.num_cpus,
-                                             chunk_frames=cfg.chunk_frames, output=output),
-                         cfg.decode)
+                                             chunk_frames=cfg.chunk_frames, output=output,
+                                             source=source, export=export), cfg.decode)
 
     def __init__(self, vae: VAEStageConfig, num_cpus: float = 1.0, chunk_frames: int = 16,
-                 output: str = ""):
-        self.out = Path(output) if output else None  # save the latents under out/latents/
+                 output: Any = "", source: Any = None, export: str = ""):
+        from actors.common.storage import ensure_local
+
+        ensure_local(export, source)
+        self.out = as_store(output) if output else None  # save the latents under out/latents/
         self.device = pick_device(vae.device, num_cpus)
         self.dtype = torch_dtype(vae.dtype)
         self.model = load_stage_vae(vae, self.device)
@@ -62,13 +69,11 @@ class VAEDecodeStage:
         return to_uint8(x.float())[0].cpu().numpy()  # (T, H, W, 3)
 
     def save(self, name: str, z: np.ndarray) -> str:
-        """`latents/<name>.npy` (float32 (C, T', H', W')), renamed into place whole."""
-        folder = self.out / "latents"
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{name}.npy.tmp"
-        with tmp.open("wb") as f:
-            np.save(f, np.asarray(z, np.float32))
-        tmp.replace(folder / f"{name}.npy")
+        """`latents/<name>.npy` (float32 (C, T', H', W')), written whole (a folder: renamed
+        into place; an object store: one PUT)."""
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(z, np.float32))
+        self.out.child("latents", f"{name}.npy").write_bytes(buf.getvalue())
         return f"latents/{name}.npy"
 
     def __call__(self, batch: pa.Table) -> pa.Table:

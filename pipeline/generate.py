@@ -44,12 +44,25 @@ import pyarrow.parquet as pq
 
 from actors.common.errors import write_atomic
 from actors.common.stage import StageResources, StageSpec, apply_all
+from actors.common.storage import (
+    StorageConfig,
+    StorageError,
+    Store,
+    as_store,
+    check_reachable,
+    is_uri,
+    local_copy,
+    redact,
+    resolve,
+    storage_reason,
+)
 from actors.common.vae import VAELoadError, VAEStageConfig, load_checkpoint_vae
 from actors.mp4_encode import Mp4EncodeStage
 from actors.sample import SampleStage
 from actors.text_encode import TextEncodeStage
 from actors.vae_decode import VAEDecodeStage
 from actors.workers.sampler import SamplerConfig
+from actors.write import parquet_files
 from models.export import ExportError, ExportRecord, model_kind, read_export
 from models.pipelines import (
     PipelineError,
@@ -59,9 +72,9 @@ from models.pipelines import (
     vae_folder,
 )
 from models.vae import as_floats
-from pipeline.config import ConfigError, UsageError, to_dict, writable_dir, write_run_record
+from pipeline.config import ConfigError, UsageError, output_store, to_dict, write_run_record
 from pipeline.pools import cluster_of, sized
-from pipeline.prompts import Defaults, Grid, read_prompts
+from pipeline.prompts import Defaults, Grid, PromptError, read_prompts
 from pipeline.runtime import RayConfig, ray_session
 
 SHIPPED_VAE = "weights/vae-dc.safetensors"
@@ -92,6 +105,9 @@ class GenerateConfig:
     decode: StageResources = field(default_factory=lambda: _resources(0.5, 1))
     encode: StageResources = field(default_factory=lambda: _resources(0.2, 1))
     ray: RayConfig = field(default_factory=RayConfig)
+    # object-store access for s3:// paths (--checkpoint, --prompts, --output):
+    # actors/common/storage.py
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def validate(self) -> None:
         if self.max_batch < 1:
@@ -107,10 +123,35 @@ class CheckpointError(UsageError):
     """A --checkpoint that is not a training run or an export."""
 
 
+MODEL_MARKERS = ({"config.json", "model.safetensors"}, {"model_index.json"},
+                 {"tubelet_lora.json"})
+
+
+def remote_export(checkpoint: str, storage: StorageConfig | None = None) -> tuple[Path, Store]:
+    """An object-store run, export or pipeline folder -> (its local copy, the model folder's
+    Store): the model folder is copied once per node (`local_copy`) and loaded from there."""
+    try:
+        store = resolve(checkpoint, storage)
+        check_reachable(store, "--checkpoint", must_exist=True)
+        for candidate in (store, store.child("export")):
+            names = {f.name for f in candidate.files(recursive=False)}
+            if any(m <= names for m in MODEL_MARKERS):
+                return local_copy(candidate).resolve(), candidate
+    except StorageError as e:
+        raise CheckpointError(str(e)) from None
+    except OSError as e:
+        raise CheckpointError(f"--checkpoint {checkpoint}: {storage_reason(e)}") from None
+    raise CheckpointError(f"--checkpoint {checkpoint}: not a training run, an export or a "
+                          "diffusers pipeline folder (no config.json + model.safetensors, "
+                          "model_index.json or tubelet_lora.json there or in export/)")
+
+
 def resolve_export(checkpoint: str | Path) -> Path:
     """A run folder (RUN, holding export/), an export folder, or a diffusers pipeline folder
     (model_index.json; a fine-tune's RUN/export is one, or a LoRA export of one) -> the model
     folder."""
+    if is_uri(checkpoint):
+        return remote_export(str(checkpoint))[0]
     path = Path(checkpoint)
     for candidate in (path, path / "export"):  # RUN/export: a DiT's, or a fine-tune's
         if model_kind(candidate):
@@ -140,6 +181,8 @@ class Model:
     grid: Grid
     temporal: int
     spatial: int
+    # where `export` was copied from (an object store), so a node without the copy makes it
+    source: Store | None = None
 
 
 def model_record(export: Path) -> tuple[ExportRecord | PipelineRecord, str, int, tuple]:
@@ -156,11 +199,17 @@ def model_record(export: Path) -> tuple[ExportRecord | PipelineRecord, str, int,
             tuple(record.dit.patch))
 
 
-def inspect_model(checkpoint: str | Path, vae: VAEStageConfig) -> Model:
+def inspect_model(checkpoint: str | Path, vae: VAEStageConfig,
+                  storage: StorageConfig | None = None) -> Model:
     """`vae.checkpoint: auto`: a pipeline folder's own VAE; for a DiT, the VAE its training
     latents came from (as its export records it) if that file is here, else the shipped one.
-    A VAE that normalises latents otherwise than the DiT's training latents is refused."""
-    export = resolve_export(checkpoint)
+    A VAE that normalises latents otherwise than the DiT's training latents is refused.
+    An object-store checkpoint is copied to this node first (`remote_export`)."""
+    source = None
+    if is_uri(checkpoint):
+        export, source = remote_export(str(checkpoint), storage)
+    else:
+        export = resolve_export(checkpoint)
     record, model_digest, channels, (pt, ph, pw) = model_record(export)
     latents = (record.train.get("latents") or {}) if isinstance(record, ExportRecord) else {}
     path = vae.checkpoint
@@ -182,7 +231,7 @@ def inspect_model(checkpoint: str | Path, vae: VAEStageConfig) -> Model:
     check_normalisation(model, latents, export, path)
     s, t = model.spatial_factor, model.temporal_factor
     return Model(export, model_digest, record, path,
-                 Grid(spatial=math.lcm(s * ph, s * pw), temporal=t, patch_t=pt), t, s)
+                 Grid(spatial=math.lcm(s * ph, s * pw), temporal=t, patch_t=pt), t, s, source)
 
 
 def check_normalisation(vae: Any, latents: dict[str, Any], export: Path, path: str) -> None:
@@ -206,22 +255,25 @@ def fmt_floats(values: list[float]) -> str:
     return ", ".join(f"{v:.4g}" for v in values[:3]) + (", ..." if len(values) > 3 else "")
 
 
-def read_done(out: Path) -> set[str]:
+def read_done(out: Path | Store) -> set[str]:
     """Ids in the manifest whose video file exists."""
-    parts = sorted((out / "manifest").glob("*.parquet"))
+    out = as_store(out)
+    parts = parquet_files(out.child("manifest"))
     if not parts:
         return set()
-    table = pds.dataset(parts).to_table(columns=["id", "file"])
+    table = pds.dataset([p.path for p in parts], filesystem=parts[0].fs).to_table(
+        columns=["id", "file"])
+    videos = {f.path for f in out.child("videos").files()}
     return {i for i, f in zip(table.column("id").to_pylist(), table.column("file").to_pylist(),
-                              strict=True) if (out / f).is_file()}
+                              strict=True) if out.child(*Path(f).parts).path in videos}
 
 
-def read_manifest(out: Path) -> list[dict[str, Any]]:
-    parts = sorted((out / "manifest").glob("*.parquet"))
+def read_manifest(out: Path | Store) -> list[dict[str, Any]]:
+    parts = parquet_files(as_store(out).child("manifest"))
     if not parts:
         return []
     # parts written before a column existed (`latents`) read as null there
-    rows = pa.concat_tables([pq.read_table(p) for p in parts],
+    rows = pa.concat_tables([pq.read_table(p.path, filesystem=p.fs) for p in parts],
                             promote_options="default").to_pylist()
     latest: dict[str, dict] = {}
     for r in rows:  # a rerun after a crash between mp4 and manifest may repeat an id
@@ -229,15 +281,30 @@ def read_manifest(out: Path) -> list[dict[str, Any]]:
     return sorted(latest.values(), key=lambda r: r["id"])
 
 
-def generate_stages(cfg: GenerateConfig, model: Model, out: Path, gpus: bool
+def generate_stages(cfg: GenerateConfig, model: Model, out: Path | Store, gpus: bool
                     ) -> list[StageSpec]:
     """The generation graph: text encode -> sample -> VAE decode -> mp4 encode. `gpus`: the
-    cluster has GPUs (the sampler then asks for one)."""
-    export = str(model.export)
-    return [TextEncodeStage.spec(cfg, export),
-            SampleStage.spec(cfg, export, model.temporal, model.spatial, gpus),
-            VAEDecodeStage.spec(cfg, str(out) if cfg.save_latents else ""),
-            Mp4EncodeStage.spec(cfg, str(out))]
+    cluster has GPUs (the sampler then asks for one). `out`: a folder or an object store."""
+    export, out = str(model.export), as_store(out)
+    return [TextEncodeStage.spec(cfg, export, model.source),
+            SampleStage.spec(cfg, export, model.temporal, model.spatial, gpus, model.source),
+            VAEDecodeStage.spec(cfg, out if cfg.save_latents else "", model.source,
+                                str(model.export)),
+            Mp4EncodeStage.spec(cfg, out)]
+
+
+def prompt_file(prompts: str | Path, storage: StorageConfig | None = None) -> str | Path:
+    """A prompt file in an object store is read from a local copy (`local_copy`)."""
+    if not is_uri(prompts):
+        return prompts
+    try:
+        store = resolve(prompts, storage)
+        check_reachable(store, "--prompts", must_exist=True)
+        return local_copy(store)
+    except StorageError as e:
+        raise PromptError(str(e)) from None
+    except OSError as e:
+        raise PromptError(f"--prompts {prompts}: {storage_reason(e)}") from None
 
 
 def prompt_dataset(rows: list[dict]):
@@ -250,12 +317,12 @@ def prompt_dataset(rows: list[dict]):
     return ray.data.from_items(rows, override_num_blocks=len(rows))
 
 
-def write_manifest_part(out: Path, batch: pa.Table) -> None:
+def write_manifest_part(out: Path | Store, batch: pa.Table) -> None:
     write_atomic(batch.select(list(MANIFEST_COLUMNS)),
-                 out / "manifest" / f"part-{uuid.uuid4().hex}.parquet")
+                 as_store(out).child("manifest", f"part-{uuid.uuid4().hex}.parquet"))
 
 
-def write_gallery(out: Path, rows: list[dict[str, Any]]) -> Path:
+def write_gallery(out: Path | Store, rows: list[dict[str, Any]]) -> Store:
     """DIR/index.html: every video plays (muted, looped), with its prompt and settings."""
     cards = []
     for r in rows:
@@ -275,10 +342,8 @@ def write_gallery(out: Path, rows: list[dict[str, Any]]) -> Path:
         "video{width:256px;background:#000;image-rendering:pixelated}"
         "p{margin:.2em 0;font-size:12px;color:#444}.id{color:#999}.neg{color:#a44}</style>"
         f"<h1>{len(rows)} videos</h1>" + "".join(cards))
-    path = out / "index.html"
-    tmp = path.with_name(".index.html.tmp")
-    tmp.write_text(page)
-    tmp.replace(path)
+    path = as_store(out).child("index.html")
+    path.write_text(page)  # whole: a rename, or one PUT
     return path
 
 
@@ -290,11 +355,11 @@ def run_generate(cfg: GenerateConfig, checkpoint: str | Path, prompts: str | Pat
 
     from pipeline.ray_train import no_progress_bars
 
-    out = Path(output)
     start = time.perf_counter()
-    model = inspect_model(checkpoint, cfg.vae)
+    model = inspect_model(checkpoint, cfg.vae, cfg.storage)
     cfg = replace(cfg, vae=replace(cfg.vae, checkpoint=model.vae))
-    rows = read_prompts(prompts, cfg.defaults, model.grid)
+    rows = read_prompts(prompt_file(prompts, cfg.storage), cfg.defaults, model.grid)
+    out = output_store(output, cfg.storage)
     K = cfg.sampler.sequence_parallel
     record = model.record
     if isinstance(record, PipelineRecord) and not record.family.parallel and (
@@ -315,8 +380,8 @@ def run_generate(cfg: GenerateConfig, checkpoint: str | Path, prompts: str | Pat
 
     cfg = sized("generate", cfg, graph, address)  # pools + sampler ranks, before Ray starts
     for r in rows:
-        r.update(checkpoint=str(model.export), checkpoint_digest=model.digest)
-    writable_dir(out)
+        r.update(checkpoint=redact(str(model.source or model.export)),
+                 checkpoint_digest=model.digest)
     done = read_done(out)
     todo = [r for r in rows if r["id"] not in done]
     written, arrivals = 0, []
@@ -347,10 +412,11 @@ def run_generate(cfg: GenerateConfig, checkpoint: str | Path, prompts: str | Pat
                "videos_per_minute": round(60 * written / wall, 2) if written else None,
                "first_video_seconds": round(arrivals[0], 2) if arrivals else None,
                "last_video_seconds": round(arrivals[-1], 2) if arrivals else None,
-               "stage_busy_seconds": seconds, "checkpoint": str(model.export),
-               "checkpoint_digest": model.digest, "gallery": str(out / "index.html"),
+               "stage_busy_seconds": seconds,
+               "checkpoint": redact(str(model.source or model.export)),
+               "checkpoint_digest": model.digest, "gallery": str(out.child("index.html")),
                "config": to_dict(cfg)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_run_record(out, "generate", cfg, prompts=str(prompts), checkpoint=str(model.export),
-                     generated=written)
+    out.child("summary.json").write_text(redact(json.dumps(summary, indent=2)))
+    write_run_record(out, "generate", cfg, prompts=redact(str(prompts)),
+                     checkpoint=redact(str(model.source or model.export)), generated=written)
     return summary

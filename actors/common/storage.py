@@ -239,6 +239,57 @@ def open_source(path: str, fs: pafs.FileSystem | None) -> Any:
     return RemoteFile(fs.open_input_file(fs_path(path)))
 
 
+def cache_root() -> Path:
+    """Where object-store models are copied to on each node: $TUBELET_CACHE, else
+    ~/.cache/tubelet."""
+    return Path(os.environ.get("TUBELET_CACHE") or "~/.cache/tubelet").expanduser() / "objects"
+
+
+def local_copy(store: Store) -> Path:
+    """A local copy of a remote file or folder (its whole tree): what torch, safetensors and
+    diffusers load. Cached per node under `cache_root()`, keyed by the URI and the listing
+    (names, sizes, modification times), so every node computes the same path, a changed
+    object is fetched again, and a copy is made once (into a temp folder renamed into place).
+    A local store is its own path."""
+    import hashlib
+    import shutil
+
+    if not store.remote:
+        return Path(store.path)
+    is_dir = store.is_dir()
+    files = store.files() if is_dir else [store]
+    if not files or not is_dir and not store.is_file():
+        raise FileNotFoundError(f"{store.uri}: nothing there")
+    listing = "\n".join(f"{f.path}|{f.info().size}|{f.info().mtime_ns}" for f in files)
+    key = hashlib.sha256(f"{store.uri}\n{listing}".encode()).hexdigest()[:16]
+    dest = cache_root() / f"{key}-{store.name}"
+    if dest.exists():
+        return dest
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        for f in files:
+            target = tmp / f.path[len(store.path):].lstrip("/") if is_dir else tmp
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(f.read_bytes())
+        try:
+            tmp.rename(dest)
+        except OSError:  # another actor of this node made it first
+            if not dest.exists():
+                raise
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+    return dest
+
+
+def ensure_local(path: str | Path, source: Store | None) -> None:
+    """On a node that lacks `path` (the driver's `local_copy` of `source`), make the copy."""
+    if source is not None and not Path(path).exists():
+        local_copy(source)
+
+
 def resolve(location: str | Path, cfg: StorageConfig | None = None) -> Store:
     """A local path or URI -> its Store (local paths absolute, `~` expanded)."""
     cfg = cfg or StorageConfig()
