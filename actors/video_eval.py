@@ -20,6 +20,7 @@ import pyarrow as pa
 from actors.common.errors import ErrorSink
 from actors.common.schema import require_columns
 from actors.common.stage import StageSpec
+from actors.common.storage import open_source
 from models.video_metrics import Palette, consistency, direction_of, shape_of, track_object
 
 METRICS = ("vanish", "color_flicker", "hist_flicker", "vbench_flicker", "area_cv",
@@ -27,9 +28,20 @@ METRICS = ("vanish", "color_flicker", "hist_flicker", "vbench_flicker", "area_cv
 CHECKS = ("color", "shape", "direction")
 
 
-def read_frames(path: str, max_frames: int = 0, fps: float = 0.0) -> np.ndarray:
+def read_frames(path: str, max_frames: int = 0, fps: float = 0.0, fs: Any = None
+                ) -> np.ndarray:
     """The frames (or the first `max_frames`) as uint8 (T, H, W, 3); with `fps` > 0, the
-    first frame at or after each time k / fps (so videos at any rate compare per step)."""
+    first frame at or after each time k / fps (so videos at any rate compare per step).
+    `fs`: the filesystem of an object-store `path` (a URI)."""
+    source = open_source(path, fs)
+    try:
+        return _read_frames(source, max_frames, fps)
+    finally:
+        if source is not path:
+            source.close()
+
+
+def _read_frames(path: Any, max_frames: int, fps: float) -> np.ndarray:
     frames = []
     with av.open(path) as container:
         for frame in container.decode(video=0):
@@ -60,21 +72,22 @@ class VideoEvalStage:
               *(f"{k}_ok" for k in CHECKS))
 
     @classmethod
-    def spec(cls, cfg: Any, errors_dir: str | None, palette: Palette,
+    def spec(cls, cfg: Any, errors_dir: Any, palette: Palette,
              shapes: dict[str, tuple[float, float, float]],
-             directions: dict[str, tuple[float, float]]) -> StageSpec:
+             directions: dict[str, tuple[float, float]], fs: Any = None) -> StageSpec:
         """From an eval config (pipeline/eval.py `EvalConfig`): its measuring settings and
         `stage` pool; what the videos are measured against (the synth palette, shapes and
         directions) comes from the command."""
         return StageSpec("eval", cls, dict(
             palette=palette, shapes=shapes, directions=directions, errors_dir=errors_dir,
             tol=cfg.tol, direction_frames=cfg.direction_frames, max_frames=cfg.max_frames,
-            fps=cfg.fps), cfg.stage)
+            fps=cfg.fps, fs=fs), cfg.stage)
 
     def __init__(self, palette: Palette, shapes: dict[str, tuple[float, float, float]],
-                 directions: dict[str, tuple[float, float]], errors_dir: str | None = None,
+                 directions: dict[str, tuple[float, float]], errors_dir: Any = None,
                  tol: float = 80.0, direction_frames: int = 4, max_frames: int = 0,
-                 fps: float = 0.0):
+                 fps: float = 0.0, fs: Any = None):
+        self.fs = fs  # object-store videos (URIs) are read through it
         self.palette, self.shapes, self.directions = palette, shapes, directions
         self.tol, self.direction_frames, self.max_frames = tol, direction_frames, max_frames
         self.fps = fps
@@ -85,8 +98,8 @@ class VideoEvalStage:
         out = []
         for row in batch.to_pylist():
             try:
-                frames = read_frames(row["path"], self.max_frames, self.fps)
-            except (av.FFmpegError, ValueError, OSError) as e:
+                frames = read_frames(row["path"], self.max_frames, self.fps, self.fs)
+            except (av.FFmpegError, ValueError, OSError, EOFError) as e:
                 self.errors.add(row["path"], f"{e}; re-encode or remove the file")
                 continue
             found = evaluate(frames, self.palette, self.shapes, self.directions, self.tol,

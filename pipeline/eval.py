@@ -36,10 +36,23 @@ import numpy as np
 import pyarrow.dataset as pds
 
 from actors.common.stage import StageResources, StageSpec, apply_all
+from actors.common.storage import (
+    StorageConfig,
+    StorageError,
+    Store,
+    as_store,
+    check_reachable,
+    is_uri,
+    redact,
+    resolve,
+    storage_reason,
+)
 from actors.video_eval import CHECKS, METRICS, VideoEvalStage
+from actors.write import parquet_files
 from models.video_metrics import region_features
-from pipeline.config import UsageError, writable_dir, write_run_record
+from pipeline.config import UsageError, output_store, write_run_record
 from pipeline.pools import sized
+from pipeline.report import save_figure
 from pipeline.runtime import RayConfig, ray_session
 from pipeline.sources import SourceError, list_sources
 from pipeline.synth import COLORS, DIRECTIONS, SHAPES, shape_mask
@@ -61,17 +74,20 @@ class EvalConfig:
     # videos compare step for step.
     fps: float = 8.0
     ray: RayConfig = field(default_factory=RayConfig)
+    # object-store access for s3:// paths (--videos, --reference, --output):
+    # actors/common/storage.py
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def validate(self) -> None:
         if self.tol <= 0 or self.direction_frames < 1 or self.max_frames < 0 or self.fps < 0:
             raise ValueError("tol: must be > 0; direction_frames: >= 1; max_frames, fps: >= 0")
 
 
-def eval_stages(cfg: EvalConfig, out: Path) -> list[StageSpec]:
+def eval_stages(cfg: EvalConfig, out: Path | Store, fs: Any = None) -> list[StageSpec]:
     """The eval graph: one stage that decodes each video and measures it against the synth
-    palette, shapes and directions its prompt names."""
-    return [VideoEvalStage.spec(cfg, str(out / "errors"), COLORS, shape_references(),
-                                DIRECTIONS)]
+    palette, shapes and directions its prompt names (`fs`: object-store videos' filesystem)."""
+    return [VideoEvalStage.spec(cfg, as_store(out).child("errors"), COLORS, shape_references(),
+                                DIRECTIONS, fs)]
 
 
 class EvalInputError(UsageError):
@@ -94,13 +110,23 @@ def shape_references(size: int = 48) -> dict[str, tuple[float, float, float]]:
     return {s: region_features(shape_mask(s, size)) for s in SHAPES}
 
 
-def video_rows(videos: str, prompts: str | None) -> list[dict[str, Any]]:
-    """(path, prompt) of every video: a generate folder's manifest, captions, or --prompts."""
-    folder = Path(videos)
-    if (folder / "manifest").is_dir():
-        parts = sorted((folder / "manifest").glob("*.parquet"))
-        table = pds.dataset(parts).to_table(columns=["file", "prompt"]) if parts else None
-        rows = [{"path": str((folder / f).resolve()), "prompt": p}
+def video_rows(videos: str, prompts: str | None, storage: StorageConfig | None = None
+               ) -> list[dict[str, Any]]:
+    """(path, prompt) of every video: a generate folder's manifest, captions, or --prompts.
+    `videos` may be an object-store URI; its rows are then URIs."""
+    try:
+        folder = resolve(videos, storage)
+        check_reachable(folder, "--videos", must_exist=True)
+        manifest = folder.child("manifest").is_dir()
+    except StorageError as e:
+        raise EvalInputError(str(e)) from None
+    except OSError as e:
+        raise EvalInputError(f"--videos {videos}: {storage_reason(e)}") from None
+    if manifest:
+        parts = parquet_files(folder.child("manifest"))
+        table = (pds.dataset([p.path for p in parts], filesystem=parts[0].fs)
+                 .to_table(columns=["file", "prompt"]) if parts else None)
+        rows = [{"path": folder.child(*Path(f).parts).uri, "prompt": p}
                 for f, p in zip(table.column("file").to_pylist(),
                                 table.column("prompt").to_pylist(), strict=True)
                 ] if table is not None else []
@@ -109,7 +135,7 @@ def video_rows(videos: str, prompts: str | None) -> list[dict[str, Any]]:
                                  "into it first")
     else:
         try:
-            sources = list_sources(videos)
+            sources = list_sources(videos, storage=storage)
         except SourceError as e:
             raise EvalInputError(str(e)) from None
         rows = [{"path": p, "prompt": c} for p, c in zip(
@@ -173,7 +199,7 @@ def report_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_report(report: dict[str, Any], path: Path) -> None:
+def plot_report(report: dict[str, Any], path: Path | Store) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,7 +216,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
         ax.set_title(key, fontsize=8)
         ax.tick_params(labelsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -201,15 +227,17 @@ def run_eval(cfg: EvalConfig, videos: str, reference: str | None = None,
     import ray
 
     start = time.perf_counter()
-    rows = [{**r, "set": "generated"} for r in video_rows(videos, prompts)]
+    rows = [{**r, "set": "generated"} for r in video_rows(videos, prompts, cfg.storage)]
     if reference:
-        rows += [{**r, "set": "reference"} for r in video_rows(reference, None)]
+        rows += [{**r, "set": "reference"} for r in video_rows(reference, None, cfg.storage)]
     rows = [{**r, **parse_prompt(r["prompt"])} for r in rows]
     scratch = tempfile.TemporaryDirectory(prefix="tubelet-eval-") if output is None else None
-    out = Path(output) if output is not None else Path(scratch.name)
-    writable_dir(out)
+    out = output_store(output if output is not None else scratch.name, cfg.storage)
+    remote = [r["path"] for r in rows if is_uri(r["path"])]
+    fs = resolve(remote[0], cfg.storage).fs if remote else None  # one S3 filesystem: any bucket
+
     def graph(c: EvalConfig) -> list[StageSpec]:
-        return eval_stages(c, out)
+        return eval_stages(c, out, fs)
 
     cfg = sized("eval", cfg, graph, address)  # before Ray
     results: list[dict[str, Any]] = []
@@ -227,18 +255,20 @@ def run_eval(cfg: EvalConfig, videos: str, reference: str | None = None,
         for m in RATIO_METRICS:
             g, ref = agg["generated"][m], agg["reference"][m]
             ratios[m] = (g / ref) if g is not None and ref else None
-    errors = sorted((out / "errors").glob("*.parquet"))
+    errors = parquet_files(out.child("errors"))
     report = {"aggregate": agg, "ratios": ratios, "per_video": results,
-              "errors": pds.dataset(errors).to_table().to_pylist() if errors else [],
+              "errors": pds.dataset([e.path for e in errors], filesystem=errors[0].fs)
+              .to_table().to_pylist() if errors else [],
               "inputs": len(rows), "wall_seconds": round(time.perf_counter() - start, 2),
               "config": asdict(cfg)}
     if scratch is not None:
         scratch.cleanup()
     else:
-        (out / "eval.json").write_text(json.dumps(report, indent=2, default=str))
-        (out / "eval.md").write_text(report_table(report) + "\n")
-        plot_report(report, out / "eval.png")
-        write_run_record(out, "eval", cfg, videos=videos, reference=reference,
+        out.child("eval.json").write_text(redact(json.dumps(report, indent=2, default=str)))
+        out.child("eval.md").write_text(report_table(report) + "\n")
+        plot_report(report, out.child("eval.png"))
+        write_run_record(out, "eval", cfg, videos=redact(videos),
+                         reference=redact(reference) if reference else None,
                          prompts=prompts, aggregate=agg, wall_seconds=report["wall_seconds"])
     return report
 
