@@ -32,7 +32,14 @@ from typing import Any
 import pyarrow as pa
 
 from actors.common.stage import StageResources, StageSpec, apply_all
-from actors.common.storage import Store, as_store, is_uri, resolve, storage_reason
+from actors.common.storage import (
+    Store,
+    as_store,
+    check_reachable,
+    is_uri,
+    resolve,
+    storage_reason,
+)
 from actors.common.vae import VAELoadError, resolve_checkpoint, vae_normalisation
 from actors.workers.train_data import BatchPlan, PlanLoader, read_index
 from actors.workers.train_dit import LatentsRecord, TrainLoopConfig
@@ -170,6 +177,7 @@ def planned_data(cfg: TrainConfig, data: str | Path, world_size: int
     `world_size` workers); an unusable dataset is a TrainError naming it."""
     try:
         data = as_store(data, cfg.storage)
+        check_reachable(data, "--data", must_exist=True)
         index = read_index(data)
         channels = data_channels(index, data)
         if cfg.finetune.init:
