@@ -341,21 +341,31 @@ def check_reachable(store: Store, what: str, must_exist: bool = False) -> None:
     except StorageError:
         raise
     except OSError as e:
+        if "denied" in storage_reason(e):  # a HEAD's 403 has no body: bad key or no right?
+            e = _listing_error(store.fs, bucket) or e  # a GET's error body says which
         raise StorageError(f"{what} {store.uri}: {storage_reason(e)} "
                            f"(after {time.perf_counter() - start:.1f}s)") from None
+
+
+def _listing_error(fs: pafs.FileSystem, bucket: str) -> OSError | None:
+    try:
+        fs.get_file_info(pafs.FileSelector(bucket, recursive=False))
+    except OSError as e:
+        return e
+    return None
 
 
 def storage_reason(e: BaseException) -> str:
     """One line for an object-store error: what went wrong and what to do."""
     text = " ".join(str(e).split())
-    low = text.lower()
+    low = text.lower().replace("_", "")
+    if ("credentials" in low or "invalidaccesskeyid" in low or "signature" in low
+            or "no auth" in low or "invalidtoken" in low or "expiredtoken" in low):
+        return ("no valid credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                "AWS_PROFILE; storage.anonymous: true for a public bucket)")
     if "accessdenied" in low or "access denied" in low or "403" in low:
         return ("access denied: the credentials may not read / write there (check the "
                 "bucket policy, AWS_ACCESS_KEY_ID / AWS_PROFILE)")
-    if ("credentials" in low or "invalidaccesskeyid" in low or "signature" in low
-            or "no auth" in low):
-        return ("no valid credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
-                "AWS_PROFILE; storage.anonymous: true for a public bucket)")
     if "curl" in low or "connect" in low or "resolve" in low or "timed out" in low \
             or "timeout" in low or "unreachable" in low:
         return ("the endpoint does not answer (check AWS_ENDPOINT_URL / storage.endpoint "

@@ -6,6 +6,7 @@ records are redacted."""
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import av
@@ -129,3 +130,48 @@ def test_the_storage_section_overrides_the_environment(bucket, monkeypatch):
     store = resolve(f"{bucket.uri}/x", StorageConfig(endpoint=bucket.endpoint))
     assert isinstance(store.fs, pafs.S3FileSystem)
     check_reachable(store, "--output")  # through the configured endpoint, not the variable
+
+
+@pytest.fixture(scope="module")
+def iam_user(bucket):
+    """A user (keys) allowed to use `bucket` and nothing else, created on the server."""
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=bucket.endpoint, region_name="us-east-1")
+    name = f"user-{bucket.name}"
+    iam.create_user(UserName=name)
+    policy = {"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Action": "s3:*",
+        "Resource": [f"arn:aws:s3:::{bucket.name}", f"arn:aws:s3:::{bucket.name}/*"]}]}
+    iam.put_user_policy(UserName=name, PolicyName="only-its-bucket",
+                        PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    other = new_bucket(bucket.endpoint)  # a bucket the user may not touch
+    return key["AccessKeyId"], key["SecretAccessKey"], other
+
+
+@pytest.mark.parametrize("who, needle", [
+    ("nobody", "no valid credentials"),
+    ("user", "access denied"),
+])
+def test_refused_credentials_are_one_line_before_ray(bucket, iam_user, who, needle, tmp_path,
+                                                     capsys, monkeypatch):
+    from moto.core.authorization import enable_iam_authentication
+
+    from pipeline.cli import main
+
+    key, secret, other = iam_user
+    if who == "nobody":
+        key, secret = "AKIANOBODY0000000000", "not-a-secret"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    with enable_iam_authentication():
+        assert main(["preprocess", "--input", f"{other.uri}/videos", "--output",
+                     str(tmp_path / "out")]) == 2
+        if who == "user":  # its own bucket is fine: the output check writes and removes
+            assert main(["generate", "--checkpoint", "weights/dit-demo", "--prompts", "nope",
+                         "--output", f"{bucket.uri}/gen"]) == 2  # the prompt file, not S3
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert needle in lines[0] and f"{other.uri}/videos" in lines[0], lines
+    if who == "user":
+        assert "prompt file nope not found" in lines[1], lines
