@@ -65,12 +65,14 @@ def aws_env(endpoint: str, home: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def s3_server() -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 (port picked by the OS): its endpoint URL."""
+def s3_server(verbose: bool = False) -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 (port picked by the OS): its endpoint URL. `verbose`:
+    one `werkzeug` log record per request (what benchmarks/storage.py counts)."""
     from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    if not verbose:
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=verbose)
     server.start()
     host, port = server.get_host_and_port()
     try:

@@ -229,14 +229,18 @@ def open_source(path: str, fs: pafs.FileSystem | None) -> Any:
     object raise before FFmpeg sees anything."""
     if fs is None or not is_uri(path):
         return path
-    info = fs.get_file_info(fs_path(path))
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(path)
-    if info.type == pafs.FileType.Directory:
-        raise IsADirectoryError(path)
-    if not info.size:
+    try:
+        raw = fs.open_input_file(fs_path(path))  # one HEAD: the size
+    except FileNotFoundError:
+        if fs.get_file_info(fs_path(path)).type == pafs.FileType.Directory:
+            raise IsADirectoryError(path) from None
+        raise
+    except IsADirectoryError:
+        raise
+    if not raw.size():
+        raw.close()
         raise EOFError(path)
-    return RemoteFile(fs.open_input_file(fs_path(path)))
+    return RemoteFile(raw)
 
 
 def cache_root() -> Path:
