@@ -6,12 +6,13 @@ in the same run, and the GET requests per video.
 
 Videos: `tubelet synth --kind photos` (pans and zooms over natural photos: real-sized files)
 of 1280x720, 8-10 s at 30 fps, crf 12 (the default preprocess buckets cut two clips from
-each, downscaled by the decoder). The probe and bucket stages plan the clips once per location (their plans are the
-same); then the decode stage (`DecodeStage`, in this process, one thread) decodes every clip,
-`--repeats` times, from local paths and from `s3://` URIs (its `RemoteFile`: 4 MiB ranged
-GETs, seeks, no local copy). Printed: frames/s of both and their ratio (s3 / local; 1.0: no
-cost), and the requests the server saw per video for one probe + decode pass: HEAD and GET,
-with tubelet's buffer and, for comparison, with pyarrow's input file handed to PyAV as it is.
+each, downscaled by the decoder). The probe and bucket stages plan the clips once per
+location (their plans are the same); then the decode stage (`DecodeStage`, in this process,
+one thread) decodes every clip, `--repeats` times, from local paths and from `s3://` URIs
+(its `RemoteFile`: 4 MiB ranged GETs, seeks, no local copy). Printed: frames/s of both and
+their ratio (s3 / local; 1.0: no cost), and the requests the server saw per video for one
+probe + decode pass: HEAD and GET, with tubelet's buffer and, for comparison, with pyarrow's
+input file handed to PyAV as it is.
 Loopback has no network latency: against a real store each GET costs a round trip (tens of
 ms), which is why the count matters more than the loopback time.
 Not a test; a shared 2-core box is noisy (run twice).

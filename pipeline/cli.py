@@ -60,7 +60,7 @@ def add_synth(sub: Sub) -> argparse.ArgumentParser:
         "textured backgrounds, in several sizes, aspect ratios and frame rates, plus "
         "DIR/captions.jsonl (caption and ground truth per video).",
     )
-    p.add_argument("--output", required=True, type=Path, help="directory to write videos to")
+    p.add_argument("--output", required=True, help="directory to write videos to")
     p.add_argument("--num-videos", type=int, help="number of videos (config: num_videos)")
     p.add_argument("--seed", type=int, help="random seed; same seed, same dataset (config: seed)")
     p.add_argument("--kind", choices=["shapes", "photos"],
@@ -73,6 +73,7 @@ def add_synth(sub: Sub) -> argparse.ArgumentParser:
 
 
 def run_synth(args: argparse.Namespace) -> int:
+    from actors.common.storage import as_store
     from pipeline.synth import SynthConfig, synthesize
 
     cfg = config(SynthConfig, args, num_videos=args.num_videos, seed=args.seed, kind=args.kind,
@@ -80,7 +81,8 @@ def run_synth(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     rows = synthesize(cfg, args.output)
     seconds = time.perf_counter() - start
-    write_run_record(args.output, "synth", cfg, videos=len(rows), wall_seconds=round(seconds, 2))
+    write_run_record(as_store(args.output, cfg.storage), "synth", cfg, videos=len(rows),
+                     wall_seconds=round(seconds, 2))
     ratios = sorted({f"{r['width']}x{r['height']}" for r in rows})
     print(f"wrote {len(rows)} videos to {args.output} in {seconds:.1f}s "
           f"({len(rows) / seconds * 60:.0f}/min); sizes: {', '.join(ratios)}")

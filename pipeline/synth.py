@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -23,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from actors.common.storage import StorageConfig, is_uri
 from actors.common.video import write_mp4
-from pipeline.config import writable_dir
+from pipeline.config import output_store, writable_dir
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -86,6 +88,8 @@ class SynthConfig:
     # keep the whole path inside the frame (a speed too fast for the video's length is cut to
     # fit), so every frame moves the captioned way; what a text-to-video model should learn.
     bounce: bool = True
+    # object-store access for an s3:// --output (actors/common/storage.py)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def validate(self) -> None:
         if self.kind not in ("shapes", "photos"):
@@ -281,7 +285,17 @@ def _render_chunk(args: tuple[SynthConfig, list[int], str]) -> list[dict[str, An
 
 
 def synthesize(cfg: SynthConfig, out_dir: str | Path) -> list[dict[str, Any]]:
-    """Write cfg.num_videos mp4 files and captions.jsonl to out_dir; returns the rows."""
+    """Write cfg.num_videos mp4 files and captions.jsonl to out_dir; returns the rows. An
+    object-store `out_dir` (s3://...): rendered in a local temp folder, each file then
+    uploaded whole (captions.jsonl last)."""
+    if is_uri(out_dir):
+        store = output_store(out_dir, cfg.storage)
+        with tempfile.TemporaryDirectory(prefix="tubelet-synth-") as tmp:
+            rows = synthesize(cfg, tmp)
+            files = sorted(Path(tmp).rglob("*.mp4")) + [Path(tmp) / "captions.jsonl"]
+            for f in files:
+                store.child(*f.relative_to(tmp).parts).write_bytes(f.read_bytes())
+        return rows
     out = Path(out_dir)
     writable_dir(out)
     workers = min(cfg.workers or os.cpu_count() or 1, cfg.num_videos)

@@ -175,3 +175,17 @@ def test_refused_credentials_are_one_line_before_ray(bucket, iam_user, who, need
     assert needle in lines[0] and f"{other.uri}/videos" in lines[0], lines
     if who == "user":
         assert "prompt file nope not found" in lines[1], lines
+
+
+def test_synth_writes_whole_videos_and_captions_into_a_bucket(bucket, capsys):
+    from pipeline.cli import main
+
+    assert main(["synth", "--output", f"{bucket.uri}/synth", "--num-videos", "2",
+                 "--set", "workers=1"]) == 0
+    keys = bucket.keys("synth")
+    assert {"synth/captions.jsonl", "synth/run.json", "synth/config.yaml"} <= set(keys)
+    videos = [k for k in keys if k.endswith(".mp4")]
+    assert len(videos) == 2
+    for k in videos:
+        with av.open(io.BytesIO(bucket.read(k))) as f:
+            assert sum(1 for _ in f.decode(video=0)) > 0
