@@ -12,6 +12,7 @@ stage (a GPU when given one, else a CPU share; torch threads follow the share).
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from actors.common.buckets import BucketConfig, BucketTable, shape_chunks
 from actors.common.errors import ErrorSink
 from actors.common.schema import require_columns
 from actors.common.stage import StageSpec
+from actors.common.storage import as_store
 from actors.common.tensors import unpack
 from actors.common.vae import load_checkpoint_vae
 from actors.common.video import frames_to_video, to_uint8, write_mp4
@@ -36,7 +38,7 @@ class VAEEvalStage:
     WRITES = ("num_frames", "height", "width", "mse", "psnr", "ssim", "eval_seconds", "video")
 
     @classmethod
-    def spec(cls, cfg: Any, checkpoint: str, errors_dir: str | None, videos_dir: str = ""
+    def spec(cls, cfg: Any, checkpoint: str, errors_dir: Any, videos_dir: Any = ""
              ) -> StageSpec:
         """From an eval-vae config (pipeline/eval_vae.py `EvalVAEConfig`): its buckets, its
         `eval:` section's settings and pool; reconstructions into `videos_dir` ("" = none)."""
@@ -46,13 +48,13 @@ class VAEEvalStage:
             device=e.device, tile_px=e.tile_px, videos_dir=videos_dir, crf=e.crf,
             num_cpus=e.stage.num_cpus), e.stage)
 
-    def __init__(self, checkpoint: str, buckets: BucketConfig, errors_dir: str | None = None,
-                 device: str = "auto", tile_px: int = 0, videos_dir: str = "", crf: int = 18,
+    def __init__(self, checkpoint: str, buckets: BucketConfig, errors_dir: Any = None,
+                 device: str = "auto", tile_px: int = 0, videos_dir: Any = "", crf: int = 18,
                  num_cpus: float = 1.0):
         self.device = pick_device(device, num_cpus)
         self.model = load_checkpoint_vae(checkpoint, self.device)
         self.tile_px, self.crf = tile_px, crf
-        self.videos_dir = Path(videos_dir) if videos_dir else None
+        self.videos_dir = as_store(videos_dir) if videos_dir else None
         self.batch_sizes = {b.name: b.batch_size for b in BucketTable(buckets).buckets.values()}
         self.errors = ErrorSink(errors_dir, "eval")
 
@@ -94,8 +96,14 @@ class VAEEvalStage:
         video = ""
         if self.videos_dir is not None:
             name = f"{Path(row['path']).stem}-{row['start']:.2f}s-{row['id'][:8]}.mp4"
-            write_mp4(self.videos_dir / name, recon.numpy(), row["fps"], crf=self.crf)
-            video = str(self.videos_dir / name)
+            target = self.videos_dir.child(name)
+            if target.remote:  # made here, then one upload
+                with tempfile.TemporaryDirectory(prefix="tubelet-recon-") as tmp:
+                    local = write_mp4(Path(tmp) / name, recon.numpy(), row["fps"], crf=self.crf)
+                    target.write_bytes(local.read_bytes())
+            else:
+                write_mp4(target.local(), recon.numpy(), row["fps"], crf=self.crf)
+            video = str(target)
         return {**row, "num_frames": T, "height": H, "width": W, **metrics,
                 "eval_seconds": took, "video": video}
 

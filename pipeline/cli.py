@@ -171,7 +171,7 @@ def add_eval_vae(sub: Sub) -> argparse.ArgumentParser:
                    "diffusers video-VAE folder); the same as --set checkpoint=CKPT "
                    "(default: the shipped VAE)")
     p.add_argument("--input", required=True, help=INPUT_HELP)
-    p.add_argument("--output", default=None, type=Path,
+    p.add_argument("--output", default=None,
                    help="write eval.json, eval.md, errors/ (and videos/) here")
     p.add_argument("--videos", action="store_true",
                    help="also write each reconstruction as an h264 mp4 in DIR/videos")

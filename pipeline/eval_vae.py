@@ -27,9 +27,11 @@ import numpy as np
 import pyarrow.dataset as pds
 
 from actors.common.stage import StageResources, StageSpec
+from actors.common.storage import Store, as_store, is_uri, redact, resolve
 from actors.common.vae import load_checkpoint_vae, resolve_checkpoint
 from actors.vae_eval import VAEEvalStage
-from pipeline.config import UsageError, to_dict, writable_dir, write_run_record
+from actors.write import parquet_files
+from pipeline.config import UsageError, output_store, to_dict, write_run_record
 from pipeline.pools import sized
 from pipeline.ray_train import keep_order, no_progress_bars
 from pipeline.report import eval_table
@@ -68,11 +70,12 @@ class EvalVAEConfig:
                              "file written by `tubelet train-vae` or a diffusers VAE folder)")
 
 
-def eval_vae_stages(cfg: EvalVAEConfig, checkpoint: str, out: Path, videos_dir: str = ""
-                    ) -> list[StageSpec]:
-    """The eval-vae graph: `clip_stages` + the reconstruct-and-measure stage."""
-    errors = str(out / "errors")
-    return [*clip_stages(cfg.preprocess, errors),
+def eval_vae_stages(cfg: EvalVAEConfig, checkpoint: str, out: Path | Store,
+                    videos_dir: Any = "", fs: Any = None) -> list[StageSpec]:
+    """The eval-vae graph: `clip_stages` + the reconstruct-and-measure stage (`out` and
+    `videos_dir` may be in an object store; `fs`: the input videos' filesystem)."""
+    errors = as_store(out).child("errors")
+    return [*clip_stages(cfg.preprocess, errors, fs=fs),
             VAEEvalStage.spec(cfg, checkpoint, errors, videos_dir)]
 
 
@@ -116,19 +119,18 @@ def run_eval_vae(cfg: EvalVAEConfig, src: str, output: str | Path | None = None,
         raise EvalError(str(e)) from None
     factors = f"{model.temporal_factor}x{model.spatial_factor}x{model.spatial_factor}"
     del model
-    sources = list_sources(src, tuple(cfg.preprocess.video_extensions))
+    storage = cfg.preprocess.storage
+    sources = list_sources(src, tuple(cfg.preprocess.video_extensions), storage)
+    fs = resolve(src, storage).fs if is_uri(src) else None
     scratch = None
     if output is None:
         scratch = tempfile.TemporaryDirectory(prefix="tubelet-eval-")
-    out = Path(output) if output is not None else Path(scratch.name)
-    writable_dir(out)
-    videos_dir = out / "videos" if videos else None
-    if videos_dir is not None:
-        videos_dir.mkdir(exist_ok=True)
+    out = output_store(output if output is not None else scratch.name, storage)
+    videos_dir = out.child("videos") if videos else ""
     checkpoint = resolve_checkpoint(vae)
 
     def graph(c: EvalVAEConfig) -> list[StageSpec]:
-        return eval_vae_stages(c, checkpoint, out, str(videos_dir or ""))
+        return eval_vae_stages(c, checkpoint, out, videos_dir, fs)
 
     cfg = sized("eval-vae", cfg, graph, address)  # before Ray
     clips: list[dict] = []
@@ -140,8 +142,9 @@ def run_eval_vae(cfg: EvalVAEConfig, src: str, output: str | Path | None = None,
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             clips.extend(batch.to_pylist())
     report = summarize(clips, str(vae), factors)
-    errors = sorted((out / "errors").glob("*.parquet"))
-    report["errors"] = (pds.dataset(errors).to_table().to_pylist() if errors else [])
+    errors = parquet_files(out.child("errors"))
+    report["errors"] = (pds.dataset([e.path for e in errors], filesystem=errors[0].fs)
+                        .to_table().to_pylist() if errors else [])
     report["inputs"] = sources.num_rows
     report["wall_seconds"] = round(time.perf_counter() - start, 2)
     report["config"] = {"preprocess": {"buckets": to_dict(cfg.preprocess.buckets)},
@@ -149,8 +152,8 @@ def run_eval_vae(cfg: EvalVAEConfig, src: str, output: str | Path | None = None,
     if scratch is not None:
         scratch.cleanup()
     else:
-        (out / "eval.json").write_text(json.dumps(report, indent=2))
-        (out / "eval.md").write_text(eval_table(report) + "\n")
-        write_run_record(out, "eval-vae", cfg, input=src, vae=str(vae), videos=videos,
+        out.child("eval.json").write_text(redact(json.dumps(report, indent=2)))
+        out.child("eval.md").write_text(eval_table(report) + "\n")
+        write_run_record(out, "eval-vae", cfg, input=redact(src), vae=str(vae), videos=videos,
                          overall=report["overall"], wall_seconds=report["wall_seconds"])
     return report

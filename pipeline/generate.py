@@ -218,7 +218,8 @@ def inspect_model(checkpoint: str | Path, vae: VAEStageConfig,
             path = str(vae_folder(record))
         else:
             recorded = latents.get("vae", "")
-            path = recorded if recorded and Path(recorded).is_file() else SHIPPED_VAE
+            path = (recorded if recorded and (is_uri(recorded) or Path(recorded).is_file())
+                    else SHIPPED_VAE)
     try:
         model = load_checkpoint_vae(path)
     except VAELoadError as e:

@@ -56,7 +56,7 @@ def plot_losses(rows: list[dict], png: Path | Store) -> None:
     plt.close(fig)
 
 
-def plot_curves(rows: list[dict], png: Path) -> None:
+def plot_curves(rows: list[dict], png: Path | Store) -> None:
     """Train loss (and its running mean) with the held-out loss; PSNR of both below."""
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "val"]
@@ -73,14 +73,15 @@ def plot_curves(rows: list[dict], png: Path) -> None:
         axis.plot([r["step"] for r in val], [r[key] for r in val], "o-", label=f"held-out {key}")
         axis.set(ylabel=label)
         axis.legend()
-    ax.set(yscale="log", title=png.parent.name)
+    ax.set(yscale="log", title=as_store(png).parent.name)
     bx.set(xlabel="step")
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    save_figure(fig, png)
     plt.close(fig)
 
 
-def save_side_by_side(originals: list[np.ndarray], recons: list[np.ndarray], png: Path) -> None:
+def save_side_by_side(originals: list[np.ndarray], recons: list[np.ndarray],
+                      png: Path | Store) -> None:
     """Per clip: its first, middle and last frame; original row above reconstruction row."""
     plt = _pyplot()
     tiles = []
@@ -94,7 +95,9 @@ def save_side_by_side(originals: list[np.ndarray], recons: list[np.ndarray], png
     width = max(t.shape[1] for t in tiles)
     tiles = [np.pad(t, ((0, 8), (0, width - t.shape[1]), (0, 0)), constant_values=255)
              for t in tiles]
-    plt.imsave(png, np.concatenate(tiles, axis=0))
+    buf = io.BytesIO()
+    plt.imsave(buf, np.concatenate(tiles, axis=0), format="png")
+    as_store(png).write_bytes(buf.getvalue())
 
 
 def eval_table(report: dict[str, Any]) -> str:

@@ -29,9 +29,10 @@ import numpy as np
 import pyarrow as pa
 
 from actors.common.stage import StageSpec, run_here
+from actors.common.storage import Store, as_store, filesystem_of, is_uri, local_copy, resolve
 from actors.common.tensors import unpack
 from actors.workers.train_vae import VAETrainLoopConfig, center_crops, with_init
-from pipeline.config import ConfigError, to_dict, write_run_record
+from pipeline.config import ConfigError, output_store, to_dict, write_run_record
 from pipeline.pools import sized, train_workers
 from pipeline.ray_train import (
     ClusterConfig,
@@ -68,12 +69,14 @@ class TrainVAEConfig(ClusterConfig, VAETrainLoopConfig):
         self.check_cluster()
 
 
-def decoded(cfg: ClipConfig, sources: pa.Table, errors_dir: str | Path | None) -> pa.Table:
-    """The stream's stages called in this process (no Ray): the decode stage's clip table."""
-    return run_here(sources, clip_stages(cfg, errors_dir))
+def decoded(cfg: ClipConfig, sources: pa.Table, errors_dir: Any) -> pa.Table:
+    """The stream's stages called in this process (no Ray): the decode stage's clip table
+    (object-store videos read through their filesystem)."""
+    fs = filesystem_of(sources.column("path").to_pylist(), cfg.storage)
+    return run_here(sources, clip_stages(cfg, errors_dir, fs=fs))
 
 
-def decode_here(cfg: ClipConfig, sources: pa.Table, errors_dir: str | Path | None
+def decode_here(cfg: ClipConfig, sources: pa.Table, errors_dir: Any
                 ) -> tuple[list[dict], list[np.ndarray]]:
     """`decoded` as (clip rows, uint8 clips)."""
     table = decoded(cfg, sources, errors_dir)
@@ -96,7 +99,7 @@ def split_sources(sources: pa.Table, n_val: int, seed: int) -> tuple[pa.Table, p
     return sources.take(sorted(order[n_val:])), sources.take(val)
 
 
-def held_out(cfg: TrainVAEConfig, sources: pa.Table, errors_dir: Path
+def held_out(cfg: TrainVAEConfig, sources: pa.Table, errors_dir: Any
              ) -> tuple[list[dict], list[np.ndarray]]:
     """Decoded held-out clips big enough for a crop (at most data.val_clips of them)."""
     d = cfg.data
@@ -110,17 +113,18 @@ def held_out(cfg: TrainVAEConfig, sources: pa.Table, errors_dir: Path
     return [rows[i] for i in keep], [clips[i] for i in keep]
 
 
-def sources_and_held_out(cfg: TrainVAEConfig, input_src: str, val_src: str | None, run: Path
+def sources_and_held_out(cfg: TrainVAEConfig, input_src: str, val_src: str | None,
+                         run: Path | Store
                          ) -> tuple[pa.Table, pa.Table, list[dict], list[np.ndarray], Any]:
     """(training videos, held-out videos, their clip rows, their clips, the held-out crops):
     `--val`'s videos, else `data.val_videos` of `--input` (`split_sources`)."""
-    exts = tuple(cfg.preprocess.video_extensions)
-    sources = list_sources(input_src, exts)
+    exts, storage = tuple(cfg.preprocess.video_extensions), cfg.preprocess.storage
+    sources = list_sources(input_src, exts, storage)
     if val_src:
-        train_src, val_sources = sources, list_sources(val_src, exts)
+        train_src, val_sources = sources, list_sources(val_src, exts, storage)
     else:
         train_src, val_sources = split_sources(sources, cfg.data.val_videos, cfg.seed)
-    val_rows, val_clips = held_out(cfg, val_sources, run / "errors")
+    val_rows, val_clips = held_out(cfg, val_sources, as_store(run).child("errors"))
     d = cfg.data
     val = center_crops(val_clips, (d.crop_frames, d.crop_size, d.crop_size))
     return train_src, val_sources, val_rows, val_clips, val
@@ -143,10 +147,12 @@ def run_train_vae(cfg: TrainVAEConfig, input_src: str, output: str | Path,
     from actors.workers.train_vae import ray_worker
 
     cfg = resolve_init(cfg)  # before Ray: a bad init path fails here
-    def graph(c: TrainVAEConfig) -> list[StageSpec]:
-        return clip_stages(c.preprocess, run / "errors")
+    inputs = resolve(input_src, cfg.preprocess.storage).fs if is_uri(input_src) else None
 
-    run = Path(output).resolve()
+    def graph(c: TrainVAEConfig) -> list[StageSpec]:
+        return clip_stages(c.preprocess, run.child("errors"), fs=inputs)
+
+    run = output_store(output, cfg.storage)
     workers = [train_workers(cfg)]
     cfg = sized("train-vae", cfg, graph, address, workers)  # before Ray
     prepare_run(run, resume)
@@ -166,7 +172,7 @@ def run_train_vae(cfg: TrainVAEConfig, input_src: str, output: str | Path,
         keep_order(DataContext.get_current())
         no_progress_bars(DataContext.get_current())
         trainer = torch_trainer(
-            cfg, ray_worker, run, {"cfg": cfg, "run": str(run), "resolved": resolved, "val": val},
+            cfg, ray_worker, run, {"cfg": cfg, "run": run, "resolved": resolved, "val": val},
             {"train": stream(cfg.preprocess, train_src, graph(cfg))},
             stream_split_config())
         fit(trainer, cfg.max_failures, run)
@@ -179,8 +185,8 @@ def run_train_vae(cfg: TrainVAEConfig, input_src: str, output: str | Path,
     return summary
 
 
-def finish(cfg: TrainVAEConfig, run: Path, val_rows: list[dict], val_clips: list[np.ndarray]
-           ) -> dict[str, Any]:
+def finish(cfg: TrainVAEConfig, run: Path | Store, val_rows: list[dict],
+           val_clips: list[np.ndarray]) -> dict[str, Any]:
     """loss.png, recon.png and the exported VAE's PSNR / SSIM on the whole held-out clips."""
     import torch
 
@@ -188,9 +194,10 @@ def finish(cfg: TrainVAEConfig, run: Path, val_rows: list[dict], val_clips: list
     from actors.common.video import frames_to_video, to_uint8
     from models.metrics import clip_metrics
 
+    run = as_store(run)
     rows = read_metrics(run)
-    plot_curves(rows, run / "loss.png")
-    vae = load_checkpoint_vae(str(run / "export" / "vae.safetensors"))
+    plot_curves(rows, run.child("loss.png"))
+    vae = load_checkpoint_vae(str(local_copy(run.child("export", "vae.safetensors"))))
     recons, per_clip = [], []
     with torch.inference_mode():
         for row, clip in zip(val_rows, val_clips, strict=True):
@@ -198,7 +205,7 @@ def finish(cfg: TrainVAEConfig, run: Path, val_rows: list[dict], val_clips: list
             recons.append(recon.numpy())
             per_clip.append({"path": row["path"], "bucket": row["bucket"],
                              **clip_metrics(torch.from_numpy(np.array(clip)), recon)})
-    save_side_by_side(val_clips[:4], recons[:4], run / "recon.png")
+    save_side_by_side(val_clips[:4], recons[:4], run.child("recon.png"))
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "val"]
     return {
@@ -209,5 +216,5 @@ def finish(cfg: TrainVAEConfig, run: Path, val_rows: list[dict], val_clips: list
         "held_out_psnr": float(np.mean([c["psnr"] for c in per_clip])),
         "held_out_ssim": float(np.mean([c["ssim"] for c in per_clip])),
         "held_out_clips": per_clip,
-        "export": str(run / "export" / "vae.safetensors"),
+        "export": str(run.child("export", "vae.safetensors")),
     }

@@ -212,6 +212,13 @@ def as_store(location: str | Path | Store, cfg: StorageConfig | None = None) -> 
     return location if isinstance(location, Store) else resolve(location, cfg)
 
 
+def filesystem_of(paths: list[str], cfg: StorageConfig | None = None) -> Any:
+    """The filesystem object-store paths among `paths` are read through (the first one's:
+    one S3 filesystem reaches every bucket of its endpoint), None when all are local."""
+    remote = next((p for p in paths if is_uri(p)), None)
+    return resolve(remote, cfg).fs if remote else None
+
+
 def fs_path(uri: str) -> str:
     """The filesystem path of a URI (what its `Store.fs` takes): `bucket/key` for an object
     store, the path itself for a local one."""

@@ -7,7 +7,8 @@
   interface and latent contract, so every stage takes either.
 - `resolve_checkpoint`: a relative path is looked up in the working directory, then in the
   project (so `weights/vae-dc.safetensors` works from anywhere); a folder's config.json is
-  checked here, so a wrong folder is refused before a job starts.
+  checked here, so a wrong folder is refused before a job starts. An `s3://` URI stays a URI
+  in the config; every process that loads it uses its node's copy (`local_copy`).
 - `load_checkpoint_vae`: file or folder, or one `VAELoadError` line naming it and what to pass
   instead (a missing path, a text file, a truncated file, a DiT export, a non-VAE folder...).
 Devices: `models.device.pick_device` ("auto" means CUDA when this process sees a GPU; on the
@@ -22,6 +23,14 @@ from typing import Literal
 
 import torch
 
+from actors.common.storage import (
+    StorageError,
+    check_reachable,
+    is_uri,
+    local_copy,
+    resolve,
+    storage_reason,
+)
 from models.vae import VideoAutoencoder, build_vae, load_vae
 from models.vae_adapters import SUPPORTED, find_diffusers_vae, load_diffusers_vae
 
@@ -49,11 +58,31 @@ class VAEStageConfig:
             raise ValueError(f"tile_px: must be >= 0 (0 = untiled), got {self.tile_px}")
 
 
+def _local(path: str) -> str:
+    """An object-store checkpoint's local copy on this node (actors/common/storage.py
+    `local_copy`: fetched once per node); a local path as it is."""
+    if not is_uri(path):
+        return path
+    try:
+        return str(local_copy(resolve(path)))
+    except (OSError, StorageError) as e:
+        raise VAELoadError(f"VAE checkpoint {path}: {storage_reason(e)}") from None
+
+
 def resolve_checkpoint(path: str) -> str:
     """An existing checkpoint file's or diffusers VAE folder's absolute path ("" stays ""),
-    or VAELoadError."""
+    or its object-store URI (checked there: it exists), or VAELoadError."""
     if not path:
         return ""
+    if is_uri(path):
+        try:
+            store = resolve(path)
+            check_reachable(store, "VAE checkpoint", must_exist=True)
+        except StorageError as e:
+            raise VAELoadError(str(e)) from None
+        if store.is_dir():  # a diffusers VAE folder: its config.json, checked locally
+            resolve_checkpoint(_local(store.uri))
+        return store.uri
     for candidate in (Path(path), ROOT / path):
         if candidate.is_file():
             return str(candidate.resolve())
@@ -75,6 +104,8 @@ def vae_normalisation(path: str) -> dict[str, list[float]] | None:
     refitted later (pipeline/latent_stats.py), the latents stay as they were encoded."""
     from models.vae import as_floats, read_vae_config
 
+    if path and is_uri(path):
+        path = _local(path)
     if not path or not Path(path).is_file():
         return None
     try:
@@ -88,7 +119,7 @@ def vae_normalisation(path: str) -> dict[str, list[float]] | None:
 def load_checkpoint_vae(path: str, device: str | torch.device = "cpu") -> VideoAutoencoder:
     """A `save_vae` file or a diffusers VAE folder (looked up as `resolve_checkpoint` does),
     in eval mode."""
-    resolved = resolve_checkpoint(path)
+    resolved = _local(resolve_checkpoint(path))  # an object store's: this node's copy
     if not resolved:
         raise VAELoadError(f"no VAE checkpoint given; pass {WHAT}")
     if Path(resolved).is_dir():

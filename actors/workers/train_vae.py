@@ -47,6 +47,7 @@ from actors.workers.toolkit import (
     MetricsLog,
     OptimConfig,
     Progress,
+    RunFolder,
     due,
     elapsed,
     memory_mb,
@@ -296,11 +297,12 @@ def log_validation(cfg: VAETrainLoopConfig, ema: EMA, val: torch.Tensor, log: Me
 
 
 def train_vae_loop(cfg: VAETrainLoopConfig, backend: Backend,
-                   source: Callable[[], Iterator[pa.Table]], run_dir: Path,
+                   source: Callable[[], Iterator[pa.Table]], run_dir: Path | Any,
                    resolved: dict[str, Any], val: torch.Tensor | None = None) -> dict[str, Any]:
     """Train until `cfg.steps`. `source()` starts one pass over this worker's decoded clips
     (Arrow blocks with `frames` + `frames_shape`); `val` holds the held-out crops."""
-    rank, W, device, run_dir = backend.rank, backend.world_size, backend.device, Path(run_dir)
+    folder = RunFolder(run_dir)  # an object-store RUN: staged here, uploaded by sync
+    rank, W, device, run_dir = backend.rank, backend.world_size, backend.device, folder.local
     with process_group(device):
         run_dir.mkdir(parents=True, exist_ok=True)
         state = train_state(  # the same init on every rank (DDP also broadcasts it)
@@ -308,6 +310,8 @@ def train_vae_loop(cfg: VAETrainLoopConfig, backend: Backend,
             wrap=lambda m: DistributedDataParallel(
                 m, device_ids=[device.index] if device.type == "cuda" else None))
         start = step = state.start
+        if rank == 0:
+            folder.pull("metrics.jsonl")  # a resumed object-store run's lines so far
         log = MetricsLog(run_dir, start, rank == 0)
         clips = ClipStream(cfg.data, source, backend, cfg.seed)
         # rank 0 validates and writes the VAE (each checkpoint also holds a loadable one)
@@ -340,11 +344,14 @@ def train_vae_loop(cfg: VAETrainLoopConfig, backend: Backend,
             if val is not None and due(step, cfg.data.val_every, cfg.steps):
                 log_validation(cfg, state.ema, val, log, step, device)
             if due(step, cfg.checkpoint_every, cfg.steps):
+                if rank == 0:
+                    folder.sync("metrics.jsonl")
                 state.save(backend, step, row, resolved, extra=export)
         if export is not None:
             export(run_dir / "export")
             (run_dir / "export" / "train.json").write_text(json.dumps(
                 {"step": step, "config": resolved}, indent=2, default=str))
+            folder.sync("metrics.jsonl", "export")
     return {"step": step, "start": start, "last": row, "too_small": clips.buffer.too_small}
 
 
@@ -366,4 +373,4 @@ def ray_worker(args: dict[str, Any]) -> None:
             return shard.iter_batches(batch_size=None, batch_format="pyarrow",
                                       prefetch_batches=cfg.data.prefetch_batches)
 
-        train_vae_loop(cfg, backend, source, Path(args["run"]), args["resolved"], args["val"])
+        train_vae_loop(cfg, backend, source, args["run"], args["resolved"], args["val"])

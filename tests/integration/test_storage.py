@@ -264,3 +264,25 @@ def test_an_unreachable_endpoint_fails_in_bounded_time(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "endpoint does not answer" in err and len(err.splitlines()) == 1
     assert took < 30, took
+
+
+def test_train_vae_and_eval_vae_in_the_bucket(where, jobs):
+    if where.kind == "local":
+        pytest.skip("the local case is tests/integration/test_train_vae.py's")
+    from tests.unit.test_vae_jobs import CONFIGS, EVAL_CONFIGS
+
+    r = where.root
+    assert main(["train-vae", "--input", f"{r}/videos", "--output", f"{r}/vae", "--config",
+                 str(CONFIGS / "debug.yaml"), "--set", "steps=8", "--set", "data.val_videos=1",
+                 "--set", "checkpoint_every=4", *SETS]) == 0
+    run = set(where.keys("vae"))
+    assert {"export/vae.safetensors", "metrics.jsonl", "loss.png", "recon.png",
+            "run.json"} <= run
+    assert any(k.startswith("checkpoints/step_00000008/") for k in run)
+    assert main(["eval-vae", "--vae", f"{r}/vae/export/vae.safetensors", "--input",
+                 f"{r}/videos", "--output", f"{r}/eval-vae", "--videos", "--config",
+                 str(EVAL_CONFIGS / "debug.yaml"), *SETS]) == 0
+    report = json.loads(where.read("eval-vae/eval.json"))
+    assert report["overall"]["videos"] == 4 and not report["errors"]
+    assert sum(k.endswith(".mp4") for k in where.keys("eval-vae/videos")) == len(
+        report["per_clip"])
