@@ -102,6 +102,7 @@ class VAEEvalStage:
                     local = write_mp4(Path(tmp) / name, recon.numpy(), row["fps"], crf=self.crf)
                     target.write_bytes(local.read_bytes())
             else:
+                target.local().parent.mkdir(parents=True, exist_ok=True)
                 write_mp4(target.local(), recon.numpy(), row["fps"], crf=self.crf)
             video = str(target)
         return {**row, "num_frames": T, "height": H, "width": W, **metrics,

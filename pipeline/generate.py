@@ -360,7 +360,7 @@ def run_generate(cfg: GenerateConfig, checkpoint: str | Path, prompts: str | Pat
     model = inspect_model(checkpoint, cfg.vae, cfg.storage)
     cfg = replace(cfg, vae=replace(cfg.vae, checkpoint=model.vae))
     rows = read_prompts(prompt_file(prompts, cfg.storage), cfg.defaults, model.grid)
-    out = output_store(output, cfg.storage)
+    out = resolve(output, cfg.storage)  # checked (and made) once the rows are
     K = cfg.sampler.sequence_parallel
     record = model.record
     if isinstance(record, PipelineRecord) and not record.family.parallel and (
@@ -383,6 +383,7 @@ def run_generate(cfg: GenerateConfig, checkpoint: str | Path, prompts: str | Pat
     for r in rows:
         r.update(checkpoint=redact(str(model.source or model.export)),
                  checkpoint_digest=model.digest)
+    out = output_store(output, cfg.storage)
     done = read_done(out)
     todo = [r for r in rows if r["id"] not in done]
     written, arrivals = 0, []

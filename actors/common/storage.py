@@ -125,7 +125,7 @@ class Store:
         for part in parts:
             pure = PurePosixPath(str(part))
             if (not str(part) or pure.is_absolute() or ".." in pure.parts or "\\" in str(part)
-                    or ":" in pure.parts[0]):
+                    or re.match(r"[A-Za-z]:", str(part))):  # a drive letter
                 raise StorageError(f"{self.uri}: {part!r} is not a name inside it")
             path, uri = f"{path.rstrip('/')}/{pure}", f"{uri.rstrip('/')}/{pure}"
         return Store(self.fs, path, uri)
