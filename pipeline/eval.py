@@ -41,10 +41,9 @@ from actors.common.storage import (
     StorageError,
     Store,
     as_store,
-    check_reachable,
-    is_uri,
+    filesystem_of,
+    locate,
     redact,
-    resolve,
     storage_reason,
 )
 from actors.video_eval import CHECKS, METRICS, VideoEvalStage
@@ -115,8 +114,7 @@ def video_rows(videos: str, prompts: str | None, storage: StorageConfig | None =
     """(path, prompt) of every video: a generate folder's manifest, captions, or --prompts.
     `videos` may be an object-store URI; its rows are then URIs."""
     try:
-        folder = resolve(videos, storage)
-        check_reachable(folder, "--videos", must_exist=True)
+        folder = locate(videos, "--videos", storage, must_exist=True)
         manifest = folder.child("manifest").is_dir()
     except StorageError as e:
         raise EvalInputError(str(e)) from None
@@ -233,8 +231,7 @@ def run_eval(cfg: EvalConfig, videos: str, reference: str | None = None,
     rows = [{**r, **parse_prompt(r["prompt"])} for r in rows]
     scratch = tempfile.TemporaryDirectory(prefix="tubelet-eval-") if output is None else None
     out = output_store(output if output is not None else scratch.name, cfg.storage)
-    remote = [r["path"] for r in rows if is_uri(r["path"])]
-    fs = resolve(remote[0], cfg.storage).fs if remote else None  # one S3 filesystem: any bucket
+    fs = filesystem_of([r["path"] for r in rows], cfg.storage)  # one S3 filesystem: any bucket
 
     def graph(c: EvalConfig) -> list[StageSpec]:
         return eval_stages(c, out, fs)

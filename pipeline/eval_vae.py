@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow.dataset as pds
 
 from actors.common.stage import StageResources, StageSpec
-from actors.common.storage import Store, as_store, is_uri, redact, resolve
+from actors.common.storage import Store, as_store, filesystem_of, redact
 from actors.common.vae import load_checkpoint_vae, resolve_checkpoint
 from actors.vae_eval import VAEEvalStage
 from actors.write import parquet_files
@@ -121,7 +121,7 @@ def run_eval_vae(cfg: EvalVAEConfig, src: str, output: str | Path | None = None,
     del model
     storage = cfg.preprocess.storage
     sources = list_sources(src, tuple(cfg.preprocess.video_extensions), storage)
-    fs = resolve(src, storage).fs if is_uri(src) else None
+    fs = filesystem_of([src], storage)
     scratch = None
     if output is None:
         scratch = tempfile.TemporaryDirectory(prefix="tubelet-eval-")

@@ -49,9 +49,9 @@ from actors.common.storage import (
     StorageError,
     Store,
     as_store,
-    check_reachable,
     is_uri,
     local_copy,
+    locate,
     redact,
     resolve,
     storage_reason,
@@ -131,8 +131,7 @@ def remote_export(checkpoint: str, storage: StorageConfig | None = None) -> tupl
     """An object-store run, export or pipeline folder -> (its local copy, the model folder's
     Store): the model folder is copied once per node (`local_copy`) and loaded from there."""
     try:
-        store = resolve(checkpoint, storage)
-        check_reachable(store, "--checkpoint", must_exist=True)
+        store = locate(checkpoint, "--checkpoint", storage, must_exist=True)
         for candidate in (store, store.child("export")):
             names = {f.name for f in candidate.files(recursive=False)}
             if any(m <= names for m in MODEL_MARKERS):
@@ -299,9 +298,7 @@ def prompt_file(prompts: str | Path, storage: StorageConfig | None = None) -> st
     if not is_uri(prompts):
         return prompts
     try:
-        store = resolve(prompts, storage)
-        check_reachable(store, "--prompts", must_exist=True)
-        return local_copy(store)
+        return local_copy(locate(prompts, "--prompts", storage, must_exist=True))
     except StorageError as e:
         raise PromptError(str(e)) from None
     except OSError as e:

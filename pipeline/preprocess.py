@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.dataset as pds
 
 from actors.common.stage import StageSpec
-from actors.common.storage import Store, is_uri, redact, resolve
+from actors.common.storage import Store, filesystem_of, redact, resolve
 from actors.common.vae import VAELoadError, resolve_checkpoint, vae_normalisation
 from actors.write import LatentWriter, parquet_files, read_error_paths, read_ids
 from pipeline.config import ConfigError, output_store, to_dict, write_run_record
@@ -148,7 +148,7 @@ def run_preprocess(cfg: PreprocessConfig, src: str, output: str | Path,
     cfg = sized("preprocess", cfg, graph, address)  # before Ray
     start = time.perf_counter()
     sources = list_sources(src, tuple(cfg.video_extensions), cfg.storage)
-    inputs = resolve(str(src), cfg.storage).fs if is_uri(str(src)) else None
+    inputs = filesystem_of([str(src)], cfg.storage)
     done_ids = set(read_ids(out.child("latents")))
     seen_errors = read_error_paths(out.child("errors"))
     todo = sources.filter(pa.array([p not in seen_errors for p in

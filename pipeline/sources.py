@@ -26,14 +26,15 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from actors.common.storage import (
     StorageConfig,
     StorageError,
     Store,
-    check_reachable,
     is_uri,
+    locate,
     resolve,
     storage_reason,
 )
@@ -105,13 +106,13 @@ def _list_remote(src: str, extensions: tuple[str, ...], storage: StorageConfig |
     base = src
     if wild:  # list from the last folder before the first wildcard, then match
         base = src[:min(src.index(c) for c in "*?[" if c in src)].rsplit("/", 1)[0]
-    store = resolve(base, storage)
     try:
-        check_reachable(store, "--input")
+        store = locate(base, "--input", storage)
         if wild:
             pattern = resolve(src, storage).uri
             return {f.uri: "" for f in store.files() if fnmatch.fnmatchcase(f.uri, pattern)}
-        if store.is_dir():
+        kind = store.info().type  # one request, not one per question
+        if kind == pafs.FileType.Directory:
             rows: dict[str, str] = {}
             files = store.files()
             for f in files:
@@ -122,19 +123,19 @@ def _list_remote(src: str, extensions: tuple[str, ...], storage: StorageConfig |
                             rows[_join(f.parent, row["path"])] = row.get("caption", "")
             return {f.uri: rows.get(f.uri, "") for f in files
                     if PurePosixPath(f.path).suffix.lower() in extensions}
-        if store.is_file() and PurePosixPath(store.path).suffix.lower() in (
+        if kind == pafs.FileType.File and PurePosixPath(store.path).suffix.lower() in (
                 ".jsonl", ".csv", ".parquet"):
             table = _read_remote_manifest(store)
             caps = (table.column("caption").to_pylist() if "caption" in table.column_names
                     else [""] * table.num_rows)
             return {_join(store.parent, str(p)): c or ""
                     for p, c in zip(table.column("path").to_pylist(), caps, strict=True)}
-        if store.is_file():
+        if kind == pafs.FileType.File:
             return {store.uri: ""}
     except StorageError as e:
         raise SourceError(str(e)) from None
     except OSError as e:
-        raise SourceError(f"--input {store.uri}: {storage_reason(e)}") from None
+        raise SourceError(f"--input {src}: {storage_reason(e)}") from None
     raise SourceError(f"{src}: no such prefix, glob, manifest or video in the bucket")
 
 

@@ -32,14 +32,7 @@ from typing import Any
 import pyarrow as pa
 
 from actors.common.stage import StageResources, StageSpec, apply_all
-from actors.common.storage import (
-    Store,
-    as_store,
-    check_reachable,
-    is_uri,
-    resolve,
-    storage_reason,
-)
+from actors.common.storage import Store, as_store, check_reachable, filesystem_of, storage_reason
 from actors.common.vae import VAELoadError, resolve_checkpoint, vae_normalisation
 from actors.workers.train_data import BatchPlan, PlanLoader, read_index
 from actors.workers.train_dit import LatentsRecord, TrainLoopConfig
@@ -251,7 +244,7 @@ def run_train(cfg: TrainConfig, output: str | Path, data: str | Path | None = No
                          "--model FOLDER`: pass its DIR/latents with --data, not --input")
 
     run = output_store(output, cfg.storage)
-    inputs = resolve(input_src, cfg.storage).fs if streaming and is_uri(input_src) else None
+    inputs = filesystem_of([input_src], cfg.storage) if streaming else None
 
     def graph(c: TrainConfig) -> list[StageSpec]:  # --input: videos -> latents, streamed
         return latent_stages(c.preprocess, run.child("errors"), fs=inputs)

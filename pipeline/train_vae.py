@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from actors.common.stage import StageSpec, run_here
-from actors.common.storage import Store, as_store, filesystem_of, is_uri, local_copy, resolve
+from actors.common.storage import Store, as_store, filesystem_of, local_copy
 from actors.common.tensors import unpack
 from actors.workers.train_vae import VAETrainLoopConfig, center_crops, with_init
 from pipeline.config import ConfigError, output_store, to_dict, write_run_record
@@ -147,7 +147,7 @@ def run_train_vae(cfg: TrainVAEConfig, input_src: str, output: str | Path,
     from actors.workers.train_vae import ray_worker
 
     cfg = resolve_init(cfg)  # before Ray: a bad init path fails here
-    inputs = resolve(input_src, cfg.preprocess.storage).fs if is_uri(input_src) else None
+    inputs = filesystem_of([input_src], cfg.preprocess.storage)
 
     def graph(c: TrainVAEConfig) -> list[StageSpec]:
         return clip_stages(c.preprocess, run.child("errors"), fs=inputs)

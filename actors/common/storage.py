@@ -250,38 +250,39 @@ def open_source(path: str, fs: pafs.FileSystem | None) -> Any:
     return RemoteFile(raw)
 
 
-def cache_root() -> Path:
-    """Where object-store models are copied to on each node: $TUBELET_CACHE, else
-    ~/.cache/tubelet."""
-    return Path(os.environ.get("TUBELET_CACHE") or "~/.cache/tubelet").expanduser() / "objects"
+CACHE = Path("~/.cache/tubelet/objects")  # where each node copies object-store models
 
 
-def local_copy(store: Store) -> Path:
+def local_copy(store: Store, root: Path | None = None) -> Path:
     """A local copy of a remote file or folder (its whole tree): what torch, safetensors and
-    diffusers load. Cached per node under `cache_root()`, keyed by the URI and the listing
-    (names, sizes, modification times), so every node computes the same path, a changed
-    object is fetched again, and a copy is made once (into a temp folder renamed into place).
-    A local store is its own path."""
+    diffusers load. Cached per node under `root` (default `CACHE`), keyed by the URI and the
+    listing (names, sizes, modification times; one listing request), so every node computes
+    the same path, a changed object is fetched again, and a copy is made once (into a temp
+    folder renamed into place). A local store is its own path."""
     import hashlib
     import shutil
 
     if not store.remote:
         return Path(store.path)
-    is_dir = store.is_dir()
-    files = store.files() if is_dir else [store]
-    if not files or not is_dir and not store.is_file():
+    info = store.info()
+    is_dir = info.type == pafs.FileType.Directory
+    files = ([i for i in store.fs.get_file_info(pafs.FileSelector(store.path, recursive=True))
+              if i.type == pafs.FileType.File] if is_dir
+             else [info] if info.type == pafs.FileType.File else [])
+    if not files:
         raise FileNotFoundError(f"{store.uri}: nothing there")
-    listing = "\n".join(f"{f.path}|{f.info().size}|{f.info().mtime_ns}" for f in files)
+    listing = "\n".join(f"{i.path}|{i.size}|{i.mtime_ns}" for i in files)
     key = hashlib.sha256(f"{store.uri}\n{listing}".encode()).hexdigest()[:16]
-    dest = cache_root() / f"{key}-{store.name}"
+    dest = (root or CACHE).expanduser() / f"{key}-{store.name}"
     if dest.exists():
         return dest
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        for f in files:
-            target = tmp / f.path[len(store.path):].lstrip("/") if is_dir else tmp
+        for i in files:
+            target = tmp / i.path[len(store.path):].lstrip("/") if is_dir else tmp
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(f.read_bytes())
+            with store.fs.open_input_stream(i.path) as f:
+                target.write_bytes(f.read())
         try:
             tmp.rename(dest)
         except OSError:  # another actor of this node made it first
@@ -298,7 +299,7 @@ def local_copy(store: Store) -> Path:
 def ensure_local(path: str | Path, source: Store | None) -> None:
     """On a node that lacks `path` (the driver's `local_copy` of `source`), make the copy."""
     if source is not None and not Path(path).exists():
-        local_copy(source)
+        local_copy(source, Path(path).parent)  # under the driver's cache root
 
 
 def resolve(location: str | Path, cfg: StorageConfig | None = None) -> Store:
@@ -331,6 +332,15 @@ def redact(text: str) -> str:
     """`text` with the query string of every URI in it removed (where a URI may carry keys:
     `s3://b/p?access_key=...`): what records and logs may hold."""
     return _QUERY.sub(r"\1", text)
+
+
+def locate(location: str | Path, what: str, cfg: StorageConfig | None = None,
+           must_exist: bool = False) -> Store:
+    """`resolve` then `check_reachable`: a Store whose bucket answers (and, with `must_exist`,
+    that exists), or one StorageError line naming `what`."""
+    store = resolve(location, cfg)
+    check_reachable(store, what, must_exist)
+    return store
 
 
 def check_reachable(store: Store, what: str, must_exist: bool = False) -> None:

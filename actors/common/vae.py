@@ -23,14 +23,7 @@ from typing import Literal
 
 import torch
 
-from actors.common.storage import (
-    StorageError,
-    check_reachable,
-    is_uri,
-    local_copy,
-    resolve,
-    storage_reason,
-)
+from actors.common.storage import StorageError, is_uri, local_copy, locate, resolve, storage_reason
 from models.vae import VideoAutoencoder, build_vae, load_vae
 from models.vae_adapters import SUPPORTED, find_diffusers_vae, load_diffusers_vae
 
@@ -76,8 +69,7 @@ def resolve_checkpoint(path: str) -> str:
         return ""
     if is_uri(path):
         try:
-            store = resolve(path)
-            check_reachable(store, "VAE checkpoint", must_exist=True)
+            store = locate(path, "VAE checkpoint", must_exist=True)
         except StorageError as e:
             raise VAELoadError(str(e)) from None
         if store.is_dir():  # a diffusers VAE folder: its config.json, checked locally

@@ -106,17 +106,16 @@ def test_remote_file_reads_and_seeks_like_a_file(bucket, tmp_path):
     assert f.read(1000) == data[700:1700] and f.tell() == 1700
 
 
-def test_local_copy_is_cached_and_refetched_when_the_object_changes(bucket, tmp_path,
-                                                                    monkeypatch):
-    monkeypatch.setenv("TUBELET_CACHE", str(tmp_path / "cache"))
+def test_local_copy_is_cached_and_refetched_when_the_object_changes(bucket, tmp_path):
+    cache = tmp_path / "cache"
     (tmp_path / "m").mkdir()
     (tmp_path / "m/config.json").write_text("{}")
     bucket.put_tree(tmp_path / "m", "model")
-    first = local_copy(resolve(f"{bucket.uri}/model"))
+    first = local_copy(resolve(f"{bucket.uri}/model"), cache)
     assert (first / "config.json").read_text() == "{}"
-    assert local_copy(resolve(f"{bucket.uri}/model")) == first
+    assert local_copy(resolve(f"{bucket.uri}/model"), cache) == first
     resolve(f"{bucket.uri}/model/config.json").write_text('{"changed": 1}')
-    second = local_copy(resolve(f"{bucket.uri}/model"))
+    second = local_copy(resolve(f"{bucket.uri}/model"), cache)
     assert second != first and (second / "config.json").read_text() == '{"changed": 1}'
 
 
