@@ -87,7 +87,8 @@ def mirrored_matrix(frame: av.VideoFrame) -> tuple[int, int, int, int] | None:
     FFmpeg's angle, which cannot express a mirror (a left-right mirror reads as "rotation of
     180"), so a mirrored frame is turned by its matrix instead. Only the 8 right-angle
     layouts (entries in {-1, 0, 1}) are honoured; any other matrix keeps the probe's angle."""
-    for side in frame.side_data:
+    sides = frame.side_data  # PyAV >= 15: a Mapping of Type -> SideData; before: a sequence
+    for side in (sides.values() if hasattr(sides, "values") else sides):
         if side.type != av.sidedata.sidedata.Type.DISPLAYMATRIX:
             continue
         m = np.frombuffer(bytes(side), "<i4")
