@@ -34,10 +34,10 @@ class Mp4EncodeStage:
         """From a generate config: its mp4 settings and `encode` pool, writing under
         `output`."""
         return StageSpec("encode", cls, dict(output=output, codec=cfg.codec, crf=cfg.crf,
-                                             preset=cfg.preset), cfg.encode)
+                                             preset=cfg.preset, pix_fmt=cfg.pix_fmt), cfg.encode)
 
     def __init__(self, output: str | Store, codec: str = "libx264", crf: int = 18,
-                 preset: str = "veryfast", threads: int = 1):
+                 preset: str = "veryfast", threads: int = 1, pix_fmt: str = "yuv420p"):
         self.store = as_store(output)
         # an object-store output: each file is made here, then uploaded whole (one PUT)
         self.out = (Path(tempfile.mkdtemp(prefix="tubelet-mp4-")) if self.store.remote
@@ -45,6 +45,7 @@ class Mp4EncodeStage:
         (self.out / "videos").mkdir(parents=True, exist_ok=True)
         (self.out / "sheets").mkdir(parents=True, exist_ok=True)
         self.codec, self.crf, self.preset, self.threads = codec, crf, preset, threads
+        self.pix_fmt = pix_fmt
 
     def _upload(self, name: str) -> None:
         if self.store.remote:
@@ -61,7 +62,7 @@ class Mp4EncodeStage:
             t0 = time.perf_counter()
             file, sheet = f"videos/{name}.mp4", f"sheets/{name}.png"
             write_mp4(self.out / file, iter(frames), fps, self.codec, self.crf, self.preset,
-                      self.threads)
+                      self.threads, self.pix_fmt)
             contact_sheet(frames, self.out / sheet)
             self._upload(sheet)
             self._upload(file)  # last: the video's presence marks the row done on resume

@@ -431,9 +431,11 @@ class DiT(nn.Module):
     def run_blocks(
         self, h: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
         rope: torch.Tensor, grid: tuple[int, int, int], relayout: Callable | None = None,
+        blocks: slice | None = None,
     ) -> torch.Tensor:
-        """Tokens h (B, n, D) through every block; `relayout`: see `DiTBlock.forward`."""
-        for block in self.blocks:
+        """Tokens h (B, n, D) through every block (or the `blocks` slice of them: step caching
+        stops after the first); `relayout`: see `DiTBlock.forward`."""
+        for block in self.blocks if blocks is None else self.blocks[blocks]:
             h = block(h, c, text, text_mask, rope, grid, relayout=relayout)
         return h
 

@@ -96,9 +96,12 @@ class GenerateConfig:
     save_latents: bool = False  # also DIR/latents/<name>.npy: each row's latents before decode
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     max_batch: int = 4  # videos per sampler forward (rows of one shape and setting)
+    # mp4 settings (actors/mp4_encode.py): libx264 crf 18 yuv420p is the default; crf 0 with
+    # yuv444p keeps (nearly) every decoded value, at several times the size
     codec: str = "libx264"
     crf: int = 18
     preset: str = "veryfast"
+    pix_fmt: str = "yuv420p"
     chunk_frames: int = 16  # VAE decode's causal time chunk (bounds its memory)
     text: StageResources = field(default_factory=lambda: _resources(0.2, 8))
     sample: StageResources = field(default_factory=lambda: _resources(0.8, 4))
@@ -114,9 +117,24 @@ class GenerateConfig:
             raise ValueError(f"max_batch: must be >= 1, got {self.max_batch}")
         if not 0 <= self.crf <= 51:
             raise ValueError(f"crf: must be in [0, 51], got {self.crf}")
+        check_encoder(self.codec, self.pix_fmt)
         if self.chunk_frames < 4 or self.chunk_frames % 4:
             raise ValueError(f"chunk_frames: must be a positive multiple of 4, got "
                              f"{self.chunk_frames}")
+
+
+def check_encoder(codec: str, pix_fmt: str) -> None:
+    """The codec must be one this PyAV build encodes, taking `pix_fmt`."""
+    import av
+
+    try:
+        formats = {f.name for f in av.codec.Codec(codec, "w").video_formats or ()}
+    except (ValueError, av.error.FFmpegError):
+        raise ValueError(f"codec: {codec!r} is not a video encoder of this PyAV build; use "
+                         "libx264, libx265, libvpx-vp9, libsvtav1, mpeg4 or ffv1") from None
+    if formats and pix_fmt not in formats:
+        raise ValueError(f"pix_fmt: {codec} does not encode {pix_fmt!r}; it takes "
+                         f"{', '.join(sorted(formats))}")
 
 
 class CheckpointError(UsageError):

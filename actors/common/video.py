@@ -34,8 +34,9 @@ def to_uint8(video: torch.Tensor) -> torch.Tensor:
 
 def write_mp4(path: str | Path, frames: Iterable[np.ndarray], fps: float,
               codec: str = "libx264", crf: int = 18, preset: str = "veryfast",
-              threads: int = 0) -> Path:
-    """uint8 RGB frames (H, W, 3) -> an mp4 (yuv420p, so H and W must be even), written whole:
+              threads: int = 0, pix_fmt: str = "yuv420p") -> Path:
+    """uint8 RGB frames (H, W, 3) -> an mp4 (in `pix_fmt`: yuv420p, the default, needs even H
+    and W; yuv444p keeps full colour resolution), written whole:
     under a temporary name, renamed at the end, so a crash never leaves a half file at `path`.
     `frames` may be a generator (frames are encoded as they come); `threads` = 0 lets the
     codec choose."""
@@ -49,7 +50,7 @@ def write_mp4(path: str | Path, frames: Iterable[np.ndarray], fps: float,
                     stream = container.add_stream(codec,
                                                   rate=Fraction(fps).limit_denominator(1001))
                     stream.width, stream.height = frame.shape[1], frame.shape[0]
-                    stream.pix_fmt = "yuv420p"
+                    stream.pix_fmt = pix_fmt
                     stream.options = {"crf": str(crf), "preset": preset}
                     if threads:
                         stream.codec_context.thread_count = threads

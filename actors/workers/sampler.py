@@ -25,7 +25,7 @@ Latents come back float32 on CPU; the model runs in `SamplerConfig.dtype` (bf16 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from actors.workers.sequence_parallel import SamplerMesh, cfg_velocity
+from actors.workers.step_cache import StepCache, StepCacheConfig
 from models.device import DTYPES, pick_device, torch_dtype
 from models.dit import DiT
 from models.flow import euler_step, flow_sigmas
@@ -66,6 +67,17 @@ class SamplerConfig:
     num_cpus_per_rank: float | Literal["auto"] = 1.0
     timeout_s: float = 600.0  # a collective waiting longer than this fails the sample
     rank_restarts: int = 2  # a rank actor lost mid-batch: new ranks, the batch again (x this)
+    # step caching (actors/workers/step_cache.py; diffusers' FirstBlockCache for pipeline
+    # folders): off by default, `--cache` turns it on
+    cache: StepCacheConfig = field(default_factory=StepCacheConfig)
+    # true: one video per forward, bitwise the same latents whatever the batch (see the module
+    # docstring); false: up to `max_batch` rows of one shape and setting in one forward
+    batch_invariant: bool = True
+    compile: bool = False  # torch.compile each DiT block (per shape); see benchmarks/README.md
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cache, dict):  # shipped to a stage as `asdict(SamplerConfig)`
+            self.cache = StepCacheConfig(**self.cache)
 
     @property
     def world_size(self) -> int:
@@ -82,6 +94,7 @@ class SamplerConfig:
             raise ValueError("num_cpus_per_rank and timeout_s must be > 0")
         if self.rank_restarts < 0:
             raise ValueError(f"rank_restarts: must be >= 0, got {self.rank_restarts}")
+        self.cache.validate()
 
     @property
     def rank_cpus(self) -> float:
@@ -109,12 +122,18 @@ def sample_video_latents(
     neg_text: torch.Tensor | None = None,
     neg_mask: torch.Tensor | None = None,
     mesh: SamplerMesh | None = None,
+    cache: StepCacheConfig | None = None,
+    batch_invariant: bool = True,
+    skipped: list[int] | None = None,
 ) -> torch.Tensor:
     """Noise (B, C, T, H, W) -> float32 latents on CPU, one sample at a time (batch
-    invariance, see the module docstring). text (B, L, text_dim) / text_mask (B, L) and fps
-    (B,) condition; neg_text / neg_mask (B, L', text_dim) / (B, L') replace the null text of
-    the unconditional branch. With a mesh (every rank of it calls this with the same inputs),
-    the velocity is sequence- and CFG-parallel; without, it is the plain model's."""
+    invariance, see the module docstring) or, with `batch_invariant` False, all B rows in each
+    forward (the same latents within float rounding, ~1e-6). text (B, L, text_dim) / text_mask
+    (B, L) and fps (B,) condition; neg_text / neg_mask (B, L', text_dim) / (B, L') replace the
+    null text of the unconditional branch. With a mesh (every rank of it calls this with the
+    same inputs), the velocity is sequence- and CFG-parallel; without, it is the plain model's.
+    `cache` (enabled): step caching, one cache per forward's rows (actors/workers/
+    step_cache.py); `skipped` receives the steps it skipped, once per row."""
     B = noise.shape[0]
     for name, z in (("text", text), ("text_mask", text_mask), ("fps", fps),
                     ("neg_text", neg_text), ("neg_mask", neg_mask)):
@@ -125,23 +144,29 @@ def sample_video_latents(
     param = next(dit.parameters())
     device, dtype = param.device, param.dtype
     sigmas = flow_sigmas(steps, shift)  # on CPU: the same schedule on every rank and device
+    caching = cache is not None and cache.enabled
 
-    def row(z: torch.Tensor | None, i: int, float_dtype: torch.dtype | None = None):
+    def rows(z: torch.Tensor | None, i: slice, float_dtype: torch.dtype | None = None):
         if z is None:
             return None
-        z = z[i : i + 1].to(device)
+        z = z[i].to(device)
         return z.to(float_dtype) if float_dtype is not None and z.is_floating_point() else z
 
     out = []
-    for i in range(B):
-        x = noise[i : i + 1].to(device, torch.float32)  # the state stays float32
-        cond = dict(text=row(text, i, dtype), text_mask=row(text_mask, i), fps=row(fps, i),
-                    neg_text=row(neg_text, i, dtype), neg_mask=row(neg_mask, i))
+    for lo in range(0, B, 1 if batch_invariant else B):
+        i = slice(lo, lo + 1 if batch_invariant else B)
+        x = noise[i].to(device, torch.float32)  # the state stays float32
+        n = x.shape[0]
+        cond = dict(text=rows(text, i, dtype), text_mask=rows(text_mask, i), fps=rows(fps, i),
+                    neg_text=rows(neg_text, i, dtype), neg_mask=rows(neg_mask, i))
+        step_cache = StepCache(cache.threshold) if caching else None
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-            t = sigma.expand(1).to(device)
-            v = cfg_velocity(dit, x.to(dtype), t, guidance, mesh=mesh, **cond)
+            t = sigma.expand(n).to(device)
+            v = cfg_velocity(dit, x.to(dtype), t, guidance, mesh=mesh, cache=step_cache, **cond)
             x = euler_step(x, v.float(), sigma.to(device), sigma_next.to(device))
         out.append(x.cpu())
+        if skipped is not None:
+            skipped.extend([step_cache.skipped if step_cache else 0] * n)
     return torch.cat(out)
 
 
@@ -157,13 +182,18 @@ def load_dit(model: ModelSource) -> DiT:
 class DiTModel(RankModel):
     """tubelet's DiT (an export folder or a factory), sampled by `sample_video_latents`."""
 
-    def __init__(self, source: str | Path | Callable[[], DiT]):
-        self.source = source
+    def __init__(self, source: str | Path | Callable[[], DiT], cfg: SamplerConfig | None = None):
+        self.source, self.cfg = source, cfg or SamplerConfig()
 
     def load(self, device: torch.device, dtype: torch.dtype
              ) -> Callable[[dict[str, Any], SamplerMesh | None], torch.Tensor]:
         dit = load_dit(self.source).to(device, dtype).eval()
-        return lambda inputs, mesh: sample_video_latents(dit, **inputs, mesh=mesh)
+        if self.cfg.compile:  # per block, so step caching can still stop after the first
+            for block in dit.blocks:
+                block.compile(dynamic=False)
+        cache, invariant = self.cfg.cache, self.cfg.batch_invariant
+        return lambda inputs, mesh: sample_video_latents(
+            dit, **inputs, mesh=mesh, cache=cache, batch_invariant=invariant)
 
 
 class SamplerRank:
@@ -183,7 +213,7 @@ class SamplerRank:
             torch.set_num_threads(threads)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device.index or 0)  # a Ray actor sees only its GPU
-        recipe = model if isinstance(model, RankModel) else DiTModel(model)
+        recipe = model if isinstance(model, RankModel) else DiTModel(model, cfg)
         self.model = recipe.load(self.device, cfg.torch_dtype())
         self.mesh: SamplerMesh | None = None
 

@@ -40,6 +40,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -48,6 +49,9 @@ import torch.nn.functional as F
 
 from models.dit import ATTENTION_MODES, DiT, known
 from models.patching import patchify, unpatchify
+
+if TYPE_CHECKING:
+    from actors.workers.step_cache import StepCache
 
 # A shard layout is the `unit` of the attention mode it serves: "tokens" = contiguous chunks of
 # the t-major token order (full attention, Ulysses), "frames" = whole frames (DSP, spatial),
@@ -224,6 +228,88 @@ def _ulysses(dit: DiT, group: dist.ProcessGroup | None, num_tokens: int) -> Iter
             attn.attention = a
 
 
+class ForwardPass:
+    """One DiT forward taken block by block, on one rank (`group` None: the calls of
+    `DiT.forward`, bitwise) or on this rank's shard of a sequence-parallel group: `begin`
+    embeds, `run(blocks)` runs some of the blocks, `end()` gives the full velocity on every rank.
+    Step caching (actors/workers/step_cache.py) stops between blocks; `SequenceParallel` runs
+    them all at once. The residual stream `h` is in layout `layout` ("tokens" on one rank)."""
+
+    def __init__(self, dit: DiT, group: dist.ProcessGroup | None, x: torch.Tensor,
+                 t: torch.Tensor, text: torch.Tensor | None, text_mask: torch.Tensor | None,
+                 fps: torch.Tensor | None, drop_text: torch.Tensor | None):
+        self.dit, self.group = dit, group
+        tokens, self.grid = patchify(x, dit.config.patch)  # (B, N, P): a reshape, every rank
+        positions = self.grid.positions(x.device)  # (N, 3)
+        self.stream = self.plan = None
+        if group is None:
+            self.rope = dit.rope(positions)
+            self.h, self.c, self.text, self.text_mask = dit.embed(
+                tokens, t, text, text_mask, fps, drop_text, positions)
+            return
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        layouts = [shard_layout(mode) for block in dit.config.block_modes() for mode in block]
+        if "tokens" in layouts and set(layouts) != {"tokens"}:  # Ulysses and DSP do not mix
+            raise ValueError("sequence parallelism needs full attention alone or spatial / "
+                             f"temporal alone, got block modes {dit.config.block_modes()}")
+        first = layouts[0]
+        self.plan = ShardPlan(self.grid.shape, world)
+        self.stream = _Stream(self.plan, group, rank, first, dit.rope(positions))
+        self.h, self.c, self.text, self.text_mask = dit.embed(
+            self.plan.shard(tokens, first, rank), t, text, text_mask, fps, drop_text,
+            self.plan.shard(positions[None], first, rank)[0])  # h (B, n_local, D)
+
+    @property
+    def layout(self) -> str:
+        return "tokens" if self.stream is None else self.stream.layout
+
+    def run(self, blocks: slice | None = None) -> None:
+        """The DiT's blocks (all, or a slice of them) on the residual stream."""
+        dit, stream = self.dit, self.stream
+        if stream is None:
+            self.h = dit.run_blocks(self.h, self.c, self.text, self.text_mask, self.rope,
+                                    self.grid.shape, blocks=blocks)
+            return
+        ulysses = stream.layout == "tokens"  # relayout hands each attention its rope and grid
+        swap = _ulysses(dit, self.group, self.plan.num_tokens) if ulysses else nullcontext()
+        with swap:
+            self.h = dit.run_blocks(self.h, self.c, self.text, self.text_mask,
+                                    stream.ropes[stream.layout],
+                                    self.plan.local_grid(stream.layout),
+                                    relayout=stream.relayout, blocks=blocks)
+
+    def convert(self, x: torch.Tensor, source: str, target: str) -> torch.Tensor:
+        """A stream tensor x of this rank in layout `source` -> in layout `target` (one
+        all-to-all when they differ; the stream's own layout is unchanged)."""
+        if source == target:
+            return x
+        if self.stream is None or {source, target} != {"frames", "positions"}:
+            raise ValueError(f"no switch from {source} to {target}")
+        if target == "positions":
+            return self.stream._frames_to_positions(x)
+        return self.stream._positions_to_frames(x)
+
+    def move(self, target: str) -> None:
+        """The residual stream into layout `target`."""
+        self.h = self.convert(self.h, self.layout, target)
+        if self.stream is not None:
+            self.stream.layout = target
+
+    def real(self) -> torch.Tensor | None:
+        """Which of this rank's tokens (in the current layout) are real, not padding; None on
+        one rank (all are)."""
+        if self.stream is None:
+            return None
+        return self.plan.index(self.stream.layout, self.stream.rank, self.h.device) >= 0
+
+    def end(self) -> torch.Tensor:
+        """The velocity (B, C, T, H, W), full on every rank."""
+        out = self.dit.head(self.h, self.c)
+        if self.stream is not None:
+            out = self.stream.gather(out)
+        return unpatchify(out, self.grid)
+
+
 class SequenceParallel:
     """`SequenceParallel(dit, group)(x, t, text=..., ...)`: the DiT's own call, with each
     video's tokens split over the ranks of `group` (None = the default group). Every rank
@@ -232,12 +318,7 @@ class SequenceParallel:
 
     def __init__(self, dit: DiT, group: dist.ProcessGroup | None = None):
         self.dit, self.group = dit, group
-        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        layouts = [shard_layout(mode) for block in dit.config.block_modes() for mode in block]
-        if "tokens" in layouts and set(layouts) != {"tokens"}:  # Ulysses and DSP do not mix
-            raise ValueError("sequence parallelism needs full attention alone or spatial / "
-                             f"temporal alone, got block modes {dit.config.block_modes()}")
-        self.first, self.ulysses = layouts[0], layouts[0] == "tokens"
+        self.world = dist.get_world_size(group)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor | None = None,
@@ -246,18 +327,10 @@ class SequenceParallel:
         dit = self.dit
         if self.world == 1:
             return dit(x, t, text=text, text_mask=text_mask, fps=fps, drop_text=drop_text)
-        tokens, grid = patchify(x, dit.config.patch)  # (B, N, P): a reshape, on every rank
-        plan = ShardPlan(grid.shape, self.world)
-        positions = grid.positions(x.device)  # (N, 3)
-        stream = _Stream(plan, self.group, self.rank, self.first, dit.rope(positions))
-        h, c, text, text_mask = dit.embed(
-            plan.shard(tokens, self.first, self.rank), t, text, text_mask, fps, drop_text,
-            plan.shard(positions[None], self.first, self.rank)[0])  # h (B, n_local, D)
-        swap = _ulysses(dit, self.group, plan.num_tokens) if self.ulysses else nullcontext()
-        with swap:
-            h = dit.run_blocks(h, c, text, text_mask, stream.ropes[self.first],
-                               plan.local_grid(self.first), relayout=stream.relayout)
-        return unpatchify(stream.gather(dit.head(h, c)), grid)  # (B, C, T, H, W)
+        group = self.group if self.group is not None else dist.group.WORLD
+        p = ForwardPass(dit, group, x, t, text, text_mask, fps, drop_text)
+        p.run()
+        return p.end()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,33 +366,41 @@ class SamplerMesh:
 
 
 def cfg_velocity(dit: DiT, x: torch.Tensor, t: torch.Tensor, guidance: float,
-                    text: torch.Tensor | None, text_mask: torch.Tensor | None = None,
-                    fps: torch.Tensor | None = None, neg_text: torch.Tensor | None = None,
-                    neg_mask: torch.Tensor | None = None,
-                    mesh: SamplerMesh | None = None) -> torch.Tensor:
+                 text: torch.Tensor | None, text_mask: torch.Tensor | None = None,
+                 fps: torch.Tensor | None = None, neg_text: torch.Tensor | None = None,
+                 neg_mask: torch.Tensor | None = None, mesh: SamplerMesh | None = None,
+                 cache: StepCache | None = None) -> torch.Tensor:
     """CFG velocity v_uncond + guidance * (v_cond - v_uncond), in float32.
 
     The unconditional branch is the negative prompt (neg_text, neg_mask) when given, else the
     null text (drop_text=True, as `models.flow.guided_velocity`). The branches run one after
     the other here, or on two halves of the mesh; sequence-parallel when mesh.sp is set.
-    guidance == 1 runs the conditional branch only (every rank, so none waits)."""
-    model = SequenceParallel(dit, mesh.sp) if mesh is not None and mesh.sp is not None else dit
+    guidance == 1 runs the conditional branch only (every rank, so none waits). With a
+    `cache` (actors/workers/step_cache.py) the step may skip the blocks after the first."""
+    sp = mesh.sp if mesh is not None else None
     B = x.shape[0]
 
-    def branch(b: int) -> torch.Tensor:
+    def inputs(b: int) -> dict:
         if b == 0:
-            return model(x, t, text=text, text_mask=text_mask, fps=fps).float()
+            return dict(text=text, text_mask=text_mask, fps=fps, drop_text=None)
         if neg_text is not None:
-            return model(x, t, text=neg_text, text_mask=neg_mask, fps=fps).float()
-        drop = torch.ones(B, dtype=torch.bool, device=x.device)
-        return model(x, t, text=text, text_mask=text_mask, fps=fps, drop_text=drop).float()
+            return dict(text=neg_text, text_mask=neg_mask, fps=fps, drop_text=None)
+        return dict(text=text, text_mask=text_mask, fps=fps,
+                    drop_text=torch.ones(B, dtype=torch.bool, device=x.device))
 
-    if guidance == 1.0:
-        return branch(0)
-    if mesh is None or mesh.cfg is None:
-        v_cond, v_uncond = branch(0), branch(1)
+    split = mesh is not None and mesh.cfg is not None
+    mine = [0] if guidance == 1.0 else [mesh.branch] if split else [0, 1]
+    if cache is not None:
+        v = cache.velocities(dit, sp, x, t, {b: inputs(b) for b in mine})
     else:
-        mine = branch(mesh.branch)
-        v_cond, v_uncond = (torch.empty_like(mine) for _ in range(2))
-        dist.all_gather([v_cond, v_uncond], mine.contiguous(), group=mesh.cfg)
+        model = SequenceParallel(dit, sp) if sp is not None else dit
+        v = {b: model(x, t, **inputs(b)).float() for b in mine}
+    if guidance == 1.0:
+        return v[0]
+    if not split:
+        v_cond, v_uncond = v[0], v[1]
+    else:
+        own = v[mesh.branch]
+        v_cond, v_uncond = (torch.empty_like(own) for _ in range(2))
+        dist.all_gather([v_cond, v_uncond], own.contiguous(), group=mesh.cfg)
     return v_uncond + guidance * (v_cond - v_uncond)
