@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from models.wan_pipeline import cache_branch
+
 MAX_SEQUENCE_LENGTH = 226  # CogVideoXPipeline.__call__'s default
 
 
@@ -73,9 +75,10 @@ def sample_cogvideox(transformer: torch.nn.Module, scheduler: Any, prompt_embeds
     old_pred = None
     for i, t in enumerate(timesteps):
         model_input = scheduler.scale_model_input(torch.cat([x] * 2) if cfg else x, t)
-        noise = transformer(hidden_states=model_input, encoder_hidden_states=text,
-                            timestep=t.expand(model_input.shape[0]), image_rotary_emb=rotary,
-                            return_dict=False)[0].float()
+        with cache_branch(transformer, "cond_uncond"):
+            noise = transformer(hidden_states=model_input, encoder_hidden_states=text,
+                                timestep=t.expand(model_input.shape[0]),
+                                image_rotary_emb=rotary, return_dict=False)[0].float()
         if cfg:
             uncond, cond = noise.chunk(2)
             noise = uncond + guidance_scale * (cond - uncond)

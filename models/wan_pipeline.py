@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -42,6 +43,16 @@ def step_timestep(t: Tensor, latents: Tensor, expand_timesteps: bool = False) ->
 NoisePredictor = Callable[[Tensor, Tensor, Tensor, Tensor | None, float], Tensor]
 
 
+def cache_branch(transformer: torch.nn.Module, name: str) -> AbstractContextManager:
+    """Around one denoiser call of a diffusers transformer: `cache_context(name)` ("cond",
+    "uncond", or "cond_uncond" for a batched pair, as diffusers' pipelines name them) when a
+    cache hook is enabled on it (`enable_cache`: each branch keeps its own cached residuals),
+    else nothing."""
+    if getattr(transformer, "is_cache_enabled", False):
+        return transformer.cache_context(name)
+    return nullcontext()
+
+
 @torch.no_grad()
 def sample_latents(transformer: torch.nn.Module, scheduler: Any, prompt_embeds: Tensor,
                    negative_embeds: Tensor | None, latents: Tensor, steps: int,
@@ -70,11 +81,14 @@ def sample_latents(transformer: torch.nn.Module, scheduler: Any, prompt_embeds: 
         if predict is not None:
             noise = predict(x, timestep, prompt_embeds, negative_embeds, guidance_scale)
         else:
-            noise = transformer(hidden_states=x, timestep=timestep,
-                                encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+            with cache_branch(transformer, "cond"):
+                noise = transformer(hidden_states=x, timestep=timestep,
+                                    encoder_hidden_states=prompt_embeds, return_dict=False)[0]
             if cfg:
-                uncond = transformer(hidden_states=x, timestep=timestep,
-                                     encoder_hidden_states=negative_embeds, return_dict=False)[0]
+                with cache_branch(transformer, "uncond"):
+                    uncond = transformer(hidden_states=x, timestep=timestep,
+                                         encoder_hidden_states=negative_embeds,
+                                         return_dict=False)[0]
                 noise = uncond + guidance_scale * (noise - uncond)
         latents = scheduler.step(noise, t, latents, return_dict=False)[0]
     return latents.float()

@@ -269,6 +269,10 @@ def add_generate(sub: Sub) -> argparse.ArgumentParser:
     p.add_argument("--cfg-parallel", action="store_true", default=None,
                    help="conditional and unconditional halves on two ranks "
                    "(config: sampler.cfg_parallel)")
+    p.add_argument("--cache", action="store_true", default=None,
+                   help="step caching: skip a step's blocks after the first when the first "
+                   "block's output barely moved (config: sampler.cache.enabled, threshold "
+                   "sampler.cache.threshold, default 0.1)")
     p.add_argument("--vae", default=None, help="VAE checkpoint the latents were made with (a "
                    ".safetensors file or a diffusers VAE folder); the same as "
                    "--set vae.checkpoint=CKPT (default: a pipeline folder's own VAE; for a "
@@ -288,7 +292,8 @@ def run_generate(args: argparse.Namespace) -> int:
              for k in ("height", "width", "frames", "fps", "steps", "cfg", "seed")}
     cfg = config(GenerateConfig, args, **flags, **{
         "sampler.sequence_parallel": args.sequence_parallel,
-        "sampler.cfg_parallel": args.cfg_parallel, "vae.checkpoint": args.vae,
+        "sampler.cfg_parallel": args.cfg_parallel, "sampler.cache.enabled": args.cache,
+        "vae.checkpoint": args.vae,
         "save_latents": args.save_latents})
     summary = run_generate(cfg, args.checkpoint, args.prompts, args.output, args.address)
     rate = summary["videos_per_minute"]

@@ -383,6 +383,10 @@ def run_generate(cfg: GenerateConfig, checkpoint: str | Path, prompts: str | Pat
         raise ConfigError(f"{record.pipeline} folders sample on one rank: sequence / CFG "
                           "parallel is not supported for them yet; drop --sequence-parallel "
                           "and --cfg-parallel")
+    if isinstance(record, PipelineRecord) and K > 1 and cfg.sampler.cache.enabled:
+        raise ConfigError("step caching of a pipeline folder (diffusers' FirstBlockCache) "
+                          "decides per rank, which a sequence-parallel group cannot follow; "
+                          "drop --cache or --sequence-parallel")
     small = min(rows, key=model.grid.tokens)
     if K > (tokens := model.grid.tokens(small)):
         raise ConfigError(f"sampler.sequence_parallel={K} is more ranks than the "

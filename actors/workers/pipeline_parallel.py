@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from actors.workers.sequence_parallel import SamplerMesh, ShardPlan, UlyssesAttention
-from models.wan_pipeline import NoisePredictor
+from models.wan_pipeline import NoisePredictor, cache_branch
 
 
 class TokenSplit:
@@ -227,18 +227,21 @@ def guided_noise(transformer: nn.Module, mesh: SamplerMesh | None) -> NoisePredi
     """`sample_latents`'s `predict` for a rank of `mesh`: the pipeline's guided noise, the two
     passes on the two CFG branches when the mesh has them (else one after the other here)."""
 
-    def run(x: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        return transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds,
-                           return_dict=False)[0]
+    def run(x: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
+            branch: str) -> torch.Tensor:
+        with cache_branch(transformer, branch):
+            return transformer(hidden_states=x, timestep=timestep,
+                               encoder_hidden_states=embeds, return_dict=False)[0]
 
     def predict(x: torch.Tensor, timestep: torch.Tensor, prompt: torch.Tensor,
                 negative: torch.Tensor | None, guidance: float) -> torch.Tensor:
         if negative is None:  # no guidance: the conditional pass alone, on every rank
-            return run(x, timestep, prompt)
+            return run(x, timestep, prompt, "cond")
         if mesh is None or mesh.cfg is None:
-            cond, uncond = run(x, timestep, prompt), run(x, timestep, negative)
+            cond, uncond = run(x, timestep, prompt, "cond"), run(x, timestep, negative, "uncond")
         else:
-            mine = run(x, timestep, prompt if mesh.branch == 0 else negative)
+            mine = (run(x, timestep, prompt, "cond") if mesh.branch == 0
+                    else run(x, timestep, negative, "uncond"))
             cond, uncond = (torch.empty_like(mine) for _ in range(2))
             dist.all_gather([cond, uncond], mine.contiguous(), group=mesh.cfg)
         return uncond + guidance * (cond - uncond)

@@ -24,6 +24,7 @@ import torch
 from actors.workers.pipeline_parallel import guided_noise, sharded
 from actors.workers.sampler import RankModel, SamplerConfig, SamplerGroup
 from actors.workers.sequence_parallel import SamplerMesh
+from actors.workers.step_cache import StepCacheConfig
 from models.pipelines import (
     PipelineRecord,
     latent_shape,
@@ -45,9 +46,14 @@ def padded(features: np.ndarray, length: int) -> torch.Tensor:
 class PipelineRank:
     """One rank's transformer (loaded once, alone) and the pipeline's loop over it."""
 
-    def __init__(self, record: PipelineRecord, device: torch.device, dtype: torch.dtype):
+    def __init__(self, record: PipelineRecord, device: torch.device, dtype: torch.dtype,
+                 cache: StepCacheConfig | None = None):
         self.record, self.device = record, device
         self.transformer = load_transformer(record, device, dtype)
+        if cache is not None and cache.enabled:  # diffusers' own hook, not ours again
+            from diffusers.hooks import FirstBlockCacheConfig
+
+            self.transformer.enable_cache(FirstBlockCacheConfig(threshold=cache.threshold))
 
     def __call__(self, inputs: dict[str, Any], mesh: SamplerMesh | None) -> torch.Tensor:
         """inputs: shape (1, C, T', H', W'), seed, prompt / negative (1, L, D), steps, guidance
@@ -57,6 +63,8 @@ class PipelineRank:
         sequence-parallel (mesh.sp), the two guidance passes on the two CFG branches
         (mesh.cfg); a family without parallel samplers (CogVideoX) is refused before Ray
         (pipeline/generate.py)."""
+        if getattr(self.transformer, "is_cache_enabled", False):
+            self.transformer._reset_stateful_cache()  # a video's cache starts empty
         predict = guided_noise(self.transformer, mesh) if mesh is not None else None
         noise, generator = pipeline_noise(self.record, inputs["shape"], int(inputs["seed"]),
                                           self.transformer.dtype)
@@ -71,11 +79,11 @@ class PipelineRank:
 class PipelineModel(RankModel):
     """A pipeline folder's transformer as a `SamplerGroup` rank holds it (picklable: a path)."""
 
-    def __init__(self, folder: str | Path):
-        self.folder = str(folder)
+    def __init__(self, folder: str | Path, cache: StepCacheConfig | None = None):
+        self.folder, self.cache = str(folder), cache
 
     def load(self, device: torch.device, dtype: torch.dtype) -> PipelineRank:
-        return PipelineRank(read_pipeline(self.folder), device, dtype)
+        return PipelineRank(read_pipeline(self.folder), device, dtype, self.cache)
 
 
 class PipelineSampler:
@@ -83,7 +91,7 @@ class PipelineSampler:
 
     def __init__(self, folder: str | Path, cfg: SamplerConfig):
         self.record = read_pipeline(folder)
-        self.group = SamplerGroup(PipelineModel(self.record.given), cfg)
+        self.group = SamplerGroup(PipelineModel(self.record.given, cfg.cache), cfg)
         self.length = self.record.family.text_length  # Wan 512, CogVideoX 226
 
     def __del__(self):

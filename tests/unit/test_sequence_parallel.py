@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from actors.workers.sampler import sample_video_latents
+from actors.workers.step_cache import StepCacheConfig
 from actors.workers.sequence_parallel import (
     SHARD_LAYOUTS,
     SamplerMesh,
@@ -28,6 +29,7 @@ from models.flow import sample as flow_sample
 from tests.distributed import spawn
 
 C, TEXT_DIM, TOL = 4, 64, 1e-4
+CACHE = StepCacheConfig(enabled=True, threshold=0.7)  # these random models move a lot
 # Latent sizes (T, H, W) with patch (1, 2, 2): token grids 2x2x2, 3x5x7 (105 tokens: odd
 # everywhere), 1x1x1 (one token: a rank holds only padding) and 5x3x2.
 SIZES = [(2, 4, 4), (3, 10, 14), (1, 2, 2), (5, 6, 3)]
@@ -130,6 +132,18 @@ def cases_world2(rank: int) -> dict[str, float]:
         out = sample_video_latents(model, z["x"], steps=3, shift=2.0, guidance=4.0, mesh=mesh,
                                    **cond)
         results[f"sample/{layout}"] = err(out, ref)
+    # Step caching, K = 2: the same skip decisions and latents as one rank with caching
+    # (interleaved and factorized switch layouts inside the blocks; full3d is Ulysses).
+    for layout in ("full3d", "interleaved", "factorized"):
+        model = opened(layout, depth=4)
+        z = inputs((3, 10, 14), seed=8)
+        kw = dict(text=z["text"], text_mask=z["text_mask"], fps=z["fps"], steps=10, shift=2.0,
+                  guidance=4.0, cache=CACHE)
+        one, many = [], []
+        ref = sample_video_latents(model, z["x"], **kw, skipped=one)
+        out = sample_video_latents(model, z["x"], mesh=mesh, **kw, skipped=many)
+        results[f"cache/{layout}"] = err(out, ref)
+        results[f"cache_skips/{layout}"] = [one, many]
     return results
 
 
@@ -153,6 +167,13 @@ def cases_world4(rank: int) -> dict[str, float]:
         ref = sample_video_latents(model, z["x"], **kw)
         results[f"sample_cfg/{layout}"] = err(sample_video_latents(model, z["x"], mesh=mesh,
                                                                    **kw), ref)
+        # the same with step caching: one decision over both branches and all four ranks
+        one, many = [], []
+        kw["steps"] = 10
+        ref = sample_video_latents(model, z["x"], **kw, cache=CACHE, skipped=one)
+        out = sample_video_latents(model, z["x"], mesh=mesh, **kw, cache=CACHE, skipped=many)
+        results[f"cache_cfg/{layout}"] = err(out, ref)
+        results[f"cache_cfg_skips/{layout}"] = [one, many]
     return results
 
 
@@ -231,6 +252,20 @@ def test_cfg_parallel_matches_guided_velocity(world2):
 def test_parallel_sample_matches_flow_sample(world2):
     for layout in ("full3d", "interleaved"):
         assert world2[f"sample/{layout}"] < TOL, (layout, world2[f"sample/{layout}"])
+
+
+def test_sequence_parallel_caching_equals_one_rank_caching(world2):
+    for layout in ("full3d", "interleaved", "factorized"):
+        one, many = world2[f"cache_skips/{layout}"]
+        assert one == many and min(one) > 0, (layout, one, many)  # it did skip, alike
+        assert world2[f"cache/{layout}"] < TOL, (layout, world2[f"cache/{layout}"])
+
+
+def test_sequence_and_cfg_parallel_caching_equals_one_rank_caching(world4):
+    for layout in ("full3d", "factorized"):
+        one, many = world4[f"cache_cfg_skips/{layout}"]
+        assert one == many and min(one) > 0, (layout, one, many)
+        assert world4[f"cache_cfg/{layout}"] < TOL, (layout, world4[f"cache_cfg/{layout}"])
 
 
 def test_sequence_and_cfg_parallel_sample_with_negative_prompt(world4):
