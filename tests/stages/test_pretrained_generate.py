@@ -18,6 +18,7 @@ import torch
 from actors.common.stage import run_here
 from actors.common.tensors import unpack
 from actors.text_encode import TextEncodeStage
+from actors.workers.step_cache import StepCacheConfig
 from pipeline.config import ConfigError
 from pipeline.generate import GenerateConfig, generate_stages, inspect_model, run_generate
 from pipeline.prompts import Defaults
@@ -94,11 +95,53 @@ def test_cogvideox_parallel_samplers_are_refused_before_ray(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+CACHE_ROWS = [  # enough steps for the first-block cache to skip some
+    {"id": "wide", "prompt": "a red square on the grass", "negative_prompt": "",
+     "height": 32, "width": 48, "frames": 5, "steps": 8, "cfg": 5.0, "seed": 3},
+    {"id": "plain", "prompt": "a green square", "negative_prompt": "blurred",
+     "height": 32, "width": 32, "frames": 5, "steps": 8, "cfg": 1.0, "seed": 5},
+]
+
+
+def cached_pipeline(threshold: float):
+    """diffusers' pipeline with diffusers' own First Block Cache on its transformer."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    def load(folder):
+        pipe = diffusers_pipeline(folder)
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+        return pipe
+    return load
+
+
+def test_step_caching_of_a_folder_is_diffusers_first_block_cache(folder, tmp_path):
+    threshold = 0.3  # the tiny random transformer moves a lot from step to step
+    cache = StepCacheConfig(enabled=True, threshold=threshold)
+    check_stages(folder, CACHE_ROWS, 16, tmp_path / "cached", cached_pipeline(threshold),
+                 cache=cache)
+    pipe = diffusers_pipeline(folder)  # and caching changed something: it skipped steps
+    cached = np.load(tmp_path / "cached" / "gen" / "latents" / "wide.npy")
+    assert np.abs(cached - reference(pipe, CACHE_ROWS[0], "latent")).max() > 1e-3
+
+
+def test_a_cached_folder_on_a_sequence_parallel_group_is_refused_before_ray(folder, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "a cat"}\n')
+    cfg = GenerateConfig(defaults=Defaults(fps=8.0, height=32, width=32, frames=5))
+    sampler = replace(cfg.sampler, sequence_parallel=2, cache=StepCacheConfig(enabled=True))
+    with pytest.raises(ConfigError, match="drop --cache or --sequence-parallel"):
+        run_generate(replace(cfg, sampler=sampler), folder, prompts, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def check_stages(folder, rows: list[dict], spatial: int, tmp_path, load=diffusers_pipeline,
-                 frames_first: bool = False, vae=None) -> None:
+                 frames_first: bool = False, vae=None, cache=None) -> None:
     """`folder` (a pipeline folder, or a fine-tune's RUN: `vae` its base's VAE folder)
-    through the stages equals `load(folder)`'s pipeline, row by row."""
+    through the stages equals `load(folder)`'s pipeline, row by row (`cache`: the sampler's
+    step caching)."""
     cfg = replace(GenerateConfig(defaults=Defaults(fps=8.0)), save_latents=True)
+    if cache is not None:
+        cfg = replace(cfg, sampler=replace(cfg.sampler, cache=cache))
     model = inspect_model(folder, cfg.vae)  # vae.checkpoint auto: the folder's own VAE
     assert model.vae == str(vae or folder / "vae") and model.grid.spatial == spatial
     cfg = replace(cfg, vae=replace(cfg.vae, checkpoint=model.vae, device="cpu"))

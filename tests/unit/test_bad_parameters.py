@@ -65,6 +65,12 @@ CASES = [
      "sequence_parallel=5000"),
     ("generate --checkpoint {dit} --prompts {prompts} --output {out} --sequence-parallel 16",
      "sampler ranks"),
+    ("generate --checkpoint {dit} --prompts {prompts} --output {out} --cache "
+     "--set sampler.cache.threshold=-1", "sampler.cache.threshold"),
+    ("generate --checkpoint {dit} --prompts {prompts} --output {out} --set pix_fmt=rgb48le",
+     "pix_fmt"),
+    ("generate --checkpoint {dit} --prompts {prompts} --output {out} --set codec=h999",
+     "codec"),
     ("eval --videos {videos} --output {out} --set fps=-1", "fps"),
     # an output folder nobody may write (sysfs refuses new files, root or not)
     ("synth --output /sys/kernel/tubelet-out --num-videos 2", "not writable"),

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from actors.workers.sampler import sample_video_latents
-from actors.workers.step_cache import StepCacheConfig
 from actors.workers.sequence_parallel import (
     SHARD_LAYOUTS,
     SamplerMesh,
@@ -23,6 +22,7 @@ from actors.workers.sequence_parallel import (
     cfg_velocity,
     shard_layout,
 )
+from actors.workers.step_cache import StepCacheConfig
 from models.dit import ATTENTION_MODES, LAYOUTS, build_dit
 from models.flow import guided_velocity as flow_guided_velocity
 from models.flow import sample as flow_sample
