@@ -61,6 +61,9 @@ class SampleStage:
         sample = cfg.sample
         if gpus and cfg.sampler.device in ("auto", "cuda") and sample.num_gpus == 0:
             sample = replace(sample, num_gpus=1)
+        if not cfg.sampler.batch_invariant and sample.batch_size < cfg.max_batch:
+            # packing needs the rows in one call: up to max_batch of them per forward
+            sample = replace(sample, batch_size=cfg.max_batch)
         ranks = cfg.sampler.world_size - 1
         companions = (Companion(
             "sampler ranks", "sampler.num_cpus_per_rank", ranks, cfg.sampler.num_cpus_per_rank,

@@ -104,7 +104,7 @@ class GenerateConfig:
     pix_fmt: str = "yuv420p"
     chunk_frames: int = 16  # VAE decode's causal time chunk (bounds its memory)
     text: StageResources = field(default_factory=lambda: _resources(0.2, 8))
-    sample: StageResources = field(default_factory=lambda: _resources(0.8, 4))
+    sample: StageResources = field(default_factory=lambda: _resources(0.8, 1))
     decode: StageResources = field(default_factory=lambda: _resources(0.5, 1))
     encode: StageResources = field(default_factory=lambda: _resources(0.2, 1))
     ray: RayConfig = field(default_factory=RayConfig)

@@ -1,0 +1,208 @@
+"""Videos per hour at a quality the user accepts: `tubelet generate` on the demo model and the
+demo's 32 prompts of mixed sizes, against a plain loop over the same prompts, and each speed
+switch (step caching, packed batches, torch.compile) with what it costs in quality.
+
+    python benchmarks/generate_speed.py [--checkpoint weights/dit-demo]
+        [--prompts configs/prompts/demo.jsonl] [--steps 30] [--thresholds 0.05 0.1 0.2]
+        [--skip-compile] [--skip-eval] [--out runs/generate-speed]
+
+Same run, same machine, same models, same prompts and settings:
+- plain loop: one process calls the generation stages' own models one prompt after another
+  (text encode -> sample -> VAE decode -> mp4), the way a diffusers user writes a loop; its
+  models load inside the timed span, as the job's do;
+- `run_generate` (what `tubelet generate` runs) with the shipped defaults ("exact"), then with
+  one switch at a time, each on a fresh local Ray that it starts itself (counted);
+- "before": the defaults this benchmark started from (the sample pool took 4 prompts per
+  call, so the first video waited for four to be sampled).
+Printed per run: wall seconds, videos/min, ratio to the plain loop, time to the first video,
+steps skipped (caching), and quality against the exact run: PSNR of every decoded mp4 frame
+(mean over videos, worst video), and with --skip-eval unset `tubelet eval`'s colour / shape /
+direction adherence and colour flicker against reference videos (the demo's 24 synthetic
+training-domain videos, made here). Not a test; a shared 2-core box is noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import av
+import numpy as np
+import pyarrow as pa
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from anywhere
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.generate import (  # noqa: E402
+    GenerateConfig,
+    generate_stages,
+    inspect_model,
+    run_generate,
+)
+from pipeline.prompts import read_prompts  # noqa: E402
+
+
+def plain_loop(cfg: GenerateConfig, checkpoint: Path, prompts: Path, out: Path) -> dict:
+    """The four stages' models, one prompt after another, in this process."""
+    t0 = time.perf_counter()
+    model = inspect_model(checkpoint, cfg.vae)
+    rows = read_prompts(prompts, cfg.defaults, model.grid)
+    stages = [spec.build() for spec in generate_stages(cfg, model, out, gpus=False)]
+    torch.set_num_threads(os.cpu_count() or 1)  # a plain script's torch uses every core
+    first = None
+    for row in rows:
+        table = pa.Table.from_pylist([row])
+        for stage in stages:
+            table = stage(table)
+        first = first or time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    return {"wall": wall, "first": first, "videos": len(rows)}
+
+
+def tubelet_run(cfg: GenerateConfig, checkpoint: Path, prompts: Path, out: Path) -> dict:
+    t0 = time.perf_counter()
+    summary = run_generate(cfg, checkpoint, prompts, out, progress=False)
+    return {"wall": time.perf_counter() - t0, "first": summary["first_video_seconds"],
+            "videos": summary["generated"]}
+
+
+def frames(path: Path) -> np.ndarray:
+    with av.open(str(path)) as f:
+        return np.stack([fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)])
+
+
+def psnr(out: Path, exact: Path) -> tuple[float, float]:
+    """(mean, worst) PSNR in dB of the mp4s in out/videos against exact/videos (inf: equal)."""
+    values = []
+    for video in sorted((exact / "videos").glob("*.mp4")):
+        a, b = frames(video).astype(np.float64), frames(out / "videos" / video.name)
+        mse = float(np.mean((a - b) ** 2))
+        values.append(math.inf if mse == 0 else 10 * math.log10(255**2 / mse))
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return math.inf, math.inf
+    return float(np.mean([min(v, 99.0) for v in values])), min(values)
+
+
+def evaluate(out: Path, reference: Path) -> dict:
+    """`tubelet eval` of a run's videos: adherence and colour flicker."""
+    res = subprocess.run([sys.executable, "-m", "pipeline", "eval", "--videos", str(out),
+                          "--reference", str(reference), "--output", str(out / "eval")],
+                         cwd=ROOT, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"tubelet eval failed:\n{res.stderr[-3000:]}")
+    report = json.loads((out / "eval" / "eval.json").read_text())
+    agg = report["aggregate"]["generated"]
+    return {"color": agg["color_adherence"], "shape": agg["shape_adherence"],
+            "direction": agg["direction_adherence"],
+            "flicker_x": report["ratios"]["color_flicker"]}
+
+
+def skipped_steps(cfg: GenerateConfig, checkpoint: Path, prompts: Path) -> float:
+    """The fraction of steps the cache skips over the prompts (the sampler's own loop, in
+    this process, on the text stage's features)."""
+    from actors.common.tensors import unpack
+    from actors.sample import SampleStage, latent_shape, row_noise
+    from actors.text_encode import TextEncodeStage
+    from actors.workers.sampler import load_dit, sample_video_latents
+
+    model = inspect_model(checkpoint, cfg.vae)
+    rows = read_prompts(prompts, cfg.defaults, model.grid)
+    text = TextEncodeStage(str(model.export))(pa.Table.from_pylist(rows))
+    stage = SampleStage(str(model.export), {"device": "cpu"}, model.temporal, model.spatial)
+    dit = load_dit(str(model.export)).eval()
+    skipped, steps = [], 0
+    for r, f, n in zip(rows, unpack(text, "text", np.float32),
+                       text.column("text_len").to_pylist(), strict=True):
+        shape = latent_shape(stage.channels, r["frames"], r["height"], r["width"],
+                             stage.temporal, stage.spatial)
+        mask = (torch.arange(f.shape[0]) < n)[None]
+        sample_video_latents(dit, row_noise(r["seed"], shape)[None], torch.from_numpy(f)[None],
+                             mask, torch.tensor([float(r["fps"])]), steps=r["steps"],
+                             shift=stage.shift(shape), guidance=r["cfg"],
+                             cache=cfg.sampler.cache, skipped=skipped)
+        steps += r["steps"]
+    return sum(skipped) / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, default=ROOT / "weights/dit-demo")
+    p.add_argument("--prompts", type=Path, default=ROOT / "configs/prompts/demo.jsonl")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    p.add_argument("--skip-compile", action="store_true")
+    p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--out", type=Path, default=ROOT / "runs/generate-speed")
+    args = p.parse_args()
+    import shutil
+
+    shutil.rmtree(args.out, ignore_errors=True)
+    base = load_config(GenerateConfig, ROOT / "configs/generate/default.yaml",
+                       [f"defaults.steps={args.steps}"])
+
+    def with_sampler(**kw) -> GenerateConfig:
+        return replace(base, sampler=replace(base.sampler, **kw))
+
+    variants: dict[str, GenerateConfig] = {
+        "exact": base,
+        "before": replace(base, sample=replace(base.sample, batch_size=4)),
+        "batch": with_sampler(batch_invariant=False),
+    }
+    for thr in args.thresholds:
+        variants[f"cache {thr:g}"] = with_sampler(
+            cache=replace(base.sampler.cache, enabled=True, threshold=thr))
+    default_cache = replace(base.sampler.cache, enabled=True)
+    variants["cache+batch"] = with_sampler(cache=default_cache, batch_invariant=False)
+    if not args.skip_compile:
+        variants["compile"] = with_sampler(compile=True)
+
+    results = {"plain loop": plain_loop(base, args.checkpoint, args.prompts, args.out / "plain")}
+    for name, cfg in variants.items():
+        results[name] = tubelet_run(cfg, args.checkpoint, args.prompts,
+                                    args.out / name.replace(" ", "-"))
+        print(f"  {name}: {results[name]['wall']:.1f} s", flush=True)
+    exact = args.out / "exact"
+    plain = results["plain loop"]
+    print(f"\n{plain['videos']} prompts of {args.prompts.name}, {args.steps} steps, "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}")
+    print("| run | wall s | videos/min | x plain loop | first video s | skipped | "
+          "PSNR dB mean / worst |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        rate = 60 * r["videos"] / r["wall"]
+        quality, skip = "", ""
+        if name.startswith("cache"):
+            thr = float(name.split()[1]) if " " in name else default_cache.threshold
+            cfg = with_sampler(cache=replace(default_cache, threshold=thr))
+            skip = f"{skipped_steps(cfg, args.checkpoint, args.prompts):.0%}"
+        if name not in ("plain loop", "exact"):
+            mean, worst = psnr(args.out / name.replace(" ", "-"), exact)
+            quality = "identical" if math.isinf(worst) else f"{mean:.1f} / {worst:.1f}"
+        print(f"| {name} | {r['wall']:.1f} | {rate:.2f} | {plain['wall'] / r['wall']:.2f} | "
+              f"{r['first']:.1f} | {skip} | {quality} |")
+    if args.skip_eval:
+        return
+    from pipeline.synth import SynthConfig, synthesize
+
+    reference = args.out / "reference"
+    synthesize(SynthConfig(num_videos=24, seed=0, workers=1), reference)  # make demo's videos
+    print("\n| run | colour | shape | direction | colour flicker x |")
+    print("|---|---|---|---|---|")
+    for name in ("exact", "batch", *(n for n in results if n.startswith("cache"))):
+        e = evaluate(args.out / name.replace(" ", "-"), reference)
+        print(f"| {name} | {e['color']:.1%} | {e['shape']:.1%} | {e['direction']:.1%} | "
+              f"{e['flicker_x']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
