@@ -43,7 +43,7 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
 from actors.common.errors import write_atomic
-from actors.common.stage import StageResources, StageSpec, apply_all
+from actors.common.stage import StageResources, StageSpec, apply_all, chain
 from actors.common.storage import (
     StorageConfig,
     StorageError,
@@ -103,6 +103,9 @@ class GenerateConfig:
     preset: str = "veryfast"
     pix_fmt: str = "yuv420p"
     chunk_frames: int = 16  # VAE decode's causal time chunk (bounds its memory)
+    # text encode runs in the sampler's actors and mp4 encode in the VAE decoder's (two pools,
+    # `sample` and `decode`, instead of four): fewer processes to start on a small machine
+    share_processes: bool = False
     text: StageResources = field(default_factory=lambda: _resources(0.2, 8))
     sample: StageResources = field(default_factory=lambda: _resources(0.8, 1))
     decode: StageResources = field(default_factory=lambda: _resources(0.5, 1))
@@ -304,11 +307,14 @@ def generate_stages(cfg: GenerateConfig, model: Model, out: Path | Store, gpus: 
     """The generation graph: text encode -> sample -> VAE decode -> mp4 encode. `gpus`: the
     cluster has GPUs (the sampler then asks for one). `out`: a folder or an object store."""
     export, out = str(model.export), as_store(out)
-    return [TextEncodeStage.spec(cfg, export, model.source),
-            SampleStage.spec(cfg, export, model.temporal, model.spatial, gpus, model.source),
-            VAEDecodeStage.spec(cfg, out if cfg.save_latents else "", model.source,
-                                str(model.export)),
-            Mp4EncodeStage.spec(cfg, out)]
+    specs = [TextEncodeStage.spec(cfg, export, model.source),
+             SampleStage.spec(cfg, export, model.temporal, model.spatial, gpus, model.source),
+             VAEDecodeStage.spec(cfg, out if cfg.save_latents else "", model.source,
+                                 str(model.export)),
+             Mp4EncodeStage.spec(cfg, out)]
+    if cfg.share_processes:
+        return [chain("sample", specs[:2]), chain("decode", specs[2:])]
+    return specs
 
 
 def prompt_file(prompts: str | Path, storage: StorageConfig | None = None) -> str | Path:

@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
+from actors.common.schema import require_columns
+
 
 @dataclass
 class StageResources:
@@ -98,10 +100,14 @@ class StageSpec:
 
     @property
     def reads(self) -> tuple[str, ...]:
+        if self.cls is ChainedStage:
+            return ChainedStage.columns(self.kwargs["stages"])[0]
         return tuple(self.cls.READS)
 
     @property
     def writes(self) -> tuple[str, ...]:
+        if self.cls is ChainedStage:
+            return ChainedStage.columns(self.kwargs["stages"])[1]
         return tuple(self.cls.WRITES)
 
     def build(self) -> Any:
@@ -111,6 +117,45 @@ class StageSpec:
     def apply(self, ds: Any) -> Any:
         """`ds` with this stage added as an actor-pool `map_batches` (lazy)."""
         return ds.map_batches(self.cls, **self.resources.map_batches_kwargs(**self.kwargs))
+
+
+class ChainedStage:
+    """Several stages run by one actor, one after another on each batch: pools that share a
+    process. On a small machine each actor process costs a second or two of CPU before its
+    first row (a worker start, torch's import, a model load), and the frames or features
+    between the chained stages stay in the process instead of crossing the object store."""
+
+    def __init__(self, stages: Sequence[tuple[type, dict[str, Any]]]):
+        self.stages = [cls(**kwargs) for cls, kwargs in stages]
+        self.reads = self.columns(stages)[0]
+        self.label = " + ".join(cls.__name__ for cls, _ in stages)
+
+    @staticmethod
+    def columns(stages: Sequence[tuple[type, dict[str, Any]]]
+                ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(reads, writes) of the chain: what its first stages need from outside it, and what
+        it adds that no later stage of it drops."""
+        reads: list[str] = []
+        writes: list[str] = []
+        for cls, _ in stages:
+            reads += [c for c in cls.READS if c not in writes and c not in reads]
+            dropped = set(getattr(cls, "DROPS", ()))
+            writes = [c for c in writes if c not in dropped] + list(cls.WRITES)
+        return tuple(reads), tuple(writes)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require_columns(batch, self.reads, self.label)  # all of them, before any work
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch
+
+
+def chain(name: str, specs: Sequence[StageSpec]) -> StageSpec:
+    """`specs` as one stage named `name`, run with the resources of the one of them so named
+    (its pool's config section), their companions together."""
+    owner = next(s for s in specs if s.name == name)
+    return StageSpec(name, ChainedStage, {"stages": [(s.cls, s.kwargs) for s in specs]},
+                     owner.resources, tuple(c for s in specs for c in s.companions))
 
 
 def apply_all(ds: Any, specs: Sequence[StageSpec]) -> Any:

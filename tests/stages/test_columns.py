@@ -58,6 +58,10 @@ def graphs(models, tmp_path: Path) -> dict[str, tuple[set[str], list[StageSpec]]
                                               tmp_path / "eval-vae")),
         "generate": (prompt_columns | {"checkpoint", "checkpoint_digest"},
                      generate_stages(gen, model, tmp_path / "gen", gpus=False)),
+        "generate (shared processes)": (
+            prompt_columns | {"checkpoint", "checkpoint_digest"},
+            generate_stages(replace(gen, share_processes=True), model, tmp_path / "shared",
+                            gpus=False)),
         "eval": ({"path", "prompt", "set", "color", "shape", "direction"},
                  eval_stages(EvalConfig(), tmp_path / "eval")),
         "train --data": ({"step"}, loader_stages(
@@ -122,6 +126,9 @@ def test_the_graphs_write_what_they_declare(models, dataset, tmp_path):
     out = tmp_path / "gen"
     made = run_checking_writes(pa.Table.from_pylist(rows),
                                generate_stages(gen, model, out, gpus=False))
+    shared = run_checking_writes(pa.Table.from_pylist(rows), generate_stages(
+        replace(gen, share_processes=True), model, tmp_path / "shared", gpus=False))
+    assert shared.column_names == made.column_names
     assert (out / made.column("file")[0].as_py()).stat().st_size > 0
     videos = pa.table({"path": [str(out / made.column("file")[0].as_py())], "prompt": [PROMPT],
                        "set": ["generated"], "color": ["red"], "shape": ["circle"],
