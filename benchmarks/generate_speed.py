@@ -13,7 +13,9 @@ Same run, same machine, same models, same prompts and settings:
 - `run_generate` (what `tubelet generate` runs) with the shipped defaults ("exact"), then with
   one switch at a time, each on a fresh local Ray that it starts itself (counted);
 - "before": the defaults this benchmark started from (the sample pool took 4 prompts per
-  call, so the first video waited for four to be sampled).
+  call, so the first video waited for four to be sampled);
+- "shared": `share_processes: true` (text encode inside the sampler actors, mp4 encode inside
+  the VAE decoders: two pools to start instead of four).
 Printed per run: wall seconds, videos/min, ratio to the plain loop, time to the first video,
 steps skipped (caching), and quality against the exact run: PSNR of every decoded mp4 frame
 (mean over videos, worst video), and with --skip-eval unset `tubelet eval`'s colour / shape /
@@ -154,6 +156,7 @@ def main() -> None:
     variants: dict[str, GenerateConfig] = {
         "exact": base,
         "before": replace(base, sample=replace(base.sample, batch_size=4)),
+        "shared": replace(base, share_processes=True),
         "batch": with_sampler(batch_invariant=False),
     }
     for thr in args.thresholds:
@@ -161,6 +164,7 @@ def main() -> None:
             cache=replace(base.sampler.cache, enabled=True, threshold=thr))
     default_cache = replace(base.sampler.cache, enabled=True)
     variants["cache+batch"] = with_sampler(cache=default_cache, batch_invariant=False)
+    variants["cache+batch+shared"] = replace(variants["cache+batch"], share_processes=True)
     if not args.skip_compile:
         variants["compile"] = with_sampler(compile=True)
 
@@ -183,9 +187,8 @@ def main() -> None:
     for name, r in results.items():
         rate = 60 * r["videos"] / r["wall"]
         quality, skip = "", ""
-        if name.startswith("cache"):
-            thr = float(name.split()[1]) if " " in name else default_cache.threshold
-            cfg = with_sampler(cache=replace(default_cache, threshold=thr))
+        if name.startswith("cache "):  # one video per forward: the per-video decisions
+            cfg = with_sampler(cache=replace(default_cache, threshold=float(name.split()[1])))
             skip = f"{skipped_steps(cfg, args.checkpoint, args.prompts):.0%}"
         if name not in ("plain loop", "exact"):
             mean, worst = psnr(args.out / name.replace(" ", "-"), exact, decoder)
