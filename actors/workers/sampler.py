@@ -17,7 +17,10 @@ GEMMs do not give that for free: the per-sample adaLN / timestep Linear layers r
 (B, D) matmul whose kernel (gemv for B = 1, blocked gemm above) and so rounding depend on B
 (measured: ~4e-7 apart, torch 2.13 CPU, even with one thread), and GPU kernels pick tiles by
 shape too. So the model runs one sample at a time; for video a sample is thousands of tokens,
-enough to fill a device. Noise always comes from the caller (drawn from each row's seed):
+enough to fill a device. `SamplerConfig.batch_invariant: false` packs the rows of one call
+into each forward instead (within ~1e-6 of one at a time; faster where one video does not fill
+the device). `SamplerConfig.cache` skips the blocks after the first on steps where the first
+barely moved (actors/workers/step_cache.py). Noise always comes from the caller (drawn from each row's seed):
 nothing here draws random numbers, so every rank and every layout sees the same noise.
 Latents come back float32 on CPU; the model runs in `SamplerConfig.dtype` (bf16 on CUDA).
 """
