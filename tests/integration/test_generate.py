@@ -171,6 +171,44 @@ def test_parallel_and_multi_actor_jobs_make_the_same_videos(tmp_path, models, ca
         assert np.array_equal(videos["one"], videos["two_actors"])  # another actor count
 
 
+def test_cached_packed_shared_process_job_gives_its_stages_latents(tmp_path, models):
+    """`--cache`, packed batches and shared processes as one Ray job: every id once, each mp4
+    of the requested length, and the latents the same stages give in this process."""
+    from dataclasses import replace
+
+    import pyarrow as pa
+
+    from actors.common.stage import run_here
+    from pipeline.config import resolve_config
+    from pipeline.generate import GenerateConfig, generate_stages, inspect_model
+    from pipeline.prompts import read_prompts
+
+    export, vae = models
+    rows = [{"id": f"p{i}", "prompt": f"a red circle number {i}", "seed": i, "width": 64,
+             "height": 64} for i in range(3)] + [ROWS[0]]
+    prompts, out = prompt_file(tmp_path / "p.jsonl", rows), tmp_path / "out"
+    sets = ["sampler.cache.threshold=0.5", "sampler.batch_invariant=false",
+            "share_processes=true", "save_latents=true"]
+    extra = ["--cache", "--steps", "8", *(a for s in sets for a in ("--set", s))]
+    assert main(args(export, vae, prompts, out, *extra)) == 0
+    got = {r["id"]: r for r in manifest(out)}
+    assert sorted(got) == sorted(r["id"] for r in rows)
+    cfg = resolve_config(GenerateConfig, "generate", None,
+                         [*sets, "sampler.cache.enabled=true", f"vae.checkpoint={vae}",
+                          "defaults.steps=8", "defaults.frames=9", "vae.device=cpu"], {})
+    model = inspect_model(export, cfg.vae)
+    table = pa.Table.from_pylist(read_prompts(prompts, cfg.defaults, model.grid))
+    torch.set_num_threads(1)  # as the job's actors run
+    here = run_here(table, generate_stages(replace(cfg, save_latents=True), model,
+                                           tmp_path / "here", gpus=False))
+    for row in here.to_pylist():
+        ours = np.load(out / got[row["id"]]["latents"])
+        np.testing.assert_allclose(ours, np.load(tmp_path / "here" / row["latents"]),
+                                   rtol=0, atol=1e-5, err_msg=row["id"])
+        with av.open(str(out / got[row["id"]]["file"])) as f:
+            assert sum(1 for _ in f.decode(video=0)) == 9
+
+
 def test_a_diffusers_pipeline_folder_runs_as_a_ray_job(tmp_path):
     """`tubelet generate --checkpoint FOLDER` on a Wan pipeline folder, sequence x CFG parallel
     (2 x 2 ranks: the sampler actor and three rank actors): its own text encoder, transformer +
