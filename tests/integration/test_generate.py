@@ -128,7 +128,8 @@ def test_killed_sampler_decode_and_encode_actors_lose_nothing(tmp_path, models):
     rows = [{"id": f"k{i}", "prompt": f"a blue square number {i}", "seed": i}
             for i in range(6)]
     prompts, out = prompt_file(tmp_path / "p.jsonl", rows), tmp_path / "out"
-    size = ("--width", "64", "--height", "64", "--steps", "8")
+    size = ("--width", "64", "--height", "64", "--steps", "8",
+            "--set", "share_processes=false")  # a pool per stage, each killed once
     plan = [(stage, lambda: True) for stage in ("SampleStage", "VAEDecodeStage",
                                                  "Mp4EncodeStage")]
     with Killer(plan) as killer:
@@ -158,7 +159,7 @@ def test_parallel_and_multi_actor_jobs_make_the_same_videos(tmp_path, models, ca
         assert main(args(export, vae, prompts, tmp_path / run, *extra)) == 0, run
         said = capsys.readouterr().out
         if run == "four":  # the 3 rank actors share what the pools leave: one line says so
-            assert "[generate] 2 CPUs: sampler ranks 0.16 CPU each (auto)" in said, said
+            assert "[generate] 2 CPUs: sampler ranks 0.31 CPU each (auto)" in said, said
     for row in rows:
         videos = {}
         for run in runs:
@@ -266,7 +267,7 @@ def test_a_node_removed_mid_job_loses_nothing(tmp_path, models):
                "--set", "sample.max_actors=2", "--set", "sample.num_cpus=0.4",
                "--set", "sample.batch_size=1", "--set", "decode.num_cpus=0.1",
                "--set", "decode.min_actors=1", "--set", "text.num_cpus=0.05",
-               "--set", "encode.num_cpus=0.05")
+               "--set", "encode.num_cpus=0.05", "--set", "share_processes=false")
     try:
         cluster.wait_for_nodes()
         ray.init(address=cluster.address)

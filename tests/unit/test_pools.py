@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from actors.common.stage import StageResources, StageSpec
+from actors.sample import SampleStage
 from pipeline.config import ConfigError, load_config
 from pipeline.generate import GenerateConfig, generate_stages, inspect_model
 from pipeline.pools import Cluster, Fixed, fit_pools, with_key
@@ -55,17 +56,20 @@ def test_shipped_generate_config_fits_two_cpus(extra, generate_graph, capsys):
     assert all(isinstance(s.resources.max_actors, int) for s in specs)
     assert total_cpus(fitted, specs) <= 2.0 - 0.25 + 1e-9  # Ray Data keeps its reserve
     said = capsys.readouterr().out
-    if not extra:  # what the pools leave goes to the heaviest pool that fits: decode
-        assert fitted.decode.max_actors == 2 and "decode up to 2 actors (auto)" in said
+    if not extra:  # what the pools leave: a second sampler and a second decoder
+        assert fitted.sample.max_actors == 2 and fitted.decode.max_actors == 2
+        assert "sample up to 2 actors (auto), decode up to 2 actors (auto)" in said
     else:  # the ranks share what the pools leave
-        assert 0.1 <= fitted.sampler.num_cpus_per_rank <= 0.5 and "sampler ranks" in said
-        assert specs[1].kwargs["sampler"]["num_cpus_per_rank"] == \
+        assert 0.1 <= fitted.sampler.num_cpus_per_rank <= 1.0 and "sampler ranks" in said
+        sample = dict(specs[0].kwargs["stages"])[SampleStage]  # text + sample share a process
+        assert sample["sampler"]["num_cpus_per_rank"] == \
             fitted.sampler.num_cpus_per_rank  # what the sampler actor starts its ranks with
 
 
 def test_an_explicit_pool_shrinks_to_fit_with_one_line(generate_graph, capsys):
     cfg = shipped(GenerateConfig, "generate/default.yaml", "sampler.sequence_parallel=2",
-                  "sampler.num_cpus_per_rank=0.5", "decode.max_actors=2")
+                  "sampler.num_cpus_per_rank=0.5", "decode.max_actors=2",
+                  "share_processes=false")
     fitted = fit_pools("generate", cfg, generate_graph(cfg), TWO_CPUS)
     assert fitted.decode.max_actors == 1
     assert capsys.readouterr().out.strip() == \
