@@ -178,7 +178,8 @@ def main() -> None:
     if not args.skip_compile:
         variants["compile"] = with_sampler(compile=True)
 
-    results = {"plain loop": plain_loop(variants["exact"], args.checkpoint, args.prompts, args.out / "plain")}
+    results = {"plain loop": plain_loop(variants["exact"], args.checkpoint, args.prompts,
+                                        args.out / "plain")}
     for name, cfg in variants.items():
         results[name] = tubelet_run(cfg, args.checkpoint, args.prompts,
                                     args.out / name.replace(" ", "-"))

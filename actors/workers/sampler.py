@@ -20,8 +20,9 @@ shape too. So the model runs one sample at a time; for video a sample is thousan
 enough to fill a device. `SamplerConfig.batch_invariant: false` packs the rows of one call
 into each forward instead (within ~1e-6 of one at a time; faster where one video does not fill
 the device). `SamplerConfig.cache` skips the blocks after the first on steps where the first
-barely moved (actors/workers/step_cache.py). Noise always comes from the caller (drawn from each row's seed):
-nothing here draws random numbers, so every rank and every layout sees the same noise.
+barely moved (actors/workers/step_cache.py). Noise always comes from the caller (drawn from
+each row's seed): nothing here draws random numbers, so every rank and every layout sees the
+same noise.
 Latents come back float32 on CPU; the model runs in `SamplerConfig.dtype` (bf16 on CUDA).
 """
 

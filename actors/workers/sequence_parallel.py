@@ -40,7 +40,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -49,9 +49,6 @@ import torch.nn.functional as F
 
 from models.dit import ATTENTION_MODES, DiT, known
 from models.patching import patchify, unpatchify
-
-if TYPE_CHECKING:
-    from actors.workers.step_cache import StepCache
 
 # A shard layout is the `unit` of the attention mode it serves: "tokens" = contiguous chunks of
 # the t-major token order (full attention, Ulysses), "frames" = whole frames (DSP, spatial),
@@ -369,14 +366,15 @@ def cfg_velocity(dit: DiT, x: torch.Tensor, t: torch.Tensor, guidance: float,
                  text: torch.Tensor | None, text_mask: torch.Tensor | None = None,
                  fps: torch.Tensor | None = None, neg_text: torch.Tensor | None = None,
                  neg_mask: torch.Tensor | None = None, mesh: SamplerMesh | None = None,
-                 cache: StepCache | None = None) -> torch.Tensor:
+                 cache: Any = None) -> torch.Tensor:
     """CFG velocity v_uncond + guidance * (v_cond - v_uncond), in float32.
 
     The unconditional branch is the negative prompt (neg_text, neg_mask) when given, else the
     null text (drop_text=True, as `models.flow.guided_velocity`). The branches run one after
     the other here, or on two halves of the mesh; sequence-parallel when mesh.sp is set.
     guidance == 1 runs the conditional branch only (every rank, so none waits). With a
-    `cache` (actors/workers/step_cache.py) the step may skip the blocks after the first."""
+    `cache` (a `StepCache`, actors/workers/step_cache.py, which imports this module) the
+    step may skip the blocks after the first."""
     sp = mesh.sp if mesh is not None else None
     B = x.shape[0]
 
