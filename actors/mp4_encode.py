@@ -9,9 +9,7 @@ name, then rename): a killed job leaves no half file under a final name.
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,20 +36,9 @@ class Mp4EncodeStage:
 
     def __init__(self, output: str | Store, codec: str = "libx264", crf: int = 18,
                  preset: str = "veryfast", threads: int = 1, pix_fmt: str = "yuv420p"):
-        self.store = as_store(output)
-        # an object-store output: each file is made here, then uploaded whole (one PUT)
-        self.out = (Path(tempfile.mkdtemp(prefix="tubelet-mp4-")) if self.store.remote
-                    else Path(self.store.path))
-        (self.out / "videos").mkdir(parents=True, exist_ok=True)
-        (self.out / "sheets").mkdir(parents=True, exist_ok=True)
+        self.store = as_store(output)  # an object store's files: made here, one PUT each
         self.codec, self.crf, self.preset, self.threads = codec, crf, preset, threads
         self.pix_fmt = pix_fmt
-
-    def _upload(self, name: str) -> None:
-        if self.store.remote:
-            local = self.out / name
-            self.store.child(*Path(name).parts).write_bytes(local.read_bytes())
-            local.unlink()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns(batch, self.READS, "mp4 encode")
@@ -61,11 +48,12 @@ class Mp4EncodeStage:
                                      unpack(batch, "video", np.uint8), strict=True):
             t0 = time.perf_counter()
             file, sheet = f"videos/{name}.mp4", f"sheets/{name}.png"
-            write_mp4(self.out / file, iter(frames), fps, self.codec, self.crf, self.preset,
-                      self.threads, self.pix_fmt)
-            contact_sheet(frames, self.out / sheet)
-            self._upload(sheet)
-            self._upload(file)  # last: the video's presence marks the row done on resume
+            with self.store.child("sheets", f"{name}.png").staged() as path:
+                contact_sheet(frames, path)
+            # last: the video's presence marks the row done on resume
+            with self.store.child("videos", f"{name}.mp4").staged() as path:
+                write_mp4(path, iter(frames), fps, self.codec, self.crf, self.preset,
+                          self.threads, self.pix_fmt)
             files.append(file)
             sheets.append(sheet)
             seconds.append(time.perf_counter() - t0)

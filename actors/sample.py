@@ -109,21 +109,27 @@ class SampleStage:
         """Rows of one shape and one setting: their latents."""
         if self.pipeline is not None:
             return self.pipeline.sample(rows, text, neg)
+        out = self.group.sample(**self.inputs(rows, text, neg))
+        return [z.numpy() for z in out.float().cpu()]
+
+    def inputs(self, rows: list[dict], text: list[np.ndarray], neg: list[np.ndarray]
+               ) -> dict[str, Any]:
+        """The DiT sampler's inputs for rows of one shape and setting (`sample_video_latents`'s
+        keyword arguments): each row's own noise, its text and mask, fps, steps, shift, cfg."""
         r0 = rows[0]
         shape = latent_shape(self.channels, r0["frames"], r0["height"], r0["width"],
                              self.temporal, self.spatial)
-        noise = torch.stack([row_noise(r["seed"], shape) for r in rows])
         L = text[0].shape[0]
-        mask = torch.stack([torch.arange(L) < r["text_len"] for r in rows])
-        kwargs = {}
+        inputs = dict(
+            noise=torch.stack([row_noise(r["seed"], shape) for r in rows]),
+            text=torch.from_numpy(np.stack(text)),
+            text_mask=torch.stack([torch.arange(L) < r["text_len"] for r in rows]),
+            fps=torch.tensor([float(r["fps"]) for r in rows]), steps=int(r0["steps"]),
+            shift=self.shift(shape), guidance=float(r0["cfg"]))
         if r0["neg_len"] > 0:
-            kwargs = {"neg_text": torch.from_numpy(np.stack(neg)),
-                      "neg_mask": torch.stack([torch.arange(L) < r["neg_len"] for r in rows])}
-        out = self.group.sample(
-            noise, torch.from_numpy(np.stack(text)), mask,
-            torch.tensor([float(r["fps"]) for r in rows]), steps=int(r0["steps"]),
-            shift=self.shift(shape), guidance=float(r0["cfg"]), **kwargs)
-        return [z.numpy() for z in out.float().cpu()]
+            inputs.update(neg_text=torch.from_numpy(np.stack(neg)),
+                          neg_mask=torch.stack([torch.arange(L) < r["neg_len"] for r in rows]))
+        return inputs
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns(batch, self.READS, "sample")

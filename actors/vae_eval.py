@@ -12,7 +12,6 @@ stage (a GPU when given one, else a CPU share; torch threads follow the share).
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -97,13 +96,8 @@ class VAEEvalStage:
         if self.videos_dir is not None:
             name = f"{Path(row['path']).stem}-{row['start']:.2f}s-{row['id'][:8]}.mp4"
             target = self.videos_dir.child(name)
-            if target.remote:  # made here, then one upload
-                with tempfile.TemporaryDirectory(prefix="tubelet-recon-") as tmp:
-                    local = write_mp4(Path(tmp) / name, recon.numpy(), row["fps"], crf=self.crf)
-                    target.write_bytes(local.read_bytes())
-            else:
-                target.local().parent.mkdir(parents=True, exist_ok=True)
-                write_mp4(target.local(), recon.numpy(), row["fps"], crf=self.crf)
+            with target.staged() as path:
+                write_mp4(path, recon.numpy(), row["fps"], crf=self.crf)
             video = str(target)
         return {**row, "num_frames": T, "height": H, "width": W, **metrics,
                 "eval_seconds": took, "video": video}

@@ -47,14 +47,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere
 
+from actors.common.tensors import unpack  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.generate import (  # noqa: E402
-    GenerateConfig,
-    generate_stages,
-    inspect_model,
-    run_generate,
-)
+from pipeline.generate import GenerateConfig, generate_stages, inspect_model  # noqa: E402
 from pipeline.prompts import read_prompts  # noqa: E402
+
+try:  # the same `run_generate` timing as benchmarks/generate.py
+    from benchmarks.generate import pipelined
+except ImportError:
+    from generate import pipelined
 
 
 def plain_loop(cfg: GenerateConfig, checkpoint: Path, prompts: Path, out: Path) -> dict:
@@ -76,10 +77,9 @@ def plain_loop(cfg: GenerateConfig, checkpoint: Path, prompts: Path, out: Path) 
 
 
 def tubelet_run(cfg: GenerateConfig, checkpoint: Path, prompts: Path, out: Path) -> dict:
-    t0 = time.perf_counter()
-    summary = run_generate(cfg, checkpoint, prompts, out, progress=False)
-    return {"wall": time.perf_counter() - t0, "first": summary["first_video_seconds"],
-            "videos": summary["generated"]}
+    run = pipelined(cfg, checkpoint, prompts, out)
+    return {"wall": run["wall"], "first": run["summary"]["first_video_seconds"],
+            "videos": run["summary"]["generated"]}
 
 
 def psnr(out: Path, exact: Path, decoder) -> tuple[float, float]:
@@ -112,31 +112,23 @@ def evaluate(out: Path, reference: Path) -> dict:
 
 
 def skipped_steps(cfg: GenerateConfig, checkpoint: Path, prompts: Path) -> float:
-    """The fraction of steps the cache skips over the prompts (the sampler's own loop, in
-    this process, on the text stage's features)."""
-    from actors.common.tensors import unpack
-    from actors.sample import SampleStage, latent_shape, row_noise
+    """The fraction of steps the cache skips over the prompts (the sample stage's own inputs
+    through the sampler's loop, one video at a time, in this process)."""
+    from actors.sample import SampleStage
     from actors.text_encode import TextEncodeStage
     from actors.workers.sampler import load_dit, sample_video_latents
 
     model = inspect_model(checkpoint, cfg.vae)
     rows = read_prompts(prompts, cfg.defaults, model.grid)
-    text = TextEncodeStage(str(model.export))(pa.Table.from_pylist(rows))
+    table = TextEncodeStage(str(model.export))(pa.Table.from_pylist(rows))
     stage = SampleStage(str(model.export), {"device": "cpu"}, model.temporal, model.spatial)
     dit = load_dit(str(model.export)).eval()
-    skipped, steps = [], 0
-    for r, f, n in zip(rows, unpack(text, "text", np.float32),
-                       text.column("text_len").to_pylist(), strict=True):
-        shape = latent_shape(stage.channels, r["frames"], r["height"], r["width"],
-                             stage.temporal, stage.spatial)
-        mask = (torch.arange(f.shape[0]) < n)[None]
-        sample_video_latents(dit, row_noise(r["seed"], shape)[None],
-                             torch.from_numpy(np.array(f))[None],
-                             mask, torch.tensor([float(r["fps"])]), steps=r["steps"],
-                             shift=stage.shift(shape), guidance=r["cfg"],
+    text, neg = unpack(table, "text", np.float32), unpack(table, "neg_text", np.float32)
+    skipped: list[int] = []
+    for i, row in enumerate(table.to_pylist()):
+        sample_video_latents(dit, **stage.inputs([row], [text[i]], [neg[i]]),
                              cache=cfg.sampler.cache, skipped=skipped)
-        steps += r["steps"]
-    return sum(skipped) / steps
+    return sum(skipped) / sum(r["steps"] for r in rows)
 
 
 def main() -> None:

@@ -292,9 +292,8 @@ def synthesize(cfg: SynthConfig, out_dir: str | Path) -> list[dict[str, Any]]:
         store = output_store(out_dir, cfg.storage)
         with tempfile.TemporaryDirectory(prefix="tubelet-synth-") as tmp:
             rows = synthesize(cfg, tmp)
-            files = sorted(Path(tmp).rglob("*.mp4")) + [Path(tmp) / "captions.jsonl"]
-            for f in files:
-                store.child(*f.relative_to(tmp).parts).write_bytes(f.read_bytes())
+            store.put_files(Path(tmp), sorted(Path(tmp).rglob("*.mp4"))
+                            + [Path(tmp) / "captions.jsonl"])
         return rows
     out = Path(out_dir)
     writable_dir(out)

@@ -97,18 +97,16 @@ class StageSpec:
     kwargs: dict[str, Any]
     resources: StageResources
     companions: tuple[Companion, ...] = ()  # actors the stage starts itself
+    # (reads, writes) when they are not the class's READS / WRITES (a `chain` of stages)
+    columns: tuple[tuple[str, ...], tuple[str, ...]] | None = None
 
     @property
     def reads(self) -> tuple[str, ...]:
-        if self.cls is ChainedStage:
-            return ChainedStage.columns(self.kwargs["stages"])[0]
-        return tuple(self.cls.READS)
+        return self.columns[0] if self.columns else tuple(self.cls.READS)
 
     @property
     def writes(self) -> tuple[str, ...]:
-        if self.cls is ChainedStage:
-            return ChainedStage.columns(self.kwargs["stages"])[1]
-        return tuple(self.cls.WRITES)
+        return self.columns[1] if self.columns else tuple(self.cls.WRITES)
 
     def build(self) -> Any:
         """The stage object, in this process."""
@@ -154,8 +152,9 @@ def chain(name: str, specs: Sequence[StageSpec]) -> StageSpec:
     """`specs` as one stage named `name`, run with the resources of the one of them so named
     (its pool's config section), their companions together."""
     owner = next(s for s in specs if s.name == name)
-    return StageSpec(name, ChainedStage, {"stages": [(s.cls, s.kwargs) for s in specs]},
-                     owner.resources, tuple(c for s in specs for c in s.companions))
+    stages = [(s.cls, s.kwargs) for s in specs]
+    return StageSpec(name, ChainedStage, {"stages": stages}, owner.resources,
+                     tuple(c for s in specs for c in s.companions), ChainedStage.columns(stages))
 
 
 def apply_all(ds: Any, specs: Sequence[StageSpec]) -> Any:

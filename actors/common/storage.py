@@ -30,8 +30,11 @@ import io
 import os
 import posixpath
 import re
+import tempfile
 import time
 import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -198,6 +201,26 @@ class Store:
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode())
+
+    @contextmanager
+    def staged(self) -> Iterator[Path]:
+        """A local path to make this file at (for writers that need one: PyAV, matplotlib):
+        the file itself on a local store (its folder made), else a temporary file uploaded
+        whole (one PUT) when the block ends without an error."""
+        if not self.remote:
+            path = Path(self.path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield path
+            return
+        with tempfile.TemporaryDirectory(prefix="tubelet-put-") as tmp:
+            path = Path(tmp) / self.name
+            yield path
+            self.write_bytes(path.read_bytes())
+
+    def put_files(self, root: Path, files: Iterable[Path]) -> None:
+        """Each of `files` (below the local folder `root`) to its relative name here, whole."""
+        for f in files:
+            self.child(*f.relative_to(root).parts).write_bytes(f.read_bytes())
 
     def delete(self) -> None:
         info = self.info()

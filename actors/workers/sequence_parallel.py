@@ -145,14 +145,19 @@ class _Stream:
     def relayout(self, x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """`DiTBlock`'s hook: x in the layout `mode` needs, with that layout's rope and grid."""
         target = shard_layout(mode)
-        if target != self.layout:
-            if {target, self.layout} != {"frames", "positions"}:
-                raise ValueError(f"no switch from {self.layout} to {target} (full attention is "
-                                 "never mixed with spatial / temporal in one model)")
-            x = self._frames_to_positions(x) if target == "positions" else \
-                self._positions_to_frames(x)
-            self.layout = target
+        x, self.layout = self.switch(x, self.layout, target), target
         return x, self.ropes[target], self.plan.local_grid(target)
+
+    def switch(self, x: torch.Tensor, source: str, target: str) -> torch.Tensor:
+        """A shard x of this rank in layout `source` -> in layout `target` (one all-to-all when
+        they differ; `self.layout` is the caller's to update)."""
+        if source == target:
+            return x
+        if {source, target} != {"frames", "positions"}:
+            raise ValueError(f"no switch from {source} to {target} (full attention is never "
+                             "mixed with spatial / temporal in one model)")
+        return self._frames_to_positions(x) if target == "positions" else \
+            self._positions_to_frames(x)
 
     def _frames_to_positions(self, x: torch.Tensor) -> torch.Tensor:
         p, K = self.plan, self.plan.world
@@ -227,8 +232,9 @@ def _ulysses(dit: DiT, group: dist.ProcessGroup | None, num_tokens: int) -> Iter
 
 class ForwardPass:
     """One DiT forward taken block by block, on one rank (`group` None: the calls of
-    `DiT.forward`, bitwise) or on this rank's shard of a sequence-parallel group: `begin`
-    embeds, `run(blocks)` runs some of the blocks, `end()` gives the full velocity on every rank.
+    `DiT.forward`, bitwise) or on this rank's shard of a sequence-parallel group: the
+    constructor embeds, `run(blocks)` runs some of the blocks, `end()` gives the full velocity
+    on every rank.
     Step caching (actors/workers/step_cache.py) stops between blocks; `SequenceParallel` runs
     them all at once. The residual stream `h` is in layout `layout` ("tokens" on one rank)."""
 
@@ -278,13 +284,7 @@ class ForwardPass:
     def convert(self, x: torch.Tensor, source: str, target: str) -> torch.Tensor:
         """A stream tensor x of this rank in layout `source` -> in layout `target` (one
         all-to-all when they differ; the stream's own layout is unchanged)."""
-        if source == target:
-            return x
-        if self.stream is None or {source, target} != {"frames", "positions"}:
-            raise ValueError(f"no switch from {source} to {target}")
-        if target == "positions":
-            return self.stream._frames_to_positions(x)
-        return self.stream._positions_to_frames(x)
+        return x if self.stream is None else self.stream.switch(x, source, target)
 
     def move(self, target: str) -> None:
         """The residual stream into layout `target`."""

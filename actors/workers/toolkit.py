@@ -206,9 +206,7 @@ class RunFolder:
             path = self.local / name
             files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else (
                 [path] if path.is_file() else [])
-            for f in files:
-                rel = f.relative_to(self.local)
-                self.store.child(*rel.parts).write_bytes(f.read_bytes())
+            self.store.put_files(self.local, files)
 
 
 def record_worker(run_dir: Path, backend: Backend) -> None:
